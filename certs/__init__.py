@@ -1,0 +1,1 @@
+"""Federation identity tooling: CA, SuperLink server certificate, silo node keys."""

@@ -1,0 +1,262 @@
+"""The one typed description of a federation run, and of one silo's settings.
+
+Flower hands run settings around as a flat ``{"peft.rank": 8, ...}`` mapping (``[tool.flwr.app.config]``
+and ``--run-config``) and silo settings as ``--node-config 'data-path=... lora-rank=4'``. Both are
+parsed here, into pydantic models that refuse unknown keys and bad values with an error naming the
+key in the same spelling the user wrote (``peft.rank``, ``data-path``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+Domain = Literal["general", "finance", "medical", "code"]
+PeftMethod = Literal["lora", "dora", "qlora", "ia3"]
+StrategyName = Literal["fedavg", "fedprox", "fedavgm", "fedadam", "flexlora"]
+
+
+from silotune.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value is missing, unknown or out of range. The message names the key."""
+
+
+def _dash(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class _Section(BaseModel):
+    # Users write dashed keys ("lr-max"); Python uses underscores. Unknown keys are errors.
+    model_config = ConfigDict(extra="forbid", alias_generator=_dash, populate_by_name=True,
+                              frozen=True)
+
+
+class ModelConfig(_Section):
+    """Base model: a hub id, a local directory, or the embedded SmolLM2 GGUF."""
+
+    name: str = EMBEDDED_MODEL
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    gradient_checkpointing: bool = False
+    use_chat_template: bool = True
+    trust_remote_code: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must name a hub id, a local directory or 'embedded:...'")
+        return v.strip()
+
+
+class PeftSettings(_Section):
+    method: PeftMethod = "lora"
+    rank: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    # Comma-separated in flat config; "all-linear" is PEFT's shorthand.
+    target_modules: str = "q_proj,v_proj"
+
+    @property
+    def target_module_list(self) -> list[str] | str:
+        if self.target_modules.strip() == "all-linear":
+            return "all-linear"
+        mods = [m.strip() for m in self.target_modules.split(",") if m.strip()]
+        return mods
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v: str) -> str:
+        if not [m for m in v.split(",") if m.strip()]:
+            raise ValueError("must list at least one module name, e.g. 'q_proj,v_proj'")
+        return v
+
+
+class TrainSettings(_Section):
+    seq_length: int = Field(256, ge=8, le=131072)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    local_steps: int = Field(5, ge=1)
+    lr_max: float = Field(1e-3, gt=0)
+    lr_min: float = Field(1e-5, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _lr_order(self) -> TrainSettings:
+        if self.lr_min > self.lr_max:
+            raise ValueError("train.lr-min must not exceed train.lr-max")
+        return self
+
+
+class StrategySettings(_Section):
+    name: StrategyName = "fedavg"
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    min_nodes: int = Field(2, ge=1)
+    # Seconds the server waits for replies in one round; late silos are dropped for that round.
+    round_timeout: float = Field(1800.0, gt=0)
+    # Seconds to wait at the start of a round for min-nodes silos to be connected.
+    wait_for_nodes: float = Field(600.0, gt=0)
+    proximal_mu: float = Field(0.0, ge=0)
+    server_lr: float = Field(1.0, gt=0)
+    server_momentum: float = Field(0.9, ge=0, lt=1)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0)
+
+
+class RunConfig(_Section):
+    num_rounds: int = Field(3, ge=1)
+    domain: Domain = "finance"
+    run_dir: str = "runs/default"
+    resume: bool = True
+    # Communication budget in megabytes (FlowerTune: 200,000 MB); 0 disables the check.
+    comm_budget_mb: float = Field(200_000.0, ge=0)
+    model: ModelConfig = ModelConfig()
+    peft: PeftSettings = PeftSettings()
+    train: TrainSettings = TrainSettings()
+    strategy: StrategySettings = StrategySettings()
+
+    @model_validator(mode="after")
+    def _consistency(self) -> RunConfig:
+        if self.peft.method == "qlora" and self.model.quantization != "4bit":
+            # QLoRA *is* LoRA on a 4-bit base; make the pairing explicit rather than silent.
+            object.__setattr__(self, "model", self.model.model_copy(update={"quantization": "4bit"}))
+        if self.strategy.name == "flexlora" and self.peft.method not in ("lora", "qlora"):
+            raise ValueError("strategy.name=flexlora needs peft.method lora or qlora "
+                             f"(got {self.peft.method!r})")
+        return self
+
+
+def lr_for_round(train: TrainSettings, server_round: int, num_rounds: int) -> float:
+    """FlowerTune's cosine annealing across rounds: lr-max at round 0, lr-min at the last round."""
+    cos_inner = math.pi * server_round / max(num_rounds, 1)
+    return train.lr_min + 0.5 * (train.lr_max - train.lr_min) * (1 + math.cos(cos_inner))
+
+
+class SiloConfig(_Section):
+    """One silo's settings, from ``flower-supernode --node-config`` (or the launcher)."""
+
+    data_path: str
+    domain: Domain | None = None  # defaults to the run's domain
+    name: str = "silo"
+    lora_rank: int | None = Field(None, ge=1, le=1024)  # FlexLoRA: this silo's own rank
+    # Column mapping "instruction=question,output=answer" from the file's names to the template's.
+    columns: str = ""
+    # Map raw labels to words, e.g. TFNS "0=negative,1=positive,2=neutral".
+    label_map: str = ""
+    data_encoding: str = "utf-8"
+    max_examples: int = Field(0, ge=0)  # 0 = all
+    eval_fraction: float = Field(0.0, ge=0, lt=1)
+    state_dir: str = ""  # where the silo writes its metric events ("" = none)
+
+    def column_mapping(self) -> dict[str, str]:
+        return _parse_pairs(self.columns, "columns")
+
+    def label_mapping(self) -> dict[str, str]:
+        return _parse_pairs(self.label_map, "label-map")
+
+
+def _parse_pairs(text: str, key: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for part in [p for p in text.split(",") if p.strip()]:
+        if "=" not in part:
+            raise ConfigError(f"{key}: expected 'a=b,c=d', got {part!r}")
+        a, b = part.split("=", 1)
+        out[a.strip()] = b.strip()
+    return out
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        parts = str(key).split(".")
+        cur = nested
+        for p in parts[:-1]:
+            nxt = cur.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"{key}: '{p}' is a value, not a section")
+            cur = nxt
+        cur[parts[-1]] = value
+    return nested
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(root)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; keys use dashes, e.g. 'lr-max')"
+        lines.append(f"  {key}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden"
+                                          and not isinstance(e.get("input"), dict) else ""))
+    return f"invalid {source}:\n" + "\n".join(lines)
+
+
+def parse_run_config(flat: Mapping[str, Any], source: str = "run config") -> RunConfig:
+    """Build a RunConfig from Flower's flat run config (dotted, dashed keys)."""
+    try:
+        return RunConfig.model_validate(_nest(flat))
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def parse_silo_config(flat: Mapping[str, Any], source: str = "node config") -> SiloConfig:
+    """Build a SiloConfig from a SuperNode's node config (Flower adds its own keys; we drop them)."""
+    ours = {k: v for k, v in flat.items() if k not in _FLOWER_NODE_KEYS}
+    if "data-path" not in ours and "data_path" not in ours:
+        raise ConfigError(f"invalid {source}:\n  data-path: missing; start the silo with "
+                          "--node-config 'data-path=/path/to/private.jsonl'")
+    try:
+        return SiloConfig.model_validate(ours)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+# Keys Flower itself puts into node_config (simulation / deployment); not ours to validate.
+_FLOWER_NODE_KEYS = {"partition-id", "num-partitions"}
+
+
+def flatten_run_config(cfg: RunConfig) -> dict[str, Any]:
+    """The inverse of parse_run_config: a flat dict suitable for --run-config and manifests."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, obj: Any) -> None:
+        if isinstance(obj, BaseModel):
+            for name in type(obj).model_fields:
+                walk(f"{prefix}{_dash(name)}.", getattr(obj, name))
+        else:
+            out[prefix[:-1]] = obj
+
+    walk("", cfg)
+    return out
+
+
+def load_toml_run_config(path: Path) -> RunConfig:
+    """Read a run config from a TOML file (flat dotted keys or nested tables)."""
+    import tomllib
+
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read run config {path}: {exc}") from None
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, obj: Any) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            flat[prefix[:-1]] = obj
+
+    walk("", data)
+    return parse_run_config(flat, source=str(path))

@@ -1,0 +1,89 @@
+"""Append-only JSON-lines event log: the hand-off from short-lived Flower app processes.
+
+ServerApp and ClientApp run in child processes that live for one run (or one message), so they
+cannot serve metrics themselves. They append one JSON object per event to a file; long-lived
+exporters (silotune.exporter) and the run report read those files. Appends of one line below
+PIPE_BUF are atomic on POSIX, so concurrent writers never interleave within a line, and a reader
+that sees a partial last line simply skips it until it is complete.
+
+Where events go:
+- the server always writes ``<run-dir>/events.jsonl`` (the run's own record);
+- both roles also write ``$SILOTUNE_EVENTS_DIR/<role>.jsonl`` when that variable is set, which is
+  what ``silotune superlink start`` / ``silotune silo start`` do for the exporters.
+
+Event kinds and fields (all carry ``ts`` (unix seconds), ``kind`` and ``role``):
+  run_start      run_id, num_rounds, strategy, peft_method, comm_budget_bytes, base_model
+  round_start    round, connected, sampled (list of node ids)
+  silo_result    round, node_id, silo, uplink_bytes, downlink_bytes, train_loss, examples, tokens,
+                 tokens_per_second, train_seconds, peak_gpu_allocated_bytes,
+                 peak_gpu_reserved_bytes, nvml_used_bytes, peak_rss_bytes, lora_rank
+  silo_failed    round, node_id, reason
+  update_rejected round, node_id, reason
+  round_end      round, duration_seconds, aggregation_seconds, sampled, answered, failed,
+                 uplink_bytes, downlink_bytes, cumulative_bytes, train_loss, checkpoint
+  evaluation     round, metrics (dict name -> value)
+  run_end        status ("completed" | "failed"), rounds_completed, adapter_dir
+  local_train    (silo side) round, silo, train_loss, examples, tokens, tokens_per_second,
+                 train_seconds, peak_* as above, uplink_bytes, downlink_bytes
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+EVENTS_DIR_ENV = "SILOTUNE_EVENTS_DIR"
+
+
+class EventLog:
+    """Writes events to every configured JSONL file; never raises on I/O (metrics are best effort)."""
+
+    def __init__(self, role: str, paths: list[Path] | None = None) -> None:
+        self.role = role
+        self.paths = list(paths or [])
+        env_dir = os.environ.get(EVENTS_DIR_ENV)
+        if env_dir:
+            self.paths.append(Path(env_dir) / f"{role}.jsonl")
+
+    def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
+        event = {"ts": time.time(), "kind": kind, "role": self.role, **fields}
+        line = json.dumps(event, default=_jsonable, separators=(",", ":")) + "\n"
+        for path in self.paths:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                # O_APPEND single write: atomic for lines below PIPE_BUF on local filesystems.
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                try:
+                    os.write(fd, line.encode("utf-8"))
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass
+        return event
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return str(obj)
+
+
+def read_events(path: Path) -> Iterator[dict[str, Any]]:
+    """Yield complete events from a JSONL file, skipping a partial trailing line."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if not line.endswith("\n"):
+                    break
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+    except FileNotFoundError:
+        return

@@ -1,0 +1,1 @@
+"""Code that runs at the central site: the ServerApp, strategies, checkpoints, launch, admission."""
