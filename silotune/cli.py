@@ -8,13 +8,13 @@ import sys
 
 # module path -> provides `register(subparsers)`. One line per area keeps this file conflict-free.
 _COMMAND_MODULES = [
-    "silo_node.cli",       # silo start, data split/check
-    "superlink.cli",       # superlink start, admission (silos admit/list/remove)
-    "certs.cli",           # certs ...
-    "silotune.run_cli",    # run, demo
+    "silo_node.cli",  # silo start, data split/check
+    "superlink.cli",  # superlink start, admission (silos admit/list/remove)
+    "certs.cli",  # certs ...
+    "silotune.run_cli",  # run, demo
     "silotune.observability_cli",  # exporter, report
     "silotune.deploy_cli",  # kit
-    "evaluation.cli",      # eval, compare
+    "evaluation.cli",  # eval, compare
 ]
 
 

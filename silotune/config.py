@@ -15,14 +15,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from silotune.errors import UserError
+
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
 Domain = Literal["general", "finance", "medical", "code"]
 PeftMethod = Literal["lora", "dora", "qlora", "ia3"]
 StrategyName = Literal["fedavg", "fedprox", "fedavgm", "fedadam", "flexlora"]
-
-
-from silotune.errors import UserError
 
 
 class ConfigError(UserError, ValueError):
@@ -35,8 +34,7 @@ def _dash(name: str) -> str:
 
 class _Section(BaseModel):
     # Users write dashed keys ("lr-max"); Python uses underscores. Unknown keys are errors.
-    model_config = ConfigDict(extra="forbid", alias_generator=_dash, populate_by_name=True,
-                              frozen=True)
+    model_config = ConfigDict(extra="forbid", alias_generator=_dash, populate_by_name=True, frozen=True)
 
 
 class ModelConfig(_Section):
@@ -132,8 +130,9 @@ class RunConfig(_Section):
             # QLoRA *is* LoRA on a 4-bit base; make the pairing explicit rather than silent.
             object.__setattr__(self, "model", self.model.model_copy(update={"quantization": "4bit"}))
         if self.strategy.name == "flexlora" and self.peft.method not in ("lora", "qlora"):
-            raise ValueError("strategy.name=flexlora needs peft.method lora or qlora "
-                             f"(got {self.peft.method!r})")
+            raise ValueError(
+                f"strategy.name=flexlora needs peft.method lora or qlora (got {self.peft.method!r})"
+            )
         return self
 
 
@@ -197,8 +196,14 @@ def _format_error(err: ValidationError, source: str) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; keys use dashes, e.g. 'lr-max')"
-        lines.append(f"  {key}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden"
-                                          and not isinstance(e.get("input"), dict) else ""))
+        lines.append(
+            f"  {key}: {msg}"
+            + (
+                f" (got {e['input']!r})"
+                if e["type"] != "extra_forbidden" and not isinstance(e.get("input"), dict)
+                else ""
+            )
+        )
     return f"invalid {source}:\n" + "\n".join(lines)
 
 
@@ -214,8 +219,10 @@ def parse_silo_config(flat: Mapping[str, Any], source: str = "node config") -> S
     """Build a SiloConfig from a SuperNode's node config (Flower adds its own keys; we drop them)."""
     ours = {k: v for k, v in flat.items() if k not in _FLOWER_NODE_KEYS}
     if "data-path" not in ours and "data_path" not in ours:
-        raise ConfigError(f"invalid {source}:\n  data-path: missing; start the silo with "
-                          "--node-config 'data-path=/path/to/private.jsonl'")
+        raise ConfigError(
+            f"invalid {source}:\n  data-path: missing; start the silo with "
+            "--node-config 'data-path=/path/to/private.jsonl'"
+        )
     try:
         return SiloConfig.model_validate(ours)
     except ValidationError as err:

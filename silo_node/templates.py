@@ -1,0 +1,73 @@
+"""Prompt templates for FlowerTune's four domains: one small, uniform piece per domain.
+
+Every template turns a record with (instruction, input, output) into a prompt and a response. The
+prompt ends WITHOUT a trailing space and the response starts the answer: with SmolLM2's tokenizer,
+"Answer: " + "neutral" trains a different token than the evaluator later reads (design notes).
+Records are mapped to these field names first (``columns`` in the silo config).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+@dataclass(frozen=True)
+class DomainTemplate:
+    """How one domain's records become (prompt, response) pairs."""
+
+    domain: str
+    description: str
+    required: tuple[str, ...]  # fields that must exist after column mapping
+    default_instruction: str = ""  # used when a record has no instruction column
+
+    def render(self, record: dict[str, str]) -> tuple[str, str]:
+        instruction = str(record.get("instruction") or self.default_instruction).strip()
+        inp = str(record.get("input") or "").strip()
+        output = str(record.get("output") or "").strip()
+        if inp:
+            prompt = ALPACA_WITH_INPUT.format(instruction=instruction, input=inp)
+        else:
+            prompt = ALPACA_NO_INPUT.format(instruction=instruction)
+        return prompt, output
+
+
+FINGPT_INSTRUCTION = (
+    "What is the sentiment of this news? Please choose an answer from {negative/neutral/positive}."
+)
+MEDICAL_INSTRUCTION = "Answer this question truthfully"
+
+TEMPLATES: dict[str, DomainTemplate] = {
+    "general": DomainTemplate(
+        "general", "general NLP, alpaca style (alpaca-gpt4)", ("instruction", "output")
+    ),
+    "finance": DomainTemplate(
+        "finance",
+        "financial sentiment, FinGPT style (fingpt-sentiment-train)",
+        ("input", "output"),
+        FINGPT_INSTRUCTION,
+    ),
+    "medical": DomainTemplate(
+        "medical",
+        "medical flashcards (medalpaca/medical_meadow_medical_flashcards)",
+        ("input", "output"),
+        MEDICAL_INSTRUCTION,
+    ),
+    "code": DomainTemplate("code", "code alpaca (lucasmccabe-lmi/CodeAlpaca-20k)", ("instruction", "output")),
+}
+
+
+def get_template(domain: str) -> DomainTemplate:
+    try:
+        return TEMPLATES[domain]
+    except KeyError:
+        raise ValueError(f"domain: unknown domain {domain!r}; known: {', '.join(TEMPLATES)}") from None

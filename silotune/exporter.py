@@ -1,0 +1,419 @@
+"""Long-lived Prometheus exporter that tails the JSONL event files of short-lived Flower apps.
+
+Why a tailer: ServerApp/ClientApp processes live for one run, so they cannot hold a /metrics
+endpoint. They append events (silotune.events); this process outlives runs, re-reads the log
+from the start when it (re)starts, so its counters come back with the same values after a
+restart, and follows the file afterwards. Only numbers and low-cardinality labels leave it: no
+prompt, text, path or failure reason is ever exported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from silotune import metrics as m
+from silotune.events import EVENTS_DIR_ENV  # noqa: F401  (documented hand-off variable)
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+# A line longer than this is not a SiloTune event; dropping it keeps memory bounded.
+MAX_LINE_BYTES = 1 << 20
+
+
+class EventTail:
+    """Follows one JSONL file across appends, truncation and rotation (rename + new file)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._fh: Any = None
+        self._ino: tuple[int, int] | None = None
+        self._partial = b""
+        self.malformed = 0
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        self._fh, self._ino, self._partial = None, None, b""
+
+    def read_new(self) -> list[dict[str, Any]]:
+        """Return the complete events appended since the last call (a partial line waits)."""
+        events: list[dict[str, Any]] = []
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        if self._fh is not None and (st is None or (st.st_dev, st.st_ino) != self._ino):
+            # Rotated or removed: finish what the writer appended to the old file, then switch.
+            events += self._drain()
+            self.close()
+        if st is None:
+            return events
+        if self._fh is None:
+            try:
+                self._fh = open(self.path, "rb")  # noqa: SIM115  (kept open between polls)
+            except FileNotFoundError:
+                return events
+            fst = os.fstat(self._fh.fileno())
+            self._ino = (fst.st_dev, fst.st_ino)
+        elif st.st_size < self._fh.tell():
+            # Truncated in place (copytruncate): start over; counters keep what they had.
+            self._fh.seek(0)
+            self._partial = b""
+        events += self._drain()
+        return events
+
+    def _drain(self) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        while True:
+            chunk = self._fh.read(_CHUNK)
+            if not chunk:
+                return events
+            lines = (self._partial + chunk).split(b"\n")
+            self._partial = lines.pop()
+            if len(self._partial) > MAX_LINE_BYTES:
+                self.malformed += 1
+                self._partial = b""
+            for line in lines:
+                event = self._parse(line)
+                if event is not None:
+                    events.append(event)
+
+    def _parse(self, line: bytes) -> dict[str, Any] | None:
+        if not line.strip():
+            return None
+        try:
+            event = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            self.malformed += 1
+            return None
+        if not isinstance(event, dict) or not isinstance(event.get("kind"), str):
+            self.malformed += 1
+            return None
+        return event
+
+
+def _num(value: Any) -> float | None:
+    """A finite number from an event field, or None (missing, null, text, bool)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if value == value and abs(value) != float("inf") else None
+
+
+# Gauge fields of silo_result / local_train events -> metric (exported only when present).
+_SILO_GAUGES: dict[str, m.MetricDef] = {
+    "round": m.SILO_LAST_ROUND,
+    "train_seconds": m.SILO_TRAIN_SECONDS,
+    "tokens_per_second": m.SILO_TOKENS_PER_SECOND,
+    "train_loss": m.SILO_TRAIN_LOSS,
+    "examples": m.SILO_EXAMPLES_LAST,
+    "peak_gpu_allocated_bytes": m.SILO_GPU_ALLOCATED,
+    "peak_gpu_reserved_bytes": m.SILO_GPU_RESERVED,
+    "nvml_used_bytes": m.SILO_NVML_USED,
+    "gpu_total_bytes": m.SILO_GPU_CAPACITY,
+    "peak_rss_bytes": m.SILO_PEAK_RSS,
+}
+_SILO_COUNTERS: dict[str, m.MetricDef] = {
+    "uplink_bytes": m.UPLINK_BYTES,
+    "downlink_bytes": m.DOWNLINK_BYTES,
+    "examples": m.SILO_EXAMPLES,
+    "tokens": m.SILO_TOKENS,
+    "train_seconds": m.SILO_TRAIN_SECONDS_TOTAL,
+}
+
+
+@dataclass
+class FederationState:
+    """What the exporter serves, built only from events (pure: unit-testable without HTTP)."""
+
+    default_budget_bytes: float = m.FLOWERTUNE_BUDGET_MB * m.BYTES_PER_MB
+    counters: dict[str, dict[tuple[str, ...], float]] = field(default_factory=dict)
+    gauges: dict[str, dict[tuple[str, ...], float]] = field(default_factory=dict)
+    node_silo: dict[str, str] = field(default_factory=dict)
+    run_labels: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        self._set(m.COMM_BUDGET, self.default_budget_bytes)
+
+    def _inc(self, d: m.MetricDef, amount: float, labels: tuple[str, ...] = ()) -> None:
+        series = self.counters.setdefault(d.name, {})
+        series[labels] = series.get(labels, 0.0) + max(amount, 0.0)
+
+    def _set(self, d: m.MetricDef, value: float | None, labels: tuple[str, ...] = ()) -> None:
+        if value is not None:
+            self.gauges.setdefault(d.name, {})[labels] = value
+
+    def _silo(self, event: dict[str, Any]) -> str:
+        node = str(event.get("node_id", ""))
+        name = event.get("silo")
+        if isinstance(name, str) and name:
+            if node:
+                self.node_silo[node] = name
+            return name
+        return self.node_silo.get(node, f"node-{node}" if node else "unknown")
+
+    def apply(self, event: dict[str, Any]) -> None:
+        kind = event["kind"]
+        self._inc(m.EVENTS_READ, 1, (kind,))
+        ts = _num(event.get("ts"))
+        if ts is not None:
+            prev = self.gauges.get(m.LAST_EVENT_TS.name, {}).get((), 0.0)
+            self._set(m.LAST_EVENT_TS, max(prev, ts))
+        handler = getattr(self, f"_on_{kind}", None)
+        if handler is not None:
+            handler(event)
+
+    def _on_run_start(self, e: dict[str, Any]) -> None:
+        self._inc(m.RUNS_STARTED, 1)
+        for d in (m.ROUND, m.ROUNDS_COMPLETED, m.ROUND_IN_PROGRESS, m.COMM_BYTES):
+            self._set(d, 0.0)
+        self.gauges.pop(m.EVALUATION.name, None)
+        self._set(m.RUN_ACTIVE, 1.0)
+        self._set(m.ROUNDS_PLANNED, _num(e.get("num_rounds")))
+        budget = _num(e.get("comm_budget_bytes"))
+        self._set(m.COMM_BUDGET, self.default_budget_bytes if budget is None else budget)
+        labels = tuple(str(e.get(k, "")) for k in ("run_id", "strategy", "peft_method"))
+        self.gauges[m.RUN_INFO.name] = {labels: 1.0}
+
+    def _on_round_start(self, e: dict[str, Any]) -> None:
+        self._set(m.ROUND, _num(e.get("round")))
+        self._set(m.ROUND_IN_PROGRESS, 1.0)
+        self._set(m.ROUND_STARTED_TS, _num(e.get("ts")))
+        self._set(m.SILOS_CONNECTED, _count(e.get("connected")))
+        self._set(m.SILOS_SAMPLED, _count(e.get("sampled")))
+
+    def _on_round_end(self, e: dict[str, Any]) -> None:
+        self._set(m.ROUND, _num(e.get("round")))
+        self._set(m.ROUND_IN_PROGRESS, 0.0)
+        self._set(m.ROUNDS_COMPLETED, _num(e.get("round")))
+        self._inc(m.ROUNDS_COMPLETED_TOTAL, 1)
+        self._set(m.SILOS_SAMPLED, _count(e.get("sampled")))
+        self._set(m.SILOS_ANSWERED, _count(e.get("answered")))
+        self._set(m.SILOS_FAILED, _count(e.get("failed")))
+        self._set(m.ROUND_DURATION, _num(e.get("duration_seconds")))
+        self._set(m.AGGREGATION_DURATION, _num(e.get("aggregation_seconds")))
+        up, down = _num(e.get("uplink_bytes")), _num(e.get("downlink_bytes"))
+        self._set(m.ROUND_UPLINK, up)
+        self._set(m.ROUND_DOWNLINK, down)
+        self._set(m.ROUND_TRAIN_LOSS, _num(e.get("train_loss")))
+        cumulative = _num(e.get("cumulative_bytes"))
+        if cumulative is None:  # older writers: add this round's traffic ourselves
+            prev = self.gauges.get(m.COMM_BYTES.name, {}).get((), 0.0)
+            cumulative = prev + (up or 0.0) + (down or 0.0)
+        self._set(m.COMM_BYTES, cumulative)
+
+    def _on_evaluation(self, e: dict[str, Any]) -> None:
+        values = e.get("metrics")
+        if not isinstance(values, dict):
+            return
+        self._set(m.EVALUATION_ROUND, _num(e.get("round")))
+        for name, value in values.items():
+            self._set(m.EVALUATION, _num(value), (str(name),))
+
+    def _on_run_end(self, e: dict[str, Any]) -> None:
+        self._set(m.RUN_ACTIVE, 0.0)
+        self._set(m.ROUND_IN_PROGRESS, 0.0)
+        self._set(m.ROUNDS_COMPLETED, _num(e.get("rounds_completed")))
+
+    def _on_silo_result(self, e: dict[str, Any]) -> None:
+        labels = (self._silo(e),)
+        self._inc(m.SILO_ROUNDS, 1, labels)
+        for key, d in _SILO_COUNTERS.items():
+            self._inc(d, _num(e.get(key)) or 0.0, labels)
+        for key, d in _SILO_GAUGES.items():
+            self._set(d, _num(e.get(key)), labels)
+
+    _on_local_train = _on_silo_result
+
+    def _on_silo_failed(self, e: dict[str, Any]) -> None:
+        self._inc(m.SILO_FAILURES, 1, (self._silo(e),))
+
+    def _on_update_rejected(self, e: dict[str, Any]) -> None:
+        self._inc(m.UPDATES_REJECTED, 1, (self._silo(e),))
+
+
+def _count(value: Any) -> float | None:
+    """Events give silo sets either as a list of node ids or as a number."""
+    if isinstance(value, list | tuple):
+        return float(len(value))
+    return _num(value)
+
+
+class SiloTuneCollector(Collector):
+    """Renders a FederationState at scrape time, after pulling new events from the tails."""
+
+    def __init__(
+        self,
+        state: FederationState,
+        tails: Iterable[EventTail],
+        role: str,
+        extra: Callable[[], Iterator[Metric]] | None = None,
+    ) -> None:
+        self.state, self.tails, self.role, self.extra = state, list(tails), role, extra
+        self.lock = threading.Lock()
+
+    def refresh(self) -> None:
+        with self.lock:
+            for tail in self.tails:
+                for event in tail.read_new():
+                    self.state.apply(event)
+
+    def collect(self) -> Iterator[Metric]:
+        self.refresh()
+        with self.lock:
+            yield from render(self.state, self.role, sum(t.malformed for t in self.tails))
+        if self.extra is not None:
+            yield from self.extra()
+
+
+def render(state: FederationState, role: str, malformed: int = 0) -> Iterator[Metric]:
+    """Metric families for every series the state holds, in the definitions' order."""
+    info = GaugeMetricFamily(m.EXPORTER_INFO.name, m.EXPORTER_INFO.help, labels=["role"])
+    info.add_metric([role], 1.0)
+    yield info
+    bad = CounterMetricFamily(m.MALFORMED_LINES.name, m.MALFORMED_LINES.help)
+    bad.add_metric([], float(malformed))
+    yield bad
+    for d in m.ALL:
+        store = state.counters if d.kind == "counter" else state.gauges
+        series = store.get(d.name)
+        if not series:
+            continue
+        cls = CounterMetricFamily if d.kind == "counter" else GaugeMetricFamily
+        family = cls(d.name, d.help, labels=list(d.labels))
+        for labels, value in sorted(series.items()):
+            family.add_metric(list(labels), value)
+        yield family
+
+
+def build_registry(
+    events_file: Path,
+    role: str,
+    budget_bytes: float,
+    extra: Callable[[], Iterator[Metric]] | None = None,
+) -> tuple[CollectorRegistry, SiloTuneCollector]:
+    """A registry with only SiloTune series; the log is read once before the first scrape."""
+    collector = SiloTuneCollector(
+        FederationState(default_budget_bytes=budget_bytes), [EventTail(events_file)], role, extra
+    )
+    collector.refresh()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry, collector
+
+
+@dataclass(frozen=True)
+class RunTraffic:
+    run_id: str
+    inbound_bytes: float
+    outbound_bytes: float
+    pending_at: str
+
+
+def parse_flwr_ls(text: str) -> list[RunTraffic]:
+    """Per-run traffic from `flwr ls --format json` (flwr 1.41: runs[].network-traffic)."""
+    start = text.find("{")  # tolerate log lines a wrapper may print before the JSON
+    doc = json.loads(text[start:] if start >= 0 else text)
+    if not isinstance(doc, dict) or not doc.get("success", False):
+        raise ValueError(f"flwr ls did not succeed: {str(doc)[:200]}")
+    runs = []
+    for run in doc.get("runs", []):
+        traffic = run.get("network-traffic") or {}
+        runs.append(
+            RunTraffic(
+                run_id=str(run.get("run-id", "")),
+                inbound_bytes=_num(traffic.get("inbound-bytes")) or 0.0,
+                outbound_bytes=_num(traffic.get("outbound-bytes")) or 0.0,
+                pending_at=str(run.get("pending-at", "")),
+            )
+        )
+    return runs
+
+
+class FlowerTrafficPoller:
+    """Polls Flower's own per-run traffic accounting in a background thread (optional).
+
+    Totals keep the largest value seen per run, so they never go down when the SuperLink forgets
+    runs (in-memory state after a restart): a true counter, as Prometheus expects.
+    """
+
+    def __init__(
+        self, connection: str, interval_s: float = 15.0, timeout_s: float = 30.0, flwr: str = "flwr"
+    ) -> None:
+        self.cmd = [flwr, "ls", connection, "--format", "json"]
+        self.interval_s, self.timeout_s = interval_s, timeout_s
+        self.per_run: dict[str, RunTraffic] = {}
+        self.newest: RunTraffic | None = None
+        self.ok = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def poll_once(self) -> bool:
+        import subprocess
+
+        try:
+            out = subprocess.run(
+                self.cmd, capture_output=True, text=True, timeout=self.timeout_s, check=True
+            ).stdout
+            runs = parse_flwr_ls(out)
+        except (OSError, subprocess.SubprocessError, ValueError) as exc:
+            log.warning("flwr ls failed (%s); wire-byte series keep their last values", exc)
+            with self._lock:
+                self.ok = False
+            return False
+        with self._lock:
+            for run in runs:
+                old = self.per_run.get(run.run_id)
+                if old is not None:
+                    run = RunTraffic(
+                        run.run_id,
+                        max(run.inbound_bytes, old.inbound_bytes),
+                        max(run.outbound_bytes, old.outbound_bytes),
+                        run.pending_at,
+                    )
+                self.per_run[run.run_id] = run
+            if runs:
+                self.newest = self.per_run[max(runs, key=lambda r: r.pending_at).run_id]
+            self.ok = True
+        return True
+
+    def start(self) -> threading.Thread:
+        def loop() -> None:
+            while not self._stop.is_set():
+                self.poll_once()
+                self._stop.wait(self.interval_s)
+
+        thread = threading.Thread(target=loop, name="flwr-ls-poller", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            runs, newest, ok = list(self.per_run.values()), self.newest, self.ok
+        for d, total in (
+            (m.WIRE_IN, sum(r.inbound_bytes for r in runs)),
+            (m.WIRE_OUT, sum(r.outbound_bytes for r in runs)),
+        ):
+            family = CounterMetricFamily(d.name, d.help)
+            family.add_metric([], total)
+            yield family
+        if newest is not None:
+            for d, value in (
+                (m.WIRE_RUN_IN, newest.inbound_bytes),
+                (m.WIRE_RUN_OUT, newest.outbound_bytes),
+            ):
+                yield GaugeMetricFamily(d.name, d.help, value=value)
+        yield GaugeMetricFamily(m.WIRE_POLL_OK.name, m.WIRE_POLL_OK.help, value=float(ok))

@@ -1,0 +1,134 @@
+"""SuperLink connections for the `flwr` CLI, kept in a silotune-managed FLWR_HOME.
+
+The `flwr` CLI (`flwr run`, `flwr supernode register`, ...) reads its connections from
+``$FLWR_HOME/config.toml``. SiloTune writes its own FLWR_HOME under a workspace instead of touching
+the operator's ``~/.flwr``, and runs `flwr` with that environment.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomli_w  # a dependency of flwr itself; flwr writes config.toml with it as well
+
+from silotune.errors import UserError
+
+CONFIG_FILE = "config.toml"
+DEFAULT_CONNECTION = "silotune"
+# Where `silotune` keeps FLWR_HOME when the user does not say (relative to the working directory).
+DEFAULT_FLWR_HOME = Path(".silotune") / "flwr-home"
+FLWR_HOME_ENV = "SILOTUNE_FLWR_HOME"
+
+
+@dataclass(frozen=True)
+class Connection:
+    name: str
+    address: str
+    root_certificates: Path | None
+    insecure: bool
+
+
+def resolve_flwr_home(flwr_home: str | Path | None = None) -> Path:
+    """Explicit path, else $SILOTUNE_FLWR_HOME, else ./.silotune/flwr-home (never ~/.flwr)."""
+    chosen = flwr_home or os.environ.get(FLWR_HOME_ENV) or DEFAULT_FLWR_HOME
+    return Path(chosen).expanduser().resolve()
+
+
+def _load(flwr_home: Path) -> dict:
+    path = flwr_home / CONFIG_FILE
+    if not path.exists():
+        return {}
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+
+
+def write_connection(
+    flwr_home: Path,
+    name: str,
+    address: str,
+    root_certificates: Path | None,
+    insecure: bool = False,
+    make_default: bool = True,
+) -> Path:
+    """Add or replace ``[superlink.<name>]`` in ``flwr_home/config.toml``; return the file path."""
+    if insecure and root_certificates is not None:
+        raise UserError("a connection is either insecure or has a CA certificate, not both")
+    if not insecure and root_certificates is None:
+        raise UserError(
+            "give the federation CA certificate (--ca ca.crt); "
+            "plaintext needs an explicit --insecure"
+        )
+    conn: dict[str, object] = {"address": address}
+    if root_certificates is not None:
+        ca = Path(root_certificates).expanduser().resolve()
+        if not ca.is_file():
+            raise UserError(f"CA certificate {ca} not found")
+        conn["root-certificates"] = str(ca)  # absolute: flwr resolves relative paths differently
+    else:
+        conn["insecure"] = True
+    flwr_home = Path(flwr_home)
+    data = _load(flwr_home)
+    superlink = data.setdefault("superlink", {})
+    superlink[name] = conn
+    if make_default or "default" not in superlink:
+        superlink["default"] = name
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path = flwr_home / CONFIG_FILE
+    path.write_text(tomli_w.dumps(data), encoding="utf-8")
+    return path
+
+
+def read_connection(flwr_home: Path, name: str | None = None) -> Connection:
+    """Read one connection (the default one when ``name`` is None)."""
+    superlink = _load(Path(flwr_home)).get("superlink", {})
+    name = name or superlink.get("default")
+    conn = superlink.get(name) if name else None
+    if not isinstance(conn, dict) or "address" not in conn:
+        raise UserError(
+            f"no SuperLink connection {name!r} in {Path(flwr_home) / CONFIG_FILE}; "
+            "pass --superlink HOST:PORT and --ca CA.crt"
+        )
+    root = conn.get("root-certificates")
+    return Connection(
+        name, conn["address"], Path(root) if root else None, bool(conn.get("insecure"))
+    )
+
+
+def flwr_env(flwr_home: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a `flwr` subprocess: our FLWR_HOME, no telemetry, no update check."""
+    env = dict(os.environ if base is None else base)
+    env["FLWR_HOME"] = str(Path(flwr_home).resolve())
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    return env
+
+
+def run_flwr(
+    args: list[str], flwr_home: Path, timeout: float = 60.0, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``flwr ARGS`` with our FLWR_HOME; bounded by ``timeout`` seconds."""
+    try:
+        return subprocess.run(
+            ["flwr", *args],
+            env=flwr_env(flwr_home),
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except FileNotFoundError:
+        raise UserError(
+            "the `flwr` command is not installed (pip install 'flwr==1.41.*')"
+        ) from None
+    except subprocess.TimeoutExpired:
+        raise UserError(
+            f"`flwr {' '.join(args[:2])}` did not answer within {timeout:.0f}s; "
+            "is the SuperLink up and reachable?"
+        ) from None

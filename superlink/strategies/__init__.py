@@ -1,0 +1,27 @@
+"""Aggregation strategies, selected by name (``strategy.name`` in the run config).
+
+To add one: subclass superlink.strategies.base.Strategy in a small module and list it here.
+"""
+
+from __future__ import annotations
+
+from silotune.config import PeftSettings, StrategySettings
+from superlink.strategies.base import SiloUpdate, Strategy, weighted_average
+from superlink.strategies.fedavg import FedAvg, FedProx
+from superlink.strategies.fedopt import FedAdam, FedAvgM
+from superlink.strategies.flexlora import FlexLoRA
+
+REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, FedProx, FedAvgM, FedAdam, FlexLoRA)}
+
+
+def get_strategy(settings: StrategySettings, peft: PeftSettings) -> Strategy:
+    try:
+        cls = REGISTRY[settings.name]
+    except KeyError:
+        raise ValueError(
+            f"strategy.name: unknown strategy {settings.name!r}; known: {', '.join(REGISTRY)}"
+        ) from None
+    return cls(settings, peft)
+
+
+__all__ = ["REGISTRY", "SiloUpdate", "Strategy", "get_strategy", "weighted_average"]
