@@ -149,7 +149,7 @@ def map_records(
             )
     missing = [f for f in template.required if mapping.get(f, f) not in available]
     if missing:
-        hint = ", ".join(f"{f}=<column>" for f in missing)
+        hint = ",".join(f"{f}=<column>" for f in missing)
         raise DataError(
             f"{source}: missing column(s) {missing} needed by the {domain} template; "
             f"the file has {sorted(available)}. Rename them or set columns='{hint}' "

@@ -8,6 +8,8 @@ with a typo in its data path fails here with a clear message instead of in round
 from __future__ import annotations
 
 import os
+import socket
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 from silotune.config import SiloConfig, parse_silo_config
 from silotune.errors import UserError
 from silotune.events import EVENTS_DIR_ENV
-from silotune.processes import ManagedProcess, start_process
+from silotune.processes import ManagedProcess, python_in_netns, start_process
 
 # Node-config keys that name files: made absolute, since the ClientApp runs in another process.
 _PATH_KEYS = ("data-path", "state-dir")
@@ -30,6 +32,8 @@ class SiloOptions:
     insecure: bool = False  # plaintext, no node auth: development only, asked for by name
     runtime_port: int | None = None  # local Runtime API port (default 9094); one per SuperNode
     events_dir: Path | None = None
+    # Where Flower installs the app bundles (FABs) it receives; default ~/.flwr.
+    flwr_home: Path | None = None
     max_wait_time: float | None = None  # give up connecting after this many seconds
 
 
@@ -59,11 +63,17 @@ def format_node_config(config: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def _looks_local(value: str) -> bool:
+    # data-path may also be a hub dataset id ("org/name"): leave those as they are.
+    p = Path(value).expanduser()
+    return p.exists() or value.startswith(("/", ".", "~")) or bool(p.suffix)
+
+
 def prepare_node_config(config: dict[str, Any]) -> tuple[dict[str, Any], SiloConfig]:
     """Drop unset values, make paths absolute, validate with SiloConfig (errors name the key)."""
     cleaned = {k.replace("_", "-"): v for k, v in config.items() if v is not None and v != ""}
     for key in _PATH_KEYS:
-        if key in cleaned:
+        if key in cleaned and _looks_local(str(cleaned[key])):
             cleaned[key] = str(Path(str(cleaned[key])).expanduser().resolve())
     return cleaned, parse_silo_config(cleaned, source="silo settings")
 
@@ -71,8 +81,10 @@ def prepare_node_config(config: dict[str, Any]) -> tuple[dict[str, Any], SiloCon
 def check_data(silo: SiloConfig, run_domain: str | None) -> None:
     """The lead's data checker (silo_node.data); raises DataError with a message to act on."""
     from silo_node.data import check_silo_data  # lazy: pulls in datasets/pandas
+    from silotune.config import RunConfig
 
-    check_silo_data(silo, run_domain)
+    # The silo's own domain wins; else the run's; else the run config's default.
+    check_silo_data(silo, silo.domain or run_domain or RunConfig().domain)
 
 
 def build_supernode_argv(opts: SiloOptions, node_config: dict[str, Any]) -> list[str]:
@@ -114,9 +126,7 @@ def build_supernode_argv(opts: SiloOptions, node_config: dict[str, Any]) -> list
 def _check_address(address: str) -> str:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise UserError(
-            f"--superlink {address!r}: expected HOST:PORT, e.g. superlink.example.org:8000"
-        )
+        raise UserError(f"--superlink {address!r}: expected HOST:PORT, e.g. superlink.example.org:8000")
     return address
 
 
@@ -126,7 +136,71 @@ def supernode_env(opts: SiloOptions, base: dict[str, str] | None = None) -> dict
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     if opts.events_dir is not None:
         env[EVENTS_DIR_ENV] = str(Path(opts.events_dir).resolve())
+    if opts.flwr_home is not None:
+        env["FLWR_HOME"] = str(Path(opts.flwr_home).resolve())
     return env
+
+
+def diagnose_tls(address: str, ca_cert: Path | None, timeout: float = 5.0) -> str | None:
+    """Why this silo's connection would fail at the TLS layer, in words; None if TLS is fine.
+
+    An unreachable SuperLink returns None: the SuperNode retries, and the SuperLink may come later.
+    ``ca_cert=None`` means the silo would connect in plaintext (--insecure).
+    """
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        sock = socket.create_connection((host, int(port)), timeout=timeout)
+    except OSError:
+        return None
+    with sock:
+        if ca_cert is None:
+            probe = ssl.create_default_context()
+            probe.check_hostname, probe.verify_mode = False, ssl.CERT_NONE
+            try:
+                with probe.wrap_socket(sock, server_hostname=host):
+                    return (
+                        f"the SuperLink at {address} requires TLS but this silo was started with "
+                        "--insecure (plaintext); drop --insecure and pass --ca with the "
+                        "federation CA certificate"
+                    )
+            except (ssl.SSLError, OSError):
+                return None
+        ctx = ssl.create_default_context(cafile=str(ca_cert))
+        try:
+            with ctx.wrap_socket(sock, server_hostname=host):
+                return None
+        except ssl.SSLCertVerificationError as exc:
+            msg = exc.verify_message or str(exc)
+            if "mismatch" in msg:
+                return (
+                    f"the SuperLink's certificate is not valid for {host!r} ({msg}); connect with "
+                    "a name or IP listed in its SANs (`silotune certs show server.pem`), or have "
+                    f"the operator reissue it with `silotune certs rotate-server --dns/--ip {host}`"
+                )
+            return (
+                f"the SuperLink's certificate is not signed by the CA in {ca_cert} ({msg}); get "
+                "the federation's ca.crt from the operator and compare its SHA-256 fingerprint "
+                "(`silotune certs show ca.crt`)"
+            )
+        except ssl.SSLError as exc:
+            if "WRONG_VERSION_NUMBER" in str(exc) or "record layer" in str(exc):
+                return (
+                    f"the SuperLink at {address} does not speak TLS (started with --insecure?); "
+                    "ask the operator to start it with TLS"
+                )
+            return f"TLS handshake with {address} failed: {exc}"
+        except OSError:
+            return None
+
+
+def diagnose_tls_in_netns(netns: str, address: str, ca_cert: Path | None) -> str | None:
+    code = (
+        "import sys; from pathlib import Path; from silo_node.launch import diagnose_tls;"
+        " ca = sys.argv[2] or None; print(diagnose_tls(sys.argv[1], Path(ca) if ca else None) or '')"
+    )
+    res = python_in_netns(netns, code, [address, str(ca_cert or "")], timeout=30)
+    return res.stdout.strip() or None
 
 
 def start_silo(
@@ -136,12 +210,25 @@ def start_silo(
     check: bool = True,
     netns: str | None = None,
     name: str | None = None,
+    preflight: bool = True,
 ) -> ManagedProcess:
-    """Validate settings, check the data (unless ``check`` is False), then start the SuperNode."""
+    """Validate settings, check the data (unless ``check`` is False), check TLS, start the node.
+
+    ``preflight`` turns a wrong CA, a SAN mismatch or plaintext-vs-TLS into one clear error here;
+    the SuperNode itself would only log retries.
+    """
     node_config, silo = prepare_node_config(opts.node_config)
     if check:
         check_data(silo, run_domain)
     argv = build_supernode_argv(opts, node_config)
+    if preflight:
+        ca = None if opts.insecure else opts.ca_cert
+        if netns:
+            problem = diagnose_tls_in_netns(netns, opts.superlink, ca)
+        else:
+            problem = diagnose_tls(opts.superlink, ca)
+        if problem:
+            raise UserError(f"silo {silo.name}: {problem}")
     if opts.events_dir is not None:
         Path(opts.events_dir).mkdir(parents=True, exist_ok=True)
     label = name or f"SuperNode {silo.name}"

@@ -8,7 +8,8 @@ import sys
 
 # module path -> provides `register(subparsers)`. One line per area keeps this file conflict-free.
 _COMMAND_MODULES = [
-    "silo_node.cli",  # silo start, data split/check
+    "silo_node.cli",  # silo start
+    "silo_node.data_cli",  # data split, data check
     "superlink.cli",  # superlink start, admission (silos admit/list/remove)
     "certs.cli",  # certs ...
     "silotune.run_cli",  # run, demo

@@ -22,7 +22,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from silotune import metrics as m
-from silotune.events import EVENTS_DIR_ENV  # noqa: F401  (documented hand-off variable)
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +121,11 @@ _SILO_GAUGES: dict[str, m.MetricDef] = {
     "nvml_used_bytes": m.SILO_NVML_USED,
     "gpu_total_bytes": m.SILO_GPU_CAPACITY,
     "peak_rss_bytes": m.SILO_PEAK_RSS,
+    "lora_rank": m.SILO_LORA_RANK,
 }
+_GPU_FIELDS = frozenset(
+    {"peak_gpu_allocated_bytes", "peak_gpu_reserved_bytes", "nvml_used_bytes", "gpu_total_bytes"}
+)
 _SILO_COUNTERS: dict[str, m.MetricDef] = {
     "uplink_bytes": m.UPLINK_BYTES,
     "downlink_bytes": m.DOWNLINK_BYTES,
@@ -180,6 +183,7 @@ class FederationState:
         self.gauges.pop(m.EVALUATION.name, None)
         self._set(m.RUN_ACTIVE, 1.0)
         self._set(m.ROUNDS_PLANNED, _num(e.get("num_rounds")))
+        self._set(m.ADAPTER_PARAMETERS, _num(e.get("adapter_parameters")))
         budget = _num(e.get("comm_budget_bytes"))
         self._set(m.COMM_BUDGET, self.default_budget_bytes if budget is None else budget)
         labels = tuple(str(e.get(k, "")) for k in ("run_id", "strategy", "peft_method"))
@@ -227,11 +231,19 @@ class FederationState:
 
     def _on_silo_result(self, e: dict[str, Any]) -> None:
         labels = (self._silo(e),)
+        if e["kind"] == "silo_result":
+            # Start failure counters at 0 so the first failure is an increase alerts can see.
+            self._inc(m.SILO_FAILURES, 0, labels)
+            self._inc(m.UPDATES_REJECTED, 0, labels)
         self._inc(m.SILO_ROUNDS, 1, labels)
+        self._set(m.SILO_LAST_RESULT_TS, _num(e.get("ts")), labels)
         for key, d in _SILO_COUNTERS.items():
             self._inc(d, _num(e.get(key)) or 0.0, labels)
+        # The silo's meter writes 0 for every GPU figure when it has no GPU: not a measurement.
+        no_gpu = _num(e.get("gpu_total_bytes")) == 0.0
         for key, d in _SILO_GAUGES.items():
-            self._set(d, _num(e.get(key)), labels)
+            if not (no_gpu and key in _GPU_FIELDS):
+                self._set(d, _num(e.get(key)), labels)
 
     _on_local_train = _on_silo_result
 
@@ -348,9 +360,18 @@ class FlowerTrafficPoller:
     """
 
     def __init__(
-        self, connection: str, interval_s: float = 15.0, timeout_s: float = 30.0, flwr: str = "flwr"
+        self,
+        connection: str,
+        interval_s: float = 15.0,
+        timeout_s: float = 30.0,
+        flwr: str = "flwr",
+        flwr_home: Path | None = None,
     ) -> None:
         self.cmd = [flwr, "ls", connection, "--format", "json"]
+        # Air-gapped sites: no telemetry or update check from the poller's `flwr` calls.
+        self.env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+        if flwr_home is not None:
+            self.env["FLWR_HOME"] = str(Path(flwr_home).resolve())
         self.interval_s, self.timeout_s = interval_s, timeout_s
         self.per_run: dict[str, RunTraffic] = {}
         self.newest: RunTraffic | None = None
@@ -363,7 +384,12 @@ class FlowerTrafficPoller:
 
         try:
             out = subprocess.run(
-                self.cmd, capture_output=True, text=True, timeout=self.timeout_s, check=True
+                self.cmd,
+                capture_output=True,
+                text=True,
+                timeout=self.timeout_s,
+                check=True,
+                env=self.env,
             ).stdout
             runs = parse_flwr_ls(out)
         except (OSError, subprocess.SubprocessError, ValueError) as exc:

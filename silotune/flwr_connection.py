@@ -19,9 +19,10 @@ from silotune.errors import UserError
 
 CONFIG_FILE = "config.toml"
 DEFAULT_CONNECTION = "silotune"
-# Where `silotune` keeps FLWR_HOME when the user does not say (relative to the working directory).
-DEFAULT_FLWR_HOME = Path(".silotune") / "flwr-home"
-FLWR_HOME_ENV = "SILOTUNE_FLWR_HOME"
+# SiloTune's per-site state (FLWR_HOME, admission ledger, SuperLink database, event logs) lives
+# under a workspace directory: --workspace, else $SILOTUNE_WORKSPACE, else ./.silotune.
+DEFAULT_WORKSPACE = Path(".silotune")
+WORKSPACE_ENV = "SILOTUNE_WORKSPACE"
 
 
 @dataclass(frozen=True)
@@ -32,10 +33,16 @@ class Connection:
     insecure: bool
 
 
-def resolve_flwr_home(flwr_home: str | Path | None = None) -> Path:
-    """Explicit path, else $SILOTUNE_FLWR_HOME, else ./.silotune/flwr-home (never ~/.flwr)."""
-    chosen = flwr_home or os.environ.get(FLWR_HOME_ENV) or DEFAULT_FLWR_HOME
+def resolve_workspace(workspace: str | Path | None = None) -> Path:
+    chosen = workspace or os.environ.get(WORKSPACE_ENV) or DEFAULT_WORKSPACE
     return Path(chosen).expanduser().resolve()
+
+
+def resolve_flwr_home(flwr_home: str | Path | None = None, workspace: str | Path | None = None) -> Path:
+    """Explicit FLWR_HOME, else ``<workspace>/flwr-home`` (never ~/.flwr unless asked for)."""
+    if flwr_home:
+        return Path(flwr_home).expanduser().resolve()
+    return resolve_workspace(workspace) / "flwr-home"
 
 
 def _load(flwr_home: Path) -> dict:
@@ -61,8 +68,7 @@ def write_connection(
         raise UserError("a connection is either insecure or has a CA certificate, not both")
     if not insecure and root_certificates is None:
         raise UserError(
-            "give the federation CA certificate (--ca ca.crt); "
-            "plaintext needs an explicit --insecure"
+            "give the federation CA certificate (--ca ca.crt); plaintext needs an explicit --insecure"
         )
     conn: dict[str, object] = {"address": address}
     if root_certificates is not None:
@@ -95,9 +101,7 @@ def read_connection(flwr_home: Path, name: str | None = None) -> Connection:
             "pass --superlink HOST:PORT and --ca CA.crt"
         )
     root = conn.get("root-certificates")
-    return Connection(
-        name, conn["address"], Path(root) if root else None, bool(conn.get("insecure"))
-    )
+    return Connection(name, conn["address"], Path(root) if root else None, bool(conn.get("insecure")))
 
 
 def flwr_env(flwr_home: Path, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -110,12 +114,17 @@ def flwr_env(flwr_home: Path, base: dict[str, str] | None = None) -> dict[str, s
 
 
 def run_flwr(
-    args: list[str], flwr_home: Path, timeout: float = 60.0, cwd: Path | None = None
+    args: list[str],
+    flwr_home: Path,
+    timeout: float = 60.0,
+    cwd: Path | None = None,
+    netns: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``flwr ARGS`` with our FLWR_HOME; bounded by ``timeout`` seconds."""
+    """Run ``flwr ARGS`` with our FLWR_HOME (inside ``netns`` if set), bounded by ``timeout``."""
+    prefix = ["ip", "netns", "exec", netns] if netns else []
     try:
         return subprocess.run(
-            ["flwr", *args],
+            [*prefix, "flwr", *args],
             env=flwr_env(flwr_home),
             cwd=cwd,
             capture_output=True,
@@ -124,9 +133,7 @@ def run_flwr(
             check=False,
         )
     except FileNotFoundError:
-        raise UserError(
-            "the `flwr` command is not installed (pip install 'flwr==1.41.*')"
-        ) from None
+        raise UserError("the `flwr` command is not installed (pip install 'flwr==1.41.*')") from None
     except subprocess.TimeoutExpired:
         raise UserError(
             f"`flwr {' '.join(args[:2])}` did not answer within {timeout:.0f}s; "

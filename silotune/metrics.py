@@ -43,14 +43,15 @@ SILO_ROUNDS = MetricDef(
 SILO_EXAMPLES = MetricDef(
     "silotune_silo_examples_total", "counter", "Training examples a silo processed.", _S
 )
-SILO_TOKENS = MetricDef(
-    "silotune_silo_tokens_total", "counter", "Training tokens a silo processed.", _S
-)
+SILO_TOKENS = MetricDef("silotune_silo_tokens_total", "counter", "Training tokens a silo processed.", _S)
 SILO_TRAIN_SECONDS_TOTAL = MetricDef(
     "silotune_silo_train_seconds_total", "counter", "Seconds a silo spent in local training.", _S
 )
 SILO_LAST_ROUND = MetricDef(
     "silotune_silo_last_round", "gauge", "Round of the silo's most recent result.", _S
+)
+SILO_LAST_RESULT_TS = MetricDef(
+    "silotune_silo_last_result_timestamp_seconds", "gauge", "Unix time of the last result.", _S
 )
 SILO_TRAIN_SECONDS = MetricDef(
     "silotune_silo_train_seconds", "gauge", "Local training seconds in the last round.", _S
@@ -61,9 +62,7 @@ SILO_TOKENS_PER_SECOND = MetricDef(
 SILO_TRAIN_LOSS = MetricDef(
     "silotune_silo_train_loss", "gauge", "Mean local training loss in the last round.", _S
 )
-SILO_EXAMPLES_LAST = MetricDef(
-    "silotune_silo_examples", "gauge", "Training examples in the last round.", _S
-)
+SILO_EXAMPLES_LAST = MetricDef("silotune_silo_examples", "gauge", "Training examples in the last round.", _S)
 SILO_GPU_ALLOCATED = MetricDef(
     "silotune_silo_gpu_peak_allocated_bytes",
     "gauge",
@@ -85,6 +84,9 @@ SILO_GPU_CAPACITY = MetricDef(
 SILO_PEAK_RSS = MetricDef(
     "silotune_silo_peak_rss_bytes", "gauge", "Peak resident memory of the training process.", _S
 )
+SILO_LORA_RANK = MetricDef(
+    "silotune_silo_lora_rank", "gauge", "Adapter rank the silo trained in the last round.", _S
+)
 SILO_FAILURES = MetricDef(
     "silotune_silo_failures_total", "counter", "Rounds in which a sampled silo failed.", _S
 )
@@ -101,6 +103,9 @@ RUN_INFO = MetricDef(
 )
 RUN_ACTIVE = MetricDef("silotune_run_active", "gauge", "1 while a run is in progress, else 0.")
 RUNS_STARTED = MetricDef("silotune_runs_started_total", "counter", "Runs started.")
+ADAPTER_PARAMETERS = MetricDef(
+    "silotune_adapter_parameters", "gauge", "Trainable adapter parameters of the current run."
+)
 ROUNDS_PLANNED = MetricDef("silotune_rounds_planned", "gauge", "Rounds the current run plans.")
 ROUND = MetricDef("silotune_round", "gauge", "Current (or last) round number of the current run.")
 ROUND_IN_PROGRESS = MetricDef(
@@ -109,9 +114,7 @@ ROUND_IN_PROGRESS = MetricDef(
 ROUND_STARTED_TS = MetricDef(
     "silotune_round_start_timestamp_seconds", "gauge", "Unix time the current round started."
 )
-ROUNDS_COMPLETED = MetricDef(
-    "silotune_rounds_completed", "gauge", "Rounds completed in the current run."
-)
+ROUNDS_COMPLETED = MetricDef("silotune_rounds_completed", "gauge", "Rounds completed in the current run.")
 ROUNDS_COMPLETED_TOTAL = MetricDef(
     "silotune_rounds_completed_total", "counter", "Rounds completed over all runs."
 )
@@ -148,12 +151,8 @@ COMM_BYTES = MetricDef(
 COMM_BUDGET = MetricDef(
     "silotune_comm_budget_bytes", "gauge", "Communication budget of the run (0 = unlimited)."
 )
-EVALUATION = MetricDef(
-    "silotune_evaluation_value", "gauge", "Latest global evaluation metric.", ("metric",)
-)
-EVALUATION_ROUND = MetricDef(
-    "silotune_evaluation_round", "gauge", "Round of the latest global evaluation."
-)
+EVALUATION = MetricDef("silotune_evaluation_value", "gauge", "Latest global evaluation metric.", ("metric",))
+EVALUATION_ROUND = MetricDef("silotune_evaluation_round", "gauge", "Round of the latest global evaluation.")
 
 # --- Flower's own traffic accounting (central exporter, optional `flwr ls` poller) ---
 WIRE_IN = MetricDef(
@@ -181,12 +180,8 @@ WIRE_POLL_OK = MetricDef(
 )
 
 # --- the exporter itself ---
-EXPORTER_INFO = MetricDef(
-    "silotune_exporter_info", "gauge", "Exporter role (value 1).", ("role",)
-)
-EVENTS_READ = MetricDef(
-    "silotune_exporter_events_total", "counter", "Events read, by kind.", ("kind",)
-)
+EXPORTER_INFO = MetricDef("silotune_exporter_info", "gauge", "Exporter role (value 1).", ("role",))
+EVENTS_READ = MetricDef("silotune_exporter_events_total", "counter", "Events read, by kind.", ("kind",))
 MALFORMED_LINES = MetricDef(
     "silotune_exporter_malformed_lines_total", "counter", "Event lines that were not valid JSON."
 )

@@ -180,7 +180,15 @@ def _gguf_cache_dir(src: ModelSource) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(src.location, gguf_file=src.gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(src.location, gguf_file=src.gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src.location, gguf_file=src.gguf_file)
+    # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"); its tensors are already
+    # de-quantized, so copy them into a plain model of the same config and save that.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(gguf_model.state_dict())
+    del gguf_model
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     try:

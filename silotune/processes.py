@@ -9,6 +9,7 @@ is bounded.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import ssl
 import subprocess
@@ -35,13 +36,29 @@ _EXIT_MEANING = {
 }
 
 
+def _flower_exit_code(log_path: Path | None) -> int | None:
+    if log_path is None:
+        return None
+    try:
+        with open(log_path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 65536))  # the tail is enough; logs can be large
+            tail = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    codes = re.findall(r"Exit Code: (\d+)", tail)
+    return int(codes[-1]) if codes else None
+
+
 class ProcessFailed(UserError):
     """A managed process exited when it should have been running."""
 
     def __init__(self, name: str, returncode: int, log_path: Path | None) -> None:
         self.name, self.returncode, self.log_path = name, returncode, log_path
-        meaning = _EXIT_MEANING.get(returncode)
-        extra = f" ({meaning})" if meaning else ""
+        # Flower logs "Exit Code: 305" but the process may still exit with 1: trust the log.
+        self.flower_code = _flower_exit_code(log_path) or returncode
+        meaning = _EXIT_MEANING.get(self.flower_code)
+        extra = f" (Flower exit code {self.flower_code}: {meaning})" if meaning else ""
         where = f"see its log: {log_path}" if log_path else "see its output above"
         super().__init__(f"{name} exited with code {returncode}{extra}; {where}")
 

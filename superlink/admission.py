@@ -62,9 +62,9 @@ def _save_ledger(flwr_home: Path, ledger: dict[str, AdmittedSilo]) -> None:
     tmp.replace(path)
 
 
-def _flwr_json(args: list[str], flwr_home: Path, timeout: float) -> dict[str, Any]:
+def _flwr_json(args: list[str], flwr_home: Path, timeout: float, netns: str | None) -> dict[str, Any]:
     """Run a `flwr ... --format json` command and return its JSON object, or raise UserError."""
-    res = run_flwr([*args, "--format", "json"], flwr_home, timeout=timeout)
+    res = run_flwr([*args, "--format", "json"], flwr_home, timeout=timeout, netns=netns)
     payload: dict[str, Any] | None = None
     start = res.stdout.find("{")
     if start >= 0:
@@ -85,6 +85,7 @@ def admit_silo(
     flwr_home: Path,
     connection: str = DEFAULT_CONNECTION,
     timeout: float = 60.0,
+    netns: str | None = None,
 ) -> AdmittedSilo:
     """Register ``public_key`` under ``name``; refuse a reused name or an already admitted key."""
     fingerprint = check_node_public_key(public_key)
@@ -104,6 +105,7 @@ def admit_silo(
         ["supernode", "register", str(Path(public_key).resolve()), connection, "--name", name],
         flwr_home,
         timeout,
+        netns,
     )
     silo = AdmittedSilo(
         name=name,
@@ -118,10 +120,13 @@ def admit_silo(
 
 
 def list_silos(
-    flwr_home: Path, connection: str = DEFAULT_CONNECTION, timeout: float = 60.0
+    flwr_home: Path,
+    connection: str = DEFAULT_CONNECTION,
+    timeout: float = 60.0,
+    netns: str | None = None,
 ) -> list[SiloStatus]:
     """Nodes the SuperLink knows, joined with the ledger's names and fingerprints."""
-    payload = _flwr_json(["supernode", "list", connection], flwr_home, timeout)
+    payload = _flwr_json(["supernode", "list", connection], flwr_home, timeout, netns)
     by_id = {s.node_id: s for s in load_ledger(flwr_home).values()}
     out = []
     for node in payload.get("nodes", []):
@@ -145,6 +150,7 @@ def remove_silo(
     flwr_home: Path,
     connection: str = DEFAULT_CONNECTION,
     timeout: float = 60.0,
+    netns: str | None = None,
 ) -> str:
     """Unregister a silo by ledger name or node id; return the node id removed."""
     ledger = load_ledger(flwr_home)
@@ -155,7 +161,7 @@ def remove_silo(
     else:
         known = ", ".join(sorted(ledger)) or "none"
         raise UserError(f"no admitted silo named {name_or_id!r} (known: {known}); or give a node id")
-    _flwr_json(["supernode", "unregister", node_id, connection], flwr_home, timeout)
+    _flwr_json(["supernode", "unregister", node_id, connection], flwr_home, timeout, netns)
     for n in [n for n, s in ledger.items() if s.node_id == node_id]:
         del ledger[n]
     _save_ledger(flwr_home, ledger)

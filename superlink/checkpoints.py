@@ -132,7 +132,7 @@ class CheckpointStore:
             from safetensors.numpy import load_file
 
             strategy_state = load_file(str(path / STRATEGY_STATE))
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # OSError, JSON, safetensors' own errors: all mean "damaged"
             raise CheckpointError(f"checkpoint {path} is incomplete or corrupt: {exc}") from None
         return Checkpoint(int(manifest["round"]), path, adapter, peft_config, strategy_state, manifest)
 

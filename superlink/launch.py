@@ -24,6 +24,8 @@ class SuperLinkOptions:
     port: int = 8000
     database: Path | None = Path("superlink-state.db")
     events_dir: Path | None = None
+    # Where Flower installs the app bundles (FABs) it receives; default ~/.flwr.
+    flwr_home: Path | None = None
     log_file: Path | None = None
     node_auth: bool = True
     # Plaintext without node authentication; development only, and only when asked for by name.
@@ -81,6 +83,8 @@ def superlink_env(opts: SuperLinkOptions, base: dict[str, str] | None = None) ->
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     if opts.events_dir is not None:
         env[EVENTS_DIR_ENV] = str(Path(opts.events_dir).resolve())
+    if opts.flwr_home is not None:
+        env["FLWR_HOME"] = str(Path(opts.flwr_home).resolve())
     return env
 
 

@@ -1,0 +1,133 @@
+"""``silotune eval`` and ``silotune compare``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from silotune.errors import UserError
+
+DATA_ENV = "SILOTUNE_EVAL_DATA"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate a base model (+ adapter) on a FlowerTune suite",
+        description="Run one FlowerTune leaderboard suite and write JSON + a markdown table.",
+    )
+    p.add_argument("--suite", required=True, choices=("general", "finance", "medical", "code"))
+    p.add_argument(
+        "--base", required=True, help="base model: hub id, local directory or embedded:smollm2-135m-instruct"
+    )
+    p.add_argument("--adapter", help="PEFT adapter directory (adapter_config.json + weights)")
+    p.add_argument("--limit", type=int, help="first N items of each benchmark (quick checks)")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        help=f"folder with the benchmark files (docs/evaluation.md); default ${DATA_ENV}",
+    )
+    p.add_argument(
+        "--from-hub",
+        action="store_true",
+        help="download the benchmarks from the Hugging Face hub instead of --data-dir",
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("eval-results"), help="output folder (default: ./eval-results)"
+    )
+    p.add_argument(
+        "--protocol",
+        choices=("generate", "loglik"),
+        default="generate",
+        help="generate: FlowerTune's greedy decoding + answer extraction (default); "
+        "loglik: pick the most likely option (faster, NOT comparable to FlowerTune)",
+    )
+    p.add_argument("--benchmarks", help="comma-separated subset of the suite, e.g. tfns,fpb")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--finance-max-new-tokens", type=int, default=32)
+    p.add_argument("--code-max-new-tokens", type=int, default=512)
+    p.add_argument(
+        "--code-timeout",
+        type=float,
+        default=10.0,
+        help="seconds each generated program may run (compilation has its own 60 s)",
+    )
+    p.add_argument(
+        "--require-sandbox-isolation",
+        action="store_true",
+        help="refuse to run generated code when no network namespace is available",
+    )
+    p.set_defaults(func=cmd_eval)
+
+    c = subparsers.add_parser(
+        "compare",
+        help="isolated vs federated (FedAvg, FlexLoRA) vs centralized training on one data set",
+    )
+    c.add_argument("--data", type=Path, required=True, help="one training data file to split")
+    c.add_argument("--domain", choices=("general", "finance", "medical", "code"), required=True)
+    c.add_argument("--silos", type=int, default=3)
+    c.add_argument("--base", default="embedded:smollm2-135m-instruct")
+    c.add_argument("--data-dir", type=Path, help=f"evaluation data; default ${DATA_ENV}")
+    c.add_argument("--out", type=Path, default=Path("compare-results"))
+    c.set_defaults(func=cmd_compare)
+
+
+def _source(args: argparse.Namespace):  # -> DataSource (imported lazily: keeps --help fast)
+    from evaluation.benchmarks import DataSource
+
+    if args.from_hub:
+        return DataSource(hub=True)
+    root = args.data_dir or (Path(os.environ[DATA_ENV]) if os.environ.get(DATA_ENV) else None)
+    if root is None:
+        raise UserError(
+            f"no evaluation data: pass --data-dir DIR (layout in docs/evaluation.md), set "
+            f"{DATA_ENV}=DIR, or pass --from-hub to download from the Hugging Face hub"
+        )
+    if not root.is_dir():
+        raise UserError(f"--data-dir {root}: not a directory")
+    return DataSource(root=root)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from evaluation.models import load_for_eval
+    from evaluation.report import to_markdown, write_report
+    from evaluation.runner import EvalSettings, evaluate_suite
+    from evaluation.sandbox import SandboxLimits
+
+    if args.limit is not None and args.limit < 1:
+        raise UserError("--limit must be at least 1")
+    source = _source(args)
+    settings = EvalSettings(
+        protocol=args.protocol,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        finance_max_new_tokens=args.finance_max_new_tokens,
+        code_max_new_tokens=args.code_max_new_tokens,
+        sandbox=SandboxLimits(timeout_s=args.code_timeout),
+        benchmarks=tuple(b.strip() for b in args.benchmarks.split(",")) if args.benchmarks else None,
+    )
+    if args.require_sandbox_isolation:
+        os.environ["SILOTUNE_SANDBOX_REQUIRE_ISOLATION"] = "1"
+    loaded = load_for_eval(args.base, args.adapter, args.dtype)
+    report = evaluate_suite(
+        args.suite,
+        loaded.model,
+        loaded.tokenizer,
+        source,
+        settings,
+        base_model=args.base,
+        adapter=args.adapter,
+        base_identity=loaded.identity,
+    )
+    paths = write_report(report, args.out)
+    print(to_markdown(report))
+    print(f"wrote {paths['json']} and {paths['markdown']} (per-item records in {paths['items']})")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from evaluation.compare import run_compare
+
+    return run_compare(args)

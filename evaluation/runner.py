@@ -1,0 +1,210 @@
+"""Run one suite: load each benchmark, generate (or score), extract, and score."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from evaluation.benchmarks import SUITES, Benchmark, DataSource
+from evaluation.extraction import choice_label, stop_at_stop_words
+from evaluation.generation import greedy_generate, loglik_choose
+from evaluation.items import ChoiceItem, CodeTask
+from evaluation.sandbox import SandboxLimits, isolation_mode, run_program
+from evaluation.scoring import BenchmarkResult, accuracy, domain_average, mean_pass_at_1
+from silotune.errors import UserError
+
+Protocol = Literal["generate", "loglik"]
+PROTOCOL_LABELS = {
+    "generate": "generate (FlowerTune: greedy decoding, FlowerTune answer extraction)",
+    "loglik": "loglik (NOT FlowerTune: highest log-likelihood answer among the options)",
+}
+
+
+@dataclass
+class EvalSettings:
+    protocol: Protocol = "generate"
+    limit: int | None = None
+    batch_size: int = 8
+    # Finance answers are free text; FlowerTune lets them run to 512 tokens in total, which on
+    # a CPU costs minutes per batch. 32 new tokens cover "positive"/"The sentiment is ...".
+    finance_max_new_tokens: int = 32
+    code_max_new_tokens: int = 512
+    sandbox: SandboxLimits = field(default_factory=SandboxLimits)
+    benchmarks: tuple[str, ...] | None = None  # a subset of the suite, by name
+    log: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr))
+
+
+@dataclass
+class SuiteReport:
+    suite: str
+    protocol: Protocol
+    base_model: str
+    adapter: str | None
+    results: list[BenchmarkResult]
+    settings: dict[str, Any]
+    seconds: float = 0.0
+    base_identity: str = ""  # name@sha256 prefix of the weights, when the loader provides it
+
+    @property
+    def average(self) -> float:
+        return domain_average(self.results)
+
+
+def _progress(log: Callable[[str], None], name: str) -> Callable[[int, int], None]:
+    last = [0.0]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == total or now - last[0] > 10:
+            last[0] = now
+            log(f"  {name}: {done}/{total}")
+
+    return report
+
+
+def _answer_tokens(tokenizer: Any, item: ChoiceItem) -> int:
+    """FlowerTune generates as many tokens as the gold answer has; using the longest option
+    instead gives every item the same budget without looking at its label."""
+    return max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in item.answers)
+
+
+def run_choice(
+    bench: Benchmark, items: list[ChoiceItem], model: Any, tokenizer: Any, s: EvalSettings
+) -> BenchmarkResult:
+    assert bench.answer_type is not None
+    progress = _progress(s.log, bench.name)
+    records: list[dict[str, Any]] = []
+    if s.protocol == "loglik":
+        picks = loglik_choose(
+            model,
+            tokenizer,
+            [i.prompt for i in items],
+            [i.answers for i in items],
+            batch_size=s.batch_size,
+            progress=progress,
+        )
+        outputs = [it.answers[k] for it, k in zip(items, picks, strict=True)]
+        preds = [it.labels[k] for it, k in zip(items, picks, strict=True)]
+    else:
+        if bench.answer_type == "sentiment":
+            budget = s.finance_max_new_tokens
+        else:
+            budget = max(_answer_tokens(tokenizer, it) for it in items) if items else 1
+        outputs = greedy_generate(
+            model, tokenizer, [i.prompt for i in items], budget, batch_size=s.batch_size, progress=progress
+        )
+        preds = [choice_label(o, bench.answer_type) for o in outputs]
+    golds = [i.gold for i in items]
+    for it, out, pred in zip(items, outputs, preds, strict=True):
+        records.append(
+            {
+                "id": it.id,
+                "gold": it.gold,
+                "output": out,
+                "prediction": pred,
+                "correct": pred == it.gold,
+                **({"group": it.group} if it.group else {}),
+            }
+        )
+    return BenchmarkResult(bench.name, bench.title, "accuracy", accuracy(preds, golds), len(items), records)
+
+
+def run_code(
+    bench: Benchmark, tasks: list[CodeTask], model: Any, tokenizer: Any, s: EvalSettings
+) -> BenchmarkResult:
+    progress = _progress(s.log, bench.name)
+    records: list[dict[str, Any]] = []
+    passed: list[list[bool]] = []
+    # All tasks of one benchmark share their stop words (MultiPL-E repeats its language's set on
+    # every row), so one stopping rule serves every batch.
+    outputs = greedy_generate(
+        model,
+        tokenizer,
+        [t.prompt for t in tasks],
+        s.code_max_new_tokens,
+        stop_words=tasks[0].stop_words if tasks else (),
+        batch_size=s.batch_size,
+        progress=progress,
+    )
+    for task, out in zip(tasks, outputs, strict=True):
+        completion = stop_at_stop_words(out, task.stop_words)
+        result = run_program(task.language, task.program(completion), s.sandbox)
+        passed.append([result.passed])
+        records.append(
+            {
+                "id": task.id,
+                "completion": completion,
+                "status": result.status,
+                "passed": result.passed,
+                "stderr": result.stderr[-1000:],
+            }
+        )
+    return BenchmarkResult(
+        bench.name,
+        bench.title,
+        "pass@1",
+        mean_pass_at_1(passed),
+        len(tasks),
+        records,
+        {"sandbox_isolation": isolation_mode()},
+    )
+
+
+def evaluate_suite(
+    suite: str,
+    model: Any,
+    tokenizer: Any,
+    source: DataSource,
+    settings: EvalSettings,
+    *,
+    base_model: str,
+    adapter: str | None,
+    base_identity: str = "",
+) -> SuiteReport:
+    if suite not in SUITES:
+        raise UserError(f"--suite {suite}: choose one of {', '.join(SUITES)}")
+    benches = SUITES[suite]
+    if settings.benchmarks:
+        unknown = set(settings.benchmarks) - {b.name for b in benches}
+        if unknown:
+            raise UserError(
+                f"--benchmarks: {sorted(unknown)} not in suite {suite} ({', '.join(b.name for b in benches)})"
+            )
+        benches = tuple(b for b in benches if b.name in settings.benchmarks)
+    if settings.protocol == "loglik" and suite == "code":
+        raise UserError(
+            "--protocol loglik scores multiple-choice answers; the code suite is "
+            "always run with --protocol generate"
+        )
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+        raise UserError("the tokenizer has neither a pad nor an eos token; cannot batch")
+    start = time.monotonic()
+    results = []
+    for bench in benches:
+        items = bench.take(bench.load(source), settings.limit)
+        settings.log(f"{suite}/{bench.name}: {len(items)} items")
+        if bench.kind == "code":
+            results.append(run_code(bench, items, model, tokenizer, settings))
+        else:
+            results.append(run_choice(bench, items, model, tokenizer, settings))
+        r = results[-1]
+        settings.log(f"{suite}/{bench.name}: {r.metric} {100 * r.value:.2f} (n={r.n})")
+    return SuiteReport(
+        suite=suite,
+        protocol=settings.protocol,
+        base_model=base_model,
+        adapter=adapter,
+        results=results,
+        seconds=time.monotonic() - start,
+        base_identity=base_identity,
+        settings={
+            "limit": settings.limit,
+            "batch_size": settings.batch_size,
+            "finance_max_new_tokens": settings.finance_max_new_tokens,
+            "code_max_new_tokens": settings.code_max_new_tokens,
+            "protocol_description": PROTOCOL_LABELS[settings.protocol],
+        },
+    )

@@ -1,0 +1,65 @@
+"""Metrics: accuracy for closed answers, pass@k for code, and the leaderboard's averages."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from math import comb
+from typing import Any, Literal
+
+Metric = Literal["accuracy", "pass@1"]
+
+
+@dataclass
+class BenchmarkResult:
+    """One benchmark's score plus the per-item records that produced it."""
+
+    name: str
+    title: str
+    metric: Metric
+    value: float  # fraction in [0, 1]
+    n: int
+    records: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "title": self.title,
+            "metric": self.metric,
+            "value": self.value,
+            "n": self.n,
+            **self.extra,
+        }
+
+
+def accuracy(predictions: Sequence[str], golds: Sequence[str]) -> float:
+    """Share of exact matches; 0.0 for an empty set (reported with n=0, never as a real score)."""
+    if len(predictions) != len(golds):
+        raise ValueError(f"{len(predictions)} predictions for {len(golds)} gold answers")
+    if not golds:
+        return 0.0
+    return sum(p == g for p, g in zip(predictions, golds, strict=True)) / len(golds)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c,k)/C(n,k)."""
+    if not 0 <= c <= n or k < 1:
+        raise ValueError(f"need 0 <= c <= n and k >= 1 (n={n}, c={c}, k={k})")
+    if n - c < k:
+        return 1.0
+    return 1.0 - comb(n - c, k) / comb(n, k)
+
+
+def mean_pass_at_1(passed: Sequence[Sequence[bool]]) -> float:
+    """Average pass@1 over tasks, each with one or more samples."""
+    if not passed:
+        return 0.0
+    return sum(pass_at_k(len(s), sum(s), 1) for s in passed) / len(passed)
+
+
+def domain_average(results: Sequence[BenchmarkResult]) -> float:
+    """FlowerTune's domain score: the unweighted mean of its benchmarks' scores."""
+    if not results:
+        return 0.0
+    return sum(r.value for r in results) / len(results)

@@ -1,0 +1,109 @@
+"""`silotune silo start`: join the federation from an institution (one SuperNode per silo)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from silotune.errors import UserError
+from silotune.flwr_connection import resolve_workspace
+
+# SiloConfig fields offered as options (dashed); anything else goes through --node-config.
+_SILO_OPTIONS = {
+    "data-path": (str, "the silo's private data file (never leaves this machine)"),
+    "domain": (str, "general | finance | medical | code (default: the run's)"),
+    "name": (str, "this silo's name in metrics and logs"),
+    "lora-rank": (int, "this silo's own LoRA rank (FlexLoRA)"),
+    "columns": (str, "column mapping, e.g. 'instruction=question,output=answer'"),
+    "label-map": (str, "label words, e.g. '0=negative,1=positive,2=neutral'"),
+    "data-encoding": (str, "text encoding of the data file (default utf-8)"),
+    "max-examples": (int, "use at most this many examples (0 = all)"),
+    "eval-fraction": (float, "fraction held out for local evaluation"),
+    "state-dir": (str, "where this silo writes its metric events"),
+}
+# Same tokenizer Flower uses for --node-config: key=value, value bare or quoted.
+_PAIR_RE = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
+
+
+def parse_node_config_text(text: str) -> dict[str, Any]:
+    """Parse ``'k=v k2="v 2"'`` like Flower does (TOML values; bare words become strings)."""
+    out: dict[str, Any] = {}
+    for key, raw in _PAIR_RE.findall(text or ""):
+        try:
+            out[key] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = raw  # bare word such as a path: keep it as a string
+    return out
+
+
+def _fingerprint_of_private(path: Path) -> str | None:
+    from cryptography.hazmat.primitives import serialization
+
+    from certs.node_key import ssh_fingerprint
+
+    try:
+        key = serialization.load_ssh_private_key(path.read_bytes(), None)
+    except (OSError, ValueError, TypeError):
+        return None
+    pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return ssh_fingerprint(pub.decode())
+
+
+def _start(args: argparse.Namespace) -> int:
+    from silo_node.launch import SiloOptions, start_silo
+    from silotune.processes import supervise
+
+    node_config = parse_node_config_text(args.node_config or "")
+    for key in _SILO_OPTIONS:
+        value = getattr(args, key.replace("-", "_"))
+        if value is not None:
+            node_config[key] = value
+    ws = resolve_workspace(args.workspace)
+    opts = SiloOptions(
+        superlink=args.superlink,
+        node_config=node_config,
+        ca_cert=Path(args.ca) if args.ca else None,
+        node_key=Path(args.node_key) if args.node_key else None,
+        insecure=args.insecure,
+        runtime_port=args.runtime_port,
+        events_dir=Path(args.events_dir) if args.events_dir else ws / "events",
+        flwr_home=ws / "supernode" / "flwr-home",
+    )
+    if args.insecure:
+        print("WARNING: --insecure: plaintext, no node authentication (development only)")
+    log = Path(args.log_file) if args.log_file else None
+    proc = start_silo(opts, log, run_domain=args.run_domain)
+    print(f"SuperNode started for {args.superlink}" + (f"; log: {log}" if log else ""))
+    rc = supervise(proc)
+    if rc in (0, 130, 3, -15):
+        return 0
+    hint = f"the SuperNode stopped (exit code {rc})"
+    fp = _fingerprint_of_private(Path(args.node_key)) if args.node_key else None
+    raise UserError(
+        f"{hint}. If its output shows 'Exit Code: 305' / 'Failed to activate SuperNode', the "
+        "SuperLink refused this silo: ask the federation operator to admit your .pub"
+        + (f" (fingerprint {fp})" if fp else "")
+        + "; see docs/security.md#troubleshooting"
+    )
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    silo = subparsers.add_parser("silo", help="run this institution's SuperNode")
+    sub = silo.add_subparsers(dest="silo_command", metavar="ACTION", required=True)
+    st = sub.add_parser("start", help="check data and settings, then start flower-supernode")
+    st.add_argument("--superlink", required=True, help="SuperLink HOST:PORT (a name in its SANs)")
+    st.add_argument("--ca", help="federation CA certificate (verifies the SuperLink)")
+    st.add_argument("--node-key", help="this silo's private node key (silotune certs node-key)")
+    st.add_argument("--insecure", action="store_true", help="plaintext, no node auth; development only")
+    for key, (typ, help_text) in _SILO_OPTIONS.items():
+        st.add_argument(f"--{key}", type=typ, default=None, help=help_text)
+    st.add_argument("--node-config", help="extra node config 'key=value ...' (Flower syntax)")
+    st.add_argument("--run-domain", default=None, help="domain the run uses (for the data check)")
+    st.add_argument("--runtime-port", type=int, help="local Runtime API port (default 9094)")
+    st.add_argument("--events-dir", help="SILOTUNE_EVENTS_DIR (default <workspace>/events)")
+    st.add_argument("--log-file", help="write the SuperNode's output here instead of the terminal")
+    st.add_argument("--workspace", help="SiloTune workspace (default ./.silotune)")
+    st.set_defaults(func=_start)

@@ -1,0 +1,119 @@
+"""`silotune exporter` (Prometheus endpoint over the event files) and `silotune report` (HTML)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from silotune.errors import UserError
+from silotune.metrics import BYTES_PER_MB, FLOWERTUNE_BUDGET_MB
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "exporter",
+        help="serve Prometheus metrics from the event files of a SuperLink or silo",
+        description="Tails <events-dir>/<role>.jsonl and serves /metrics. Numbers only: no "
+        "prompts, text or paths are exported.",
+    )
+    p.add_argument("--events-dir", required=True, type=Path, help="$SILOTUNE_EVENTS_DIR of the apps")
+    p.add_argument("--role", choices=["server", "silo"], required=True)
+    p.add_argument("--bind", default="127.0.0.1:9464", help="HOST:PORT (default 127.0.0.1:9464)")
+    p.add_argument(
+        "--budget-mb",
+        type=float,
+        default=FLOWERTUNE_BUDGET_MB,
+        help="communication budget (1 MB = 1024**2 bytes, as FlowerTune) until a run states its "
+        "own; default 200000",
+    )
+    p.add_argument(
+        "--flwr-connection",
+        default=None,
+        help="SuperLink connection name in $FLWR_HOME/config.toml; enables the `flwr ls` "
+        "wire-traffic poller (server role only)",
+    )
+    p.add_argument(
+        "--flwr-home",
+        type=Path,
+        default=None,
+        help="FLWR_HOME holding that connection (default: $FLWR_HOME, else ~/.flwr)",
+    )
+    p.add_argument("--flwr-poll-seconds", type=float, default=15.0)
+    p.set_defaults(func=run_exporter)
+
+    r = sub.add_parser(
+        "report",
+        help="write a self-contained HTML report of a run (no Grafana needed)",
+    )
+    r.add_argument("run_dir", type=Path, help="run directory holding events.jsonl")
+    r.add_argument(
+        "--silo-events",
+        type=Path,
+        action="append",
+        default=[],
+        help="a silo's silo.jsonl to include (repeatable)",
+    )
+    r.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/report.html")
+    r.set_defaults(func=run_report)
+
+
+def parse_bind(bind: str) -> tuple[str, int]:
+    host, sep, port = bind.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise UserError(f"--bind {bind!r}: expected HOST:PORT, e.g. 127.0.0.1:9464")
+    return host.strip("[]"), int(port)
+
+
+def run_exporter(args: argparse.Namespace) -> int:
+    from prometheus_client import start_http_server
+
+    from silotune.exporter import FlowerTrafficPoller, build_registry
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    host, port = parse_bind(args.bind)
+    if args.budget_mb < 0:
+        raise UserError(f"--budget-mb {args.budget_mb}: must be >= 0 (0 = unlimited)")
+    try:  # the apps create it too; a read-only mount (containers) is fine as it is
+        args.events_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        logging.warning("cannot create %s (%s); waiting for the apps to create it", args.events_dir, exc)
+    poller = None
+    if args.flwr_connection:
+        if args.role != "server":
+            raise UserError("--flwr-connection: only the central (--role server) exporter polls")
+        poller = FlowerTrafficPoller(
+            args.flwr_connection, interval_s=args.flwr_poll_seconds, flwr_home=args.flwr_home
+        )
+    events_file = args.events_dir / f"{args.role}.jsonl"
+    registry, _ = build_registry(
+        events_file, args.role, args.budget_mb * BYTES_PER_MB, poller.collect if poller else None
+    )
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise UserError(f"--bind {args.bind}: cannot listen ({exc}); pick a free port") from exc
+    if poller is not None:
+        poller.start()
+    logging.info("serving http://%s:%d/metrics from %s", host, port, events_file)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):  # timed wait: signals are handled promptly
+        pass
+    if poller is not None:
+        poller.stop()
+    server.shutdown()
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from silotune.report import write_report
+
+    out = write_report(args.run_dir, args.silo_events, args.out)
+    print(out, file=sys.stdout)
+    return 0

@@ -1,0 +1,255 @@
+"""`silotune report RUN_DIR`: one self-contained HTML file with the run's curves, for people
+without Grafana. Charts are inline SVG drawn here (no matplotlib, no JS, no external CSS), so the
+file opens anywhere, offline, and can be mailed as is. Like the exporter it shows numbers and
+silo names only, never data content.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from silotune.errors import UserError
+from silotune.events import read_events
+
+Series = dict[str, list[tuple[float, float]]]  # legend -> [(round, value)]
+_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+_W, _H, _L, _R, _T, _B = 580, 300, 70, 170, 34, 40  # size and margins (legend on the right)
+
+
+def _fmt(value: float, unit: str) -> str:
+    if unit == "bytes":
+        for scale, name in ((1024**3, "GiB"), (1024**2, "MiB"), (1024, "KiB")):
+            if abs(value) >= scale:
+                return f"{value / scale:.3g} {name}"
+        return f"{value:.0f} B"
+    return f"{value:.4g}"
+
+
+def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    if hi <= lo:
+        hi = lo + (abs(lo) or 1.0)
+    raw = (hi - lo) / n
+    step = 10 ** math.floor(math.log10(raw))
+    step *= next(k for k in (1, 2, 2.5, 5, 10) if raw <= step * k)
+    start = math.floor(lo / step) * step
+    return [start + i * step for i in range(int((hi - start) / step) + 2)]
+
+
+def line_chart(title: str, series: Series, unit: str = "") -> str:
+    """An SVG line chart of value per round; an explanatory note when there is no data."""
+    points = [p for pts in series.values() for p in pts]
+    esc = html.escape
+    if not points:
+        return f'<div class="empty"><b>{esc(title)}</b>: no data in these events.</div>'
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    xlo, xhi = min(xs), max(xs)
+    yt = _ticks(min(0.0, min(ys)) if unit == "bytes" else min(ys), max(ys))
+    ylo, yhi = yt[0], yt[-1]
+    pw, ph = _W - _L - _R, _H - _T - _B
+
+    def sx(x: float) -> float:
+        return _L + (0.5 if xhi == xlo else (x - xlo) / (xhi - xlo)) * pw
+
+    def sy(y: float) -> float:
+        return _T + ph - (y - ylo) / (yhi - ylo) * ph
+
+    out = [
+        f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}" '
+        f'viewBox="0 0 {_W} {_H}" role="img" aria-label="{esc(title)}"><title>{esc(title)}</title>',
+        f'<text x="{_L}" y="20" class="t">{esc(title)}</text>',
+        f'<rect x="{_L}" y="{_T}" width="{pw}" height="{ph}" class="frame"/>',
+    ]
+    for y in yt:
+        out.append(f'<line x1="{_L}" x2="{_L + pw}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" class="g"/>')
+        out.append(f'<text x="{_L - 6}" y="{sy(y) + 4:.1f}" class="yl">{_fmt(y, unit)}</text>')
+    for x in sorted(set(xs)) if len(set(xs)) <= 12 else _ticks(xlo, xhi):
+        if xlo <= x <= xhi:
+            out.append(f'<text x="{sx(x):.1f}" y="{_T + ph + 16}" class="xl">{x:g}</text>')
+    out.append(f'<text x="{_L + pw / 2}" y="{_H - 6}" class="xl">round</text>')
+    for i, (name, pts) in enumerate(series.items()):
+        color = _COLORS[i % len(_COLORS)]
+        pts = sorted(pts)
+        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+        # Every other series dashed: equal series (uplink = downlink) stay visible on top.
+        dash = ' stroke-dasharray="7 4"' if i % 2 else ""
+        out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
+        for x, y in pts:
+            out.append(
+                f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{color}">'
+                f"<title>{esc(name)} round {x:g}: {_fmt(y, unit)}</title></circle>"
+            )
+        ly = _T + 14 + 18 * i
+        out.append(f'<rect x="{_L + pw + 10}" y="{ly - 9}" width="12" height="4" fill="{color}"/>')
+        out.append(f'<text x="{_L + pw + 26}" y="{ly}" class="lg">{esc(name[:26])}</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+class RunData:
+    """The events of one run directory, grouped per round and per silo."""
+
+    def __init__(self, events: list[dict[str, Any]]) -> None:
+        self.run: dict[str, Any] = {}
+        self.end: dict[str, Any] = {}
+        self.rounds: dict[float, dict[str, Any]] = {}
+        self.silo: dict[str, dict[float, dict[str, Any]]] = defaultdict(dict)
+        self.evaluation: dict[float, dict[str, float]] = {}
+        self.failures: dict[str, int] = defaultdict(int)
+        self.rejected: dict[str, int] = defaultdict(int)
+        # Failure events may carry only a node id: name it after that node's results.
+        names = {str(e["node_id"]): e["silo"] for e in events if e.get("silo") and "node_id" in e}
+
+        def who(e: dict[str, Any]) -> str:
+            return str(e.get("silo") or names.get(str(e.get("node_id")), e.get("node_id")))
+
+        for e in events:
+            kind, rnd = e.get("kind"), e.get("round")
+            if kind == "run_start":
+                self.run = e
+            elif kind == "run_end":
+                self.end = e
+            elif kind == "round_end" and _is_num(rnd):
+                self.rounds[rnd] = e
+            elif kind in ("silo_result", "local_train") and _is_num(rnd):
+                # The server's view wins; a silo's own file fills what the server lacks.
+                row = self.silo[who(e)].setdefault(rnd, {})
+                for k, v in e.items():
+                    if kind == "silo_result" or k not in row:
+                        row[k] = v
+            elif kind == "evaluation" and isinstance(e.get("metrics"), dict):
+                vals = {k: v for k, v in e["metrics"].items() if _is_num(v)}
+                self.evaluation[rnd] = vals
+            elif kind == "silo_failed":
+                self.failures[who(e)] += 1
+            elif kind == "update_rejected":
+                self.rejected[who(e)] += 1
+
+    def per_round(self, key: str) -> list[tuple[float, float]]:
+        return [(r, e[key]) for r, e in sorted(self.rounds.items()) if _is_num(e.get(key))]
+
+    def per_silo(self, key: str, suffix: str = "") -> Series:
+        out: Series = {}
+        for name, rows in sorted(self.silo.items()):
+            pts = [(r, row[key]) for r, row in sorted(rows.items()) if _is_num(row.get(key))]
+            if pts and not (key in _GPU_KEYS and all(v == 0 for _, v in pts)):
+                out[name + suffix] = pts
+        return out
+
+
+_GPU_KEYS = {"peak_gpu_allocated_bytes", "peak_gpu_reserved_bytes", "nvml_used_bytes"}
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def charts(d: RunData) -> list[str]:
+    loss: Series = {}
+    if d.per_round("train_loss"):
+        loss["federation"] = d.per_round("train_loss")
+    loss.update(d.per_silo("train_loss"))
+    evaluation: Series = defaultdict(list)
+    for rnd, vals in sorted(d.evaluation.items()):
+        for name, value in vals.items():
+            evaluation[name].append((rnd, value))
+    accuracy = {k: v for k, v in evaluation.items() if "acc" in k.lower()}
+    other_eval = {k: v for k, v in evaluation.items() if k not in accuracy and k != "examples"}
+    budget = d.run.get("comm_budget_bytes")
+    cumulative: Series = {"cumulative": d.per_round("cumulative_bytes")}
+    if _is_num(budget) and budget > 0 and cumulative["cumulative"]:
+        cumulative["budget"] = [(r, float(budget)) for r, _ in cumulative["cumulative"]]
+    memory: Series = {}
+    for key, label in (
+        ("peak_gpu_allocated_bytes", " GPU alloc"),
+        ("peak_gpu_reserved_bytes", " GPU reserved"),
+        ("peak_rss_bytes", " RSS"),
+    ):
+        memory.update(d.per_silo(key, label))
+    return [
+        line_chart("Training loss per round", loss),
+        line_chart("Accuracy (global evaluation)", accuracy),
+        line_chart("Other evaluation metrics", other_eval),
+        line_chart(
+            "Adapter payload bytes per round",
+            {"uplink": d.per_round("uplink_bytes"), "downlink": d.per_round("downlink_bytes")},
+            "bytes",
+        ),
+        line_chart("Cumulative bytes vs budget", cumulative, "bytes"),
+        line_chart("Uplink bytes per silo and round", d.per_silo("uplink_bytes"), "bytes"),
+        line_chart("Peak memory per silo and round", memory, "bytes"),
+        line_chart("Tokens per second per silo", d.per_silo("tokens_per_second")),
+    ]
+
+
+def _table(head: list[str], rows: list[list[Any]]) -> str:
+    esc = html.escape
+    th = "".join(f"<th>{esc(h)}</th>" for h in head) if any(head) else ""
+    body = "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table>{f'<tr>{th}</tr>' if th else ''}{body}</table>"
+
+
+def summary(d: RunData) -> str:
+    total = max((e.get("cumulative_bytes") or 0 for e in d.rounds.values()), default=0)
+    budget = d.run.get("comm_budget_bytes") or 0
+    used = f" ({100 * total / budget:.2f}% of {_fmt(budget, 'bytes')})" if budget else ""
+    run = [
+        ["run id", d.run.get("run_id", "not recorded")],
+        ["strategy / PEFT", f"{d.run.get('strategy', '?')} / {d.run.get('peft_method', '?')}"],
+        ["rounds completed / planned", f"{len(d.rounds)} / {d.run.get('num_rounds', '?')}"],
+        ["status", d.end.get("status", "running or interrupted")],
+        ["adapter payload bytes", f"{_fmt(total, 'bytes')}{used}"],
+    ]
+    silos = []
+    for name, rows in sorted(d.silo.items()):
+        ups = sum(r.get("uplink_bytes") or 0 for r in rows.values())
+        downs = sum(r.get("downlink_bytes") or 0 for r in rows.values())
+        silos.append(
+            [name, len(rows), _fmt(ups, "bytes"), _fmt(downs, "bytes"), d.failures.get(name, 0),
+             d.rejected.get(name, 0)]
+        )  # fmt: skip
+    return _table(["", ""], run) + _table(
+        ["silo", "rounds", "uplink", "downlink", "failed", "rejected"], silos
+    )
+
+
+_CSS = """body{font:14px sans-serif;margin:24px;color:#222}h1{font-size:20px}
+table{border-collapse:collapse;margin:8px 16px 16px 0;display:inline-table;vertical-align:top}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}.charts{display:flex;flex-wrap:wrap}
+.chart{margin:6px;background:#fff;border:1px solid #ddd}.frame{fill:none;stroke:#999}
+.g{stroke:#eee}.t{font-weight:bold;font-size:14px}.yl{font-size:11px;text-anchor:end}
+.xl{font-size:11px;text-anchor:middle}.lg{font-size:11px}.empty{margin:6px;padding:12px;
+width:540px;border:1px dashed #ccc;color:#666}"""
+
+
+def render_html(d: RunData, source: str, name: str = "") -> str:
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>SiloTune run {html.escape(str(d.run.get('run_id', name)))}</title>"
+        f"<style>{_CSS}</style></head><body>"
+        f"<h1>SiloTune run report</h1><p>From {html.escape(source)}, generated {stamp}.</p>"
+        f"{summary(d)}<div class='charts'>{''.join(charts(d))}</div></body></html>"
+    )
+
+
+def write_report(run_dir: Path, silo_events: list[Path] | None = None, out: Path | None = None) -> Path:
+    """Write the report (default RUN_DIR/report.html) and return its path."""
+    path = Path(run_dir) / "events.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path}: no events file; pass the run directory of a SiloTune run")
+    events = list(read_events(path))
+    for extra in silo_events or []:
+        if not Path(extra).is_file():
+            raise UserError(f"--silo-events {extra}: file not found")
+        events += list(read_events(Path(extra)))
+    if not events:
+        raise UserError(f"{path}: no complete events yet; is the run still starting?")
+    out = Path(out) if out else Path(run_dir) / "report.html"
+    html_text = render_html(RunData(events), str(path), Path(run_dir).resolve().name)
+    out.write_text(html_text, encoding="utf-8")
+    return out

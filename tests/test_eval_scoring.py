@@ -1,0 +1,136 @@
+"""Answer extraction (FlowerTune's rules), accuracy, pass@k, and oracle/constant predictors."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from evaluation.benchmarks import SUITES, DataSource, get_benchmark  # noqa: E402
+from evaluation.extraction import choice_label, sentiment_label, stop_at_stop_words  # noqa: E402
+from evaluation.sandbox import SandboxLimits, run_program  # noqa: E402
+from evaluation.scoring import (  # noqa: E402
+    BenchmarkResult,  # noqa: E402
+    accuracy,
+    domain_average,
+    mean_pass_at_1,
+    pass_at_k,
+)
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared benchmark data absent ({DATA})")
+CHOICE = [b for s in ("general", "finance", "medical") for b in SUITES[s]]
+
+
+@pytest.mark.parametrize(
+    ("output", "expected"),
+    [
+        ("positive", "positive"),
+        ("Positive.", "positive"),
+        ("The sentiment of this news is negative, because sales fell.", "negative"),
+        ("I would say neutral", "neutral"),
+        ("", "neutral"),  # FlowerTune: anything without positive/negative is neutral
+        ("not positive, rather negative", "positive"),  # positive is checked first
+    ],
+)
+def test_sentiment_extraction(output: str, expected: str) -> None:
+    assert sentiment_label(output) == expected
+    assert choice_label(output, "sentiment") == expected
+
+
+@pytest.mark.parametrize(
+    ("output", "expected"),
+    [
+        ("B", "b"),
+        ("b", "b"),  # lower case
+        (" C", "c"),
+        ("D. Local anesthesia is effective only when ...", "d"),  # letter with its option text
+        ("A) because the other options are wrong", "a"),  # extra words after the letter
+        ("(c)", "c"),
+        ("\n## B\nexplanation", "b"),
+        # FlowerTune reads the FIRST character: a sentence before the letter is wrong.
+        ("The answer is B", "the answer is b"),
+    ],
+)
+def test_mcq_extraction(output: str, expected: str) -> None:
+    assert choice_label(output, "mcq") == expected
+
+
+@pytest.mark.parametrize(
+    ("output", "expected"),
+    [
+        ("yes", "yes"),
+        ("Yes.", "yes"),
+        ("no", "no"),
+        ("NO", "no"),
+        ("maybe", "maybe"),  # verbatim fallback matches the gold "maybe"
+        ("yes yes", "yes yes"),  # two words are not one answer
+        ("yesyes", "yes"),
+    ],
+)
+def test_boolean_extraction(output: str, expected: str) -> None:
+    assert choice_label(output, "boolean") == expected
+
+
+def test_stop_words_cut_at_first() -> None:
+    assert stop_at_stop_words("    return 1\n\ndef g():\n#x", ("\n#", "\ndef")) == "    return 1\n"
+    assert stop_at_stop_words("abc", ("\n}",)) == "abc"
+
+
+def test_accuracy_and_pass_at_k() -> None:
+    assert accuracy(["a", "b", "c"], ["a", "b", "d"]) == pytest.approx(2 / 3)
+    assert accuracy([], []) == 0.0
+    with pytest.raises(ValueError):
+        accuracy(["a"], [])
+    assert pass_at_k(1, 1, 1) == 1.0 and pass_at_k(1, 0, 1) == 0.0
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(10, 3, 5) == pytest.approx(1 - (7 * 6 * 5 * 4 * 3) / (10 * 9 * 8 * 7 * 6))
+    assert mean_pass_at_1([[True], [False], [True, False]]) == pytest.approx(0.5)
+    results = [BenchmarkResult("x", "X", "accuracy", v, 1) for v in (0.2, 0.4, 0.9)]
+    assert domain_average(results) == pytest.approx(0.5)
+
+
+@needs_data
+@pytest.mark.parametrize("name", [b.name for b in CHOICE])
+def test_oracle_scores_100_and_constant_scores_class_share(name: str) -> None:
+    bench = get_benchmark(name)
+    items = bench.load(DataSource(root=DATA))[:400]
+    golds = [it.gold for it in items]
+    assert bench.answer_type is not None
+    # Oracle: writes exactly the answer a model should write for the gold label.
+    oracle = [choice_label(it.answers[it.labels.index(it.gold)], bench.answer_type) for it in items]
+    assert accuracy(oracle, golds) == 1.0
+    # Constant predictor: always the first label; scores that label's share of the items.
+    first = items[0].answers[0]
+    constant = [choice_label(first, bench.answer_type) for _ in items]
+    share = Counter(golds)[items[0].labels[0]] / len(items)
+    assert accuracy(constant, golds) == pytest.approx(share)
+
+
+@needs_data
+@pytest.mark.parametrize("name", ["humaneval", "mbpp"])
+def test_code_oracle_passes(name: str) -> None:
+    tasks = get_benchmark(name).load(DataSource(root=DATA))[:3]
+    results = []
+    for t in tasks:
+        assert t.reference is not None
+        r = run_program(t.language, t.program(t.reference), SandboxLimits(timeout_s=10))
+        results.append([r.passed])
+    assert mean_pass_at_1(results) == 1.0
+    wrong = run_program(tasks[0].language, tasks[0].program("    return None\n"), SandboxLimits(timeout_s=10))
+    assert not wrong.passed
+
+
+@needs_data
+def test_multiple_e_programs_assemble() -> None:
+    src = DataSource(root=DATA)
+    js = next(t for t in get_benchmark("multiple_js").load(src) if t.id == "HumanEval_23_strlen")
+    cpp = next(t for t in get_benchmark("multiple_cpp").load(src) if t.id == "HumanEval_23_strlen")
+    assert run_program("js", js.program("\n  return string.length;\n}\n")).passed
+    # The C++ tests begin with the "}" that the stop word "\n}" removed from the completion.
+    assert run_program("cpp", cpp.program("\n    return string.size();")).passed
+    assert not run_program("cpp", cpp.program("\n    return 7;")).passed

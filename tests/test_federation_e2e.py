@@ -1,0 +1,133 @@
+"""End to end through Flower: a real SuperLink and 3 real SuperNodes (TLS + node authentication) on
+loopback, training a tiny random Llama. Shows how to submit a run (LocalFederation.submit)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from silotune.events import read_events
+from silotune.local_federation import LocalFederation, SiloSpec
+from tests.tiny_model import make_tiny_llama
+
+pytestmark = pytest.mark.slow
+
+RANKS = {"hospital-a": 2, "hospital-b": 4, "bank-c": 8}
+WORDS = {
+    "negative": ["fell", "plunged", "missed", "cut"],
+    "positive": ["rose", "beat", "soared", "raised"],
+    "neutral": ["held", "announced", "scheduled", "filed"],
+}
+
+
+def _write_silo_data(path: Path, seed: int, n: int = 24) -> None:
+    rng = random.Random(seed)
+    with open(path, "w") as fh:
+        for _ in range(n):
+            label = rng.choice(sorted(WORDS))
+            text = f"Company {rng.randint(1, 99)} shares {rng.choice(WORDS[label])} after the report"
+            fh.write(json.dumps({"text": text, "label": label}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("model") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory):
+    ws = tmp_path_factory.mktemp("fed")
+    silos = []
+    for i, (name, rank) in enumerate(RANKS.items()):
+        data = ws / f"{name}.jsonl"
+        _write_silo_data(data, seed=i)
+        silos.append(SiloSpec(name, data, {"columns": "input=text,output=label", "lora-rank": rank}))
+    with LocalFederation(ws / "workspace", silos) as fed:
+        yield fed
+
+
+def _run_config(model: Path, run_dir: str, **extra: object) -> dict:
+    cfg = {
+        "model.name": str(model),
+        "num-rounds": 2,
+        "strategy.min-nodes": 3,
+        "run-dir": run_dir,
+        "train.local-steps": 2,
+        "train.batch-size": 4,
+        "train.seq-length": 64,
+        "train.lr-max": 5e-3,
+        "strategy.round-timeout": 600.0,
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def _events(fed: LocalFederation, run_dir: str) -> list[dict]:
+    return list(read_events(fed.runs_root / run_dir / "events.jsonl"))
+
+
+def _logits(model, ids):  # noqa: ANN001, ANN202
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_fedavg_rounds_save_a_loadable_adapter_that_changes_outputs(federation, tiny_model) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result = federation.submit(_run_config(tiny_model, "fedavg", **{"strategy.name": "fedavg"}), timeout=900)
+    assert [r["round"] for r in result.rounds] == [1, 2]
+    assert all(r["answered"] == 3 for r in result.rounds)
+    events = _events(federation, "fedavg")
+    results = [e for e in events if e["kind"] == "silo_result"]
+    assert sorted({e["silo"] for e in results}) == sorted(RANKS)
+    assert len(results) == 6  # 3 silos x 2 rounds
+    # Non-FlexLoRA strategies train every silo at the global rank, whatever lora-rank says.
+    assert {e["lora_rank"] for e in results} == {8}
+
+    adapter_dir = Path(result.adapter_dir)
+    assert adapter_dir.name == "round-0002"
+    manifest = json.loads((adapter_dir / "manifest.json").read_text())
+    assert manifest["round"] == 2 and manifest["base_model"]["sha256"]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    ids = torch.tensor([[1, 5, 9, 17, 33, 65]])
+    before = _logits(base, ids)
+    tuned = PeftModel.from_pretrained(base, adapter_dir)
+    after = _logits(tuned, ids)
+    assert not torch.allclose(before, after), "the federated adapter did not change the outputs"
+
+
+def test_flexlora_with_heterogeneous_ranks(federation, tiny_model) -> None:
+    from peft import PeftModel
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    result = federation.submit(_run_config(tiny_model, "flex", **{"strategy.name": "flexlora"}), timeout=900)
+    assert [r["answered"] for r in result.rounds] == [3, 3]
+    results = [e for e in _events(federation, "flex") if e["kind"] == "silo_result"]
+    assert {e["silo"]: e["lora_rank"] for e in results} == RANKS
+    # Each silo received and returned factors at its own rank: uplink bytes grow with the rank.
+    up = {e["silo"]: e["uplink_bytes"] for e in results if e["round"] == 2}
+    assert up["hospital-a"] < up["hospital-b"] < up["bank-c"]
+    adapter_dir = Path(result.adapter_dir)
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert cfg["r"] == max(RANKS.values())
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    a_keys = [k for k in tensors if k.endswith("lora_A.weight")]
+    assert a_keys and all(tensors[k].shape[0] == 8 for k in a_keys)
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), adapter_dir)
+
+
+def test_interrupted_run_resumes_from_its_last_checkpoint(federation, tiny_model) -> None:
+    first = federation.submit(_run_config(tiny_model, "resume", **{"num-rounds": 1}), timeout=900)
+    assert [r["round"] for r in first.rounds] == [1]
+    second = federation.submit(_run_config(tiny_model, "resume", **{"num-rounds": 3}), timeout=900)
+    assert [r["round"] for r in second.rounds] == [2, 3]
+    starts = [e for e in _events(federation, "resume") if e["kind"] == "run_start"]
+    assert [s["start_round"] for s in starts] == [1, 2]

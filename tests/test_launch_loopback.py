@@ -1,0 +1,205 @@
+"""Real processes on loopback: a TLS SuperLink with node auth admits registered silos only."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from certs.node_key import generate_node_key
+from certs.pki import create_ca, issue_server_cert
+from silo_node.launch import SiloOptions, diagnose_tls, start_silo
+from silotune.cli import main
+from silotune.errors import UserError
+from silotune.flwr_connection import write_connection
+from silotune.processes import ManagedProcess, ProcessFailed, ProcessGroup
+from superlink.admission import admit_silo, list_silos, remove_silo
+from superlink.launch import SuperLinkOptions, start_superlink
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 1.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@pytest.fixture()
+def federation(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    create_ca(tmp_path / "ca")
+    # Only the IP in the SANs, so "localhost" is a name mismatch (tested below).
+    issue_server_cert(tmp_path / "ca", tmp_path / "srv", [], ["127.0.0.1"])
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    ca = tmp_path / "ca" / "ca.crt"
+    home = tmp_path / "ws" / "flwr-home"
+    write_connection(home, "silotune", address, ca)
+    data = tmp_path / "data.jsonl"  # not read: these tests skip the data check
+    data.write_text("{}\n")
+    with ProcessGroup() as group:
+        opts = SuperLinkOptions(
+            ca_cert=ca, server_cert=tmp_path / "srv" / "server.pem",
+            server_key=tmp_path / "srv" / "server.key", host="127.0.0.1", port=port,
+            database=tmp_path / "ws" / "state.db", events_dir=tmp_path / "ws" / "events",
+            flwr_home=tmp_path / "ws" / "superlink-home",
+        )  # fmt: skip
+        superlink = group.add(start_superlink(opts, tmp_path / "logs" / "superlink.log"))
+        yield {
+            "tmp": tmp_path, "address": address, "ca": ca, "home": home, "group": group,
+            "superlink": superlink, "data": data,
+        }  # fmt: skip
+
+
+def _start_node(fed: dict[str, Any], name: str, key: Path, **kw: Any) -> ManagedProcess:
+    opts = SiloOptions(
+        superlink=kw.pop("superlink", fed["address"]), ca_cert=kw.pop("ca", fed["ca"]),
+        node_key=key, runtime_port=free_port(), max_wait_time=kw.pop("max_wait_time", None),
+        node_config={"data-path": str(fed["data"]), "name": name},
+        flwr_home=fed["tmp"] / name / "flwr-home",
+    )  # fmt: skip
+    log = fed["tmp"] / "logs" / f"{name}.log"
+    return fed["group"].add(start_silo(opts, log, check=False, **kw))
+
+
+def test_registered_silos_connect_unregistered_refused(federation: dict[str, Any]) -> None:
+    fed, tmp = federation, federation["tmp"]
+    keys = {n: generate_node_key(tmp / n, n) for n in ("hospital-a", "hospital-b", "intruder")}
+    admitted = {n: admit_silo(keys[n].public_path, n, fed["home"]) for n in keys if n != "intruder"}
+    nodes = {n: _start_node(fed, n, k.private_path) for n, k in keys.items()}
+
+    def online() -> list[str]:
+        return sorted(s.name for s in list_silos(fed["home"]) if s.status == "online" and s.name)
+
+    assert wait_until(lambda: online() == ["hospital-a", "hospital-b"], 90, "both silos online")
+    by_name = {s.name: s for s in list_silos(fed["home"])}
+    assert by_name["hospital-a"].node_id == admitted["hospital-a"].node_id
+    assert by_name["hospital-a"].fingerprint == keys["hospital-a"].fingerprint
+
+    # The unregistered key is refused: the SuperLink answers 412, the SuperNode gives up (305).
+    intruder = nodes["intruder"]
+    wait_until(lambda: not intruder.running(), 90, "the unregistered SuperNode to exit")
+    with pytest.raises(ProcessFailed) as err:
+        intruder.check()
+    assert err.value.flower_code == 305 and "refused" in str(err.value)
+    assert str(intruder.log_path) in str(err.value)
+    sl_log = fed["superlink"].log_text()
+    assert 'activate-node HTTP/1.1" 412' in sl_log and "No SuperNode found" in sl_log
+    # ... and the federation carries on for the admitted silos.
+    assert nodes["hospital-a"].running() and nodes["hospital-b"].running()
+    fed["superlink"].check()
+
+    # Removing a silo by name unregisters its node id and forgets it.
+    removed = remove_silo("hospital-b", fed["home"])
+    assert removed == admitted["hospital-b"].node_id
+    assert "hospital-b" not in {s.name for s in list_silos(fed["home"])}
+    with pytest.raises(UserError, match="already admitted as 'hospital-a'"):
+        admit_silo(keys["hospital-a"].public_path, "hospital-c", fed["home"])
+
+
+def test_cli_admit_and_list(federation: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    fed = federation
+    nk = generate_node_key(fed["tmp"] / "k", "bank-1")
+    ws = str(fed["tmp"] / "cli-ws")
+    common = ["--workspace", ws, "--superlink", fed["address"], "--ca", str(fed["ca"])]
+    assert main(["silos", "admit", str(nk.public_path), "--name", "bank-1", *common]) == 0
+    out = capsys.readouterr().out
+    assert nk.fingerprint in out
+    assert main(["silos", "list", "--workspace", ws]) == 0  # connection remembered
+    out = capsys.readouterr().out
+    assert "bank-1" in out and "registered" in out
+    assert main(["silos", "admit", str(nk.private_path), "--name", "x", "--workspace", ws]) == 2
+    assert "PRIVATE key" in capsys.readouterr().err
+    assert main(["silos", "remove", "bank-1", "--workspace", ws]) == 0
+
+
+def test_tls_preflight_explains_wrong_ca_and_san_mismatch(federation: dict[str, Any]) -> None:
+    fed, tmp = federation, federation["tmp"]
+    create_ca(tmp / "other-ca")
+    port = fed["address"].rsplit(":", 1)[1]
+    assert diagnose_tls(fed["address"], fed["ca"]) is None
+    wrong_ca = diagnose_tls(fed["address"], tmp / "other-ca" / "ca.crt")
+    assert wrong_ca and "not signed by the CA" in wrong_ca
+    mismatch = diagnose_tls(f"localhost:{port}", fed["ca"])
+    assert mismatch and "not valid for 'localhost'" in mismatch and "SANs" in mismatch
+    plaintext = diagnose_tls(fed["address"], None)
+    assert plaintext and "requires TLS" in plaintext
+    nk = generate_node_key(tmp / "k", "lab")
+    with pytest.raises(UserError, match="silo lab: the SuperLink's certificate is not signed"):
+        _start_node(fed, "lab", nk.private_path, ca=tmp / "other-ca" / "ca.crt")
+
+
+def _pids_with(text: str) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if text in cmd:
+                out.append(int(entry.name))
+    return out
+
+
+def test_cli_superlink_and_refused_silo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from silotune.processes import start_process, wait_for_superlink
+
+    create_ca(tmp_path / "certs")
+    issue_server_cert(tmp_path / "certs", tmp_path / "certs", ["localhost"], [])
+    port = free_port()
+    ws = tmp_path / "ws"
+    cli = start_process(
+        "silotune superlink start",
+        [sys.executable, "-m", "silotune.cli", "superlink", "start", "--certs-dir",
+         str(tmp_path / "certs"), "--host", "127.0.0.1", "--port", str(port),
+         "--workspace", str(ws), "--log-file", str(tmp_path / "superlink.log")],
+        tmp_path / "cli.log",
+    )  # fmt: skip
+    try:
+        wait_for_superlink(f"localhost:{port}", tmp_path / "certs" / "ca.crt", 90, process=cli)
+        assert (ws / "superlink" / "state.db").exists()  # persistent state in the workspace
+        data = tmp_path / "fin.jsonl"
+        data.write_text('{"input": "Shares rose", "output": "positive"}\n' * 3)
+        nk = generate_node_key(tmp_path / "silo", "lab-1")
+        rc = main([
+            "silo", "start", "--superlink", f"localhost:{port}",
+            "--ca", str(tmp_path / "certs" / "ca.crt"), "--node-key", str(nk.private_path),
+            "--data-path", str(data), "--name", "lab-1", "--domain", "finance",
+            "--runtime-port", str(free_port()), "--workspace", str(tmp_path / "silo-ws"),
+            "--log-file", str(tmp_path / "node.log"),
+        ])  # fmt: skip
+        err = capsys.readouterr().err
+        assert rc == 2 and "admit your .pub" in err and nk.fingerprint in err
+        # Bad data is caught before connecting, naming the file.
+        rc = main([
+            "silo", "start", "--superlink", f"localhost:{port}",
+            "--ca", str(tmp_path / "certs" / "ca.crt"), "--node-key", str(nk.private_path),
+            "--data-path", str(tmp_path / "missing.jsonl"), "--domain", "finance",
+        ])  # fmt: skip
+        assert rc == 2 and "missing.jsonl" in capsys.readouterr().err
+    finally:
+        # SIGTERM to the CLI must take the SuperLink and its superexec child down with it.
+        os.kill(cli.pid, signal.SIGTERM)
+        cli.wait(timeout=30)
+        cli.stop()
+    assert cli.returncode == 0
+    wait_until(lambda: not _pids_with(f"--port {port}"), 20, "SuperLink processes to exit")
+    assert not _pids_with(f"127.0.0.1:{port}")  # no flower-superexec left behind
