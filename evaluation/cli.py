@@ -64,13 +64,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c = subparsers.add_parser(
         "compare",
         help="isolated vs federated (FedAvg, FlexLoRA) vs centralized training on one data set",
+        description="Split one data set into N silos; train isolated, federated (FedAvg, FlexLoRA) and "
+        "centralized adapters in-process with the same compute; evaluate each; report accuracy and bytes.",
     )
-    c.add_argument("--data", type=Path, required=True, help="one training data file to split")
-    c.add_argument("--domain", choices=("general", "finance", "medical", "code"), required=True)
-    c.add_argument("--silos", type=int, default=3)
-    c.add_argument("--base", default="embedded:smollm2-135m-instruct")
-    c.add_argument("--data-dir", type=Path, help=f"evaluation data; default ${DATA_ENV}")
-    c.add_argument("--out", type=Path, default=Path("compare-results"))
+    from evaluation.compare import register_arguments
+
+    register_arguments(c)
     c.set_defaults(func=cmd_compare)
 
 

@@ -25,6 +25,7 @@ from flwr.supercore import log
 from silotune.adapters import check_state_matches, from_array_record, to_array_record
 from silotune.config import RunConfig, flatten_run_config, lr_for_round
 from silotune.events import EventLog
+from silotune.metrics import BYTES_PER_MB
 from superlink.checkpoints import CheckpointStore
 from superlink.strategies import SiloUpdate, Strategy, get_strategy
 
@@ -75,12 +76,18 @@ def sample_nodes(node_ids: list[int], fraction: float, min_nodes: int, rng: rand
 
 
 class Federation:
-    """Runs one federated job on a Grid. ``clock`` and ``sleep`` are injectable for tests."""
+    """Runs one federated job on a Grid (``sleep`` is injectable for tests)."""
 
     def __init__(
-        self, grid: Grid, cfg: RunConfig, run_dir: Path, sleep: Callable[[float], None] = time.sleep
+        self,
+        grid: Grid,
+        cfg: RunConfig,
+        run_dir: Path,
+        run_id: str = "",
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.grid, self.cfg, self.run_dir = grid, cfg, run_dir
+        self.run_id = run_id  # a string: Flower's uint64 run ids lose precision as floats
         self.events = EventLog("server", [run_dir / "events.jsonl"])
         self.store = CheckpointStore(run_dir)
         self.strategy: Strategy = get_strategy(cfg.strategy, cfg.peft)
@@ -223,7 +230,8 @@ class Federation:
             start_round=start_round + 1,
             strategy=cfg.strategy.name,
             peft_method=cfg.peft.method,
-            comm_budget_bytes=int(cfg.comm_budget_mb * 1e6),
+            comm_budget_bytes=int(cfg.comm_budget_mb * BYTES_PER_MB),
+            run_id=self.run_id,
             base_model={"name": cfg.model.name, "sha256": self.reference_sha},
             adapter_parameters=int(sum(v.size for v in self.global_state.values())),
         )
@@ -234,12 +242,12 @@ class Federation:
             outcome = self.run_round(rnd)
             completed = rnd if outcome.answered else completed
             last_ckpt = Path(outcome.checkpoint) if outcome.checkpoint else last_ckpt
-            budget = cfg.comm_budget_mb * 1e6
+            budget = cfg.comm_budget_mb * BYTES_PER_MB
             if budget and self.cumulative_bytes > budget:
                 log(
                     WARNING,
                     "communication budget exceeded (%.1f MB > %.1f MB): stopping",
-                    self.cumulative_bytes / 1e6,
+                    self.cumulative_bytes / BYTES_PER_MB,
                     cfg.comm_budget_mb,
                 )
                 status = "budget_exceeded"

@@ -39,7 +39,7 @@ def main(grid: Grid, context: Context) -> None:
         cfg.strategy.name,
         run_dir,
     )
-    federation = Federation(grid, cfg, run_dir)
+    federation = Federation(grid, cfg, run_dir, run_id=str(context.run_id))
     try:
         final = federation.run()
     except Exception as exc:

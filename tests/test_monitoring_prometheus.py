@@ -178,6 +178,8 @@ def test_prometheus_scrapes_synthetic_exporters(tmp_path: Path) -> None:
         prometheus(tmp_path / "prom", central, [silo_a, silo_b]) as prom,
     ):  # fmt: skip
         assert wait_until(prom, 'count(up{job=~"silotune-.*"} == 1) == 3')
+        # rate()/increase() panels need at least two samples of every target.
+        assert wait_until(prom, 'count(count_over_time(up{job=~"silotune-.*"}[1m]) >= 3) == 3')
         # Rules need a couple of evaluations after the first scrape.
         assert wait_until(prom, 'ALERTS{alertname="SiloTuneCommBudgetNear"}', 30)
         central_q = '{job="silotune-central"}'

@@ -1,0 +1,223 @@
+"""Isolated, federated and centralized PEFT training in one process, for ``silotune compare``.
+
+The federated loop is the round logic of ``superlink/rounds.py`` without Flower: every round each
+silo receives ``strategy.payload_for(global, rank, round)``, loads it into its adapter, trains
+``train.local-steps`` steps with ``silo_node.training.train_round`` at the round's cosine LR, and
+returns ``adapter_state``; the strategy aggregates. Bytes are counted as the float32 nbytes of what
+goes down and up, which is what ``ArrayRecord.count_bytes()`` reports in a real federation.
+
+Every approach is trained in the same *phases*: R phases, phase r at ``lr_for_round(train, r, R)``
+with a fresh AdamW (what a federated round does). Isolated and centralized training therefore differ
+from federated training only in what happens between phases (nothing, versus aggregation), and in
+the data each phase draws from. See ``compare.py`` for the step-count rule.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from silo_node.training import Encoded, train_round
+from silotune.adapters import adapter_state, attach_adapter, load_adapter_state, state_nbytes
+from silotune.config import PeftSettings, TrainSettings, lr_for_round
+from superlink.strategies import SiloUpdate, Strategy
+
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Silo:
+    """One silo's share of the data, already tokenized for training."""
+
+    name: str
+    examples: list[Encoded]
+    rank: int  # LoRA rank this silo trains at (FlexLoRA: its own; otherwise peft.rank)
+
+
+@dataclass
+class TrainOutcome:
+    """A trained adapter plus what it cost."""
+
+    name: str
+    state: OrderedDict[str, np.ndarray]
+    rank: int
+    steps_per_silo: int  # optimizer steps each participating silo's compute performed
+    total_steps: int  # optimizer steps across everyone
+    uplink_bytes: int = 0
+    downlink_bytes: int = 0
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)  # mean train loss per phase
+
+    @property
+    def adapter_bytes(self) -> int:
+        return self.uplink_bytes + self.downlink_bytes
+
+
+def silo_seed(base_seed: int, name: str, phase: int) -> int:
+    """The ClientApp's per-round seed (silo_node.client_app): distinct silos draw distinct batches."""
+    return base_seed + 1000 * phase + zlib.crc32(name.encode()) % 1000
+
+
+class AdapterBank:
+    """One base model loaded once; one PEFT-wrapped copy per LoRA rank, reused by loading states.
+
+    PEFT wraps the base in place, so each rank gets its own deep copy of the pristine base. The
+    freshly initialised state of each rank (seeded) is kept so every training starts from it.
+    """
+
+    def __init__(self, base_model: Any, tokenizer: Any, peft: PeftSettings, seed: int) -> None:
+        self.base, self.tokenizer, self.peft, self.seed = base_model, tokenizer, peft, seed
+        self._models: dict[int, Any] = {}
+        self._init: dict[int, OrderedDict[str, np.ndarray]] = {}
+
+    def model(self, rank: int) -> Any:
+        if rank not in self._models:
+            self._models[rank] = attach_adapter(copy.deepcopy(self.base), self.peft, rank, self.seed)
+            self._init[rank] = adapter_state(self._models[rank])
+        return self._models[rank]
+
+    def initial_state(self, rank: int) -> OrderedDict[str, np.ndarray]:
+        self.model(rank)
+        return OrderedDict((k, v.copy()) for k, v in self._init[rank].items())
+
+    def with_state(self, state: dict[str, np.ndarray], rank: int) -> Any:
+        """The rank-``rank`` model holding ``state`` (the live object: do not keep two at once)."""
+        model = self.model(rank)
+        load_adapter_state(model, state)
+        return model
+
+
+def _phase_train(
+    bank: AdapterBank,
+    state: dict[str, np.ndarray],
+    rank: int,
+    examples: list[Encoded],
+    train: TrainSettings,
+    steps: int,
+    lr: float,
+    seed: int,
+    proximal_mu: float = 0.0,
+) -> tuple[OrderedDict[str, np.ndarray], float]:
+    model = bank.with_state(state, rank)
+    settings = train.model_copy(update={"local_steps": steps})
+    result = train_round(model, bank.tokenizer, examples, settings, lr=lr, seed=seed, proximal_mu=proximal_mu)
+    return adapter_state(model), result.train_loss
+
+
+def train_isolated(
+    bank: AdapterBank, silo: Silo, train: TrainSettings, rounds: int, log: Log = _stderr
+) -> TrainOutcome:
+    """The silo alone: R phases of local-steps steps on its own data, nothing shared."""
+    t0 = time.monotonic()
+    state = bank.initial_state(bank.peft.rank)
+    losses = []
+    for phase in range(rounds):
+        lr = lr_for_round(train, phase, rounds)
+        state, loss = _phase_train(
+            bank, state, bank.peft.rank, silo.examples, train, train.local_steps, lr,
+            silo_seed(train.seed, silo.name, phase + 1),
+        )  # fmt: skip
+        losses.append(loss)
+        log(f"  isolated {silo.name}: phase {phase + 1}/{rounds} loss {loss:.4f}")
+    steps = rounds * train.local_steps
+    return TrainOutcome(
+        f"isolated-{silo.name}",
+        state,
+        bank.peft.rank,
+        steps,
+        steps,
+        seconds=time.monotonic() - t0,
+        losses=losses,
+    )
+
+
+def train_centralized(
+    bank: AdapterBank, silos: list[Silo], train: TrainSettings, rounds: int, log: Log = _stderr
+) -> TrainOutcome:
+    """All silos' data pooled at one site, with all silos' compute: R phases of N x local-steps."""
+    t0 = time.monotonic()
+    pooled = [e for s in silos for e in s.examples]
+    steps_per_phase = train.local_steps * len(silos)
+    state = bank.initial_state(bank.peft.rank)
+    losses = []
+    for phase in range(rounds):
+        lr = lr_for_round(train, phase, rounds)
+        state, loss = _phase_train(
+            bank, state, bank.peft.rank, pooled, train, steps_per_phase, lr,
+            silo_seed(train.seed, "central", phase + 1),
+        )  # fmt: skip
+        losses.append(loss)
+        log(f"  centralized: phase {phase + 1}/{rounds} loss {loss:.4f}")
+    return TrainOutcome(
+        "centralized",
+        state,
+        bank.peft.rank,
+        steps_per_phase * rounds // len(silos),
+        steps_per_phase * rounds,
+        seconds=time.monotonic() - t0,
+        losses=losses,
+    )
+
+
+def train_federated(
+    bank: AdapterBank,
+    silos: list[Silo],
+    strategy: Strategy,
+    train: TrainSettings,
+    rounds: int,
+    log: Log = _stderr,
+) -> TrainOutcome:
+    """R rounds: payload down, local-steps at each silo, update up, aggregate (rounds.py, no Flower).
+
+    As in the real federation, the initial global adapter is a freshly initialised one from a silo
+    (here the first, at its rank); FlexLoRA re-factors it to every silo's rank.
+    """
+    t0 = time.monotonic()
+    global_state: dict[str, np.ndarray] = bank.initial_state(silos[0].rank)
+    proximal_mu = float(strategy.silo_config().get("proximal-mu", 0.0))
+    up = down = 0
+    losses = []
+    for rnd in range(1, rounds + 1):
+        lr = lr_for_round(train, rnd - 1, rounds)
+        updates = []
+        for silo in silos:
+            payload = strategy.payload_for(global_state, silo.rank, rnd)
+            down += state_nbytes(payload)
+            state, loss = _phase_train(
+                bank, payload, silo.rank, silo.examples, train, train.local_steps, lr,
+                silo_seed(train.seed, silo.name, rnd), proximal_mu,
+            )  # fmt: skip
+            up += state_nbytes(state)
+            updates.append(
+                SiloUpdate(len(updates), state, len(silo.examples), silo.rank, {"train-loss": loss})
+            )
+        global_state = dict(strategy.aggregate(global_state, updates))
+        total = sum(u.num_examples for u in updates)
+        loss = sum(u.metrics["train-loss"] * u.num_examples for u in updates) / total
+        losses.append(loss)
+        log(f"  {strategy.name}: round {rnd}/{rounds} loss {loss:.4f} bytes so far {up + down:,}")
+    final, rank = strategy.checkpoint_adapter(global_state)
+    steps = rounds * train.local_steps
+    return TrainOutcome(
+        strategy.name,
+        OrderedDict(final),
+        rank or bank.peft.rank,
+        steps,
+        steps * len(silos),
+        uplink_bytes=up,
+        downlink_bytes=down,
+        seconds=time.monotonic() - t0,
+        losses=losses,
+    )

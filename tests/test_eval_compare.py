@@ -1,0 +1,214 @@
+"""`silotune compare` on a tiny random model: every row, exact byte counts, the step rule."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_model import make_tiny_llama  # noqa: E402
+
+from silotune.cli import main  # noqa: E402
+
+ROUNDS, STEPS, SILOS, RANK, FLEX_RANKS = 2, 2, 3, 4, (2, 4, 8)
+WORDS = {"0": "fell weak guidance", "1": "rose strong earnings", "2": "market shares"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SILOTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("SILOTUNE_EVAL_DATA", raising=False)
+
+
+def _finance_data(tmp_path: Path) -> tuple[Path, Path]:
+    """A 36-row training file (text, label as TFNS) and an eval dir with tfns/sent_valid.csv."""
+    train = tmp_path / "train.jsonl"
+    with open(train, "w", encoding="utf-8") as fh:
+        for i in range(36):
+            label = str(i % 3)
+            fh.write(json.dumps({"text": f"the {WORDS[label]} {i}", "label": label}) + "\n")
+    eval_dir = tmp_path / "bench"
+    (eval_dir / "tfns").mkdir(parents=True)
+    with open(eval_dir / "tfns" / "sent_valid.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "label"])
+        for i in range(6):
+            w.writerow([f"shares {WORDS[str(i % 3)]}", i % 3])
+    return train, eval_dir
+
+
+def _lora_params(rank: int) -> int:
+    # tiny_model: hidden 32, 4 heads (head_dim 8), 2 KV heads, 2 layers; LoRA on q_proj and v_proj.
+    # Each adapted Linear(in, out) carries A (rank x in) and B (out x rank).
+    q = rank * 32 + 32 * rank
+    v = rank * 32 + 16 * rank
+    return 2 * (q + v)
+
+
+def _compare(tiny: Path, tmp_path: Path, *extra: str) -> dict:
+    train, eval_dir = _finance_data(tmp_path)
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "compare",
+            "--data", str(train),
+            "--silos", str(SILOS),
+            "--columns", "input=text,output=label",
+            "--label-map", "0=negative,1=positive,2=neutral",
+            "--label-column", "label",
+            "--base", str(tiny),
+            "--rounds", str(ROUNDS),
+            "--local-steps", str(STEPS),
+            "--batch-size", "2",
+            "--seq-length", "64",
+            "--rank", str(RANK),
+            "--ranks", ",".join(map(str, FLEX_RANKS)),
+            "--eval-data-dir", str(eval_dir),
+            "--eval-benchmarks", "tfns",
+            "--eval-limit", "4",
+            "--finance-max-new-tokens", "2",
+            "--out", str(out),
+            *extra,
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    doc = json.loads((out / "compare.json").read_text())
+    doc["_markdown"] = (out / "compare.md").read_text()
+    doc["_out"] = str(out)
+    return doc
+
+
+def test_compare_rows_bytes_and_steps(tiny: Path, tmp_path: Path) -> None:
+    doc = _compare(tiny, tmp_path)
+    rows = {r["label"]: r for r in doc["rows"]}
+    expected = [
+        "base (no training)",
+        *(f"isolated silo-{i}" for i in range(SILOS)),
+        f"isolated (mean of {SILOS})",
+        "federated FedAvg",
+        "federated FlexLoRA",
+        "centralized (pooled data)",
+    ]
+    assert [r["label"] for r in doc["rows"]] == expected
+    for label in expected:
+        assert f"| {label} |" in doc["_markdown"]
+        assert rows[label]["items"] == {"tfns": 4}
+        assert 0.0 <= rows[label]["scores"]["tfns"] <= 1.0
+    per_silo = ROUNDS * STEPS
+    assert doc["step_rule"] in doc["_markdown"]
+
+    # FedAvg: the whole rank-RANK adapter goes down and comes back up, every silo, every round.
+    fedavg = rows["federated FedAvg"]
+    assert fedavg["adapter_bytes"] == _lora_params(RANK) * 4 * SILOS * 2 * ROUNDS
+    assert fedavg["uplink_bytes"] == fedavg["downlink_bytes"]
+    # FlexLoRA: each silo sends and receives factors at its own rank.
+    flex = rows["federated FlexLoRA"]
+    assert flex["adapter_bytes"] == sum(_lora_params(r) for r in FLEX_RANKS) * 4 * 2 * ROUNDS
+    assert flex["ranks"] == list(FLEX_RANKS)
+
+    for i in range(SILOS):
+        iso = rows[f"isolated silo-{i}"]
+        assert (iso["adapter_bytes"], iso["raw_data_bytes"]) == (0, 0)
+        assert iso["steps_per_silo"] == iso["total_steps"] == per_silo
+        assert len(iso["train_losses"]) == ROUNDS
+    mean = rows[f"isolated (mean of {SILOS})"]
+    assert mean["total_steps"] == SILOS * per_silo
+    assert mean["scores"]["tfns"] == pytest.approx(
+        sum(rows[f"isolated silo-{i}"]["scores"]["tfns"] for i in range(SILOS)) / SILOS
+    )
+    for label in ("federated FedAvg", "federated FlexLoRA", "centralized (pooled data)"):
+        assert rows[label]["steps_per_silo"] == per_silo
+        assert rows[label]["total_steps"] == SILOS * per_silo
+    central = rows["centralized (pooled data)"]
+    assert central["adapter_bytes"] == 0
+    silo_files = sorted((Path(doc["_out"]) / "silos").glob("silo-*.jsonl"))
+    assert len(silo_files) == SILOS
+    assert central["raw_data_bytes"] == sum(p.stat().st_size for p in silo_files) > 0
+    assert fedavg["raw_data_bytes"] == flex["raw_data_bytes"] == 0
+    assert rows["base (no training)"]["total_steps"] == 0
+    # Every approach's evaluation is kept in silotune eval's own format.
+    assert (Path(doc["_out"]) / "evals" / "federated_FedAvg" / "finance-generate.json").is_file()
+
+
+def test_compare_dirichlet_one_rank_subset(tiny: Path, tmp_path: Path) -> None:
+    doc = _compare(
+        tiny,
+        tmp_path,
+        "--split", "dirichlet",
+        "--alpha", "0.5",
+        "--ranks", "4",
+        "--approaches", "fedavg,flexlora",
+    )  # fmt: skip
+    rows = {r["label"]: r for r in doc["rows"]}
+    assert list(rows) == ["federated FedAvg", "federated FlexLoRA"]
+    # One rank for all: FlexLoRA moves exactly what FedAvg moves.
+    assert rows["federated FlexLoRA"]["adapter_bytes"] == rows["federated FedAvg"]["adapter_bytes"]
+    assert doc["split"] == "dirichlet" and doc["alpha"] == 0.5
+    assert sum(s["rows"] for s in doc["silos"]) == 36
+
+
+def test_fedavg_with_one_silo_is_isolated_training(tiny: Path) -> None:
+    """The approaches differ only in what happens between phases: with one silo, FedAvg's
+    aggregation is the identity, so federated and isolated training give the same adapter."""
+    import numpy as np
+
+    from evaluation.inprocess import AdapterBank, Silo, train_federated, train_isolated
+    from silo_node.templates import get_template
+    from silo_node.training import encode_records
+    from silotune.config import parse_run_config
+    from silotune.modeling import load_model
+    from superlink.strategies import get_strategy
+
+    run = parse_run_config(
+        {"model.name": str(tiny), "peft.rank": 4, "train.local-steps": 2, "train.batch-size": 2}
+    )
+    loaded = load_model(run.model)
+    records = [
+        {"instruction": "", "input": f"shares {WORDS[str(i % 3)]}", "output": "neutral"} for i in range(6)
+    ]
+    examples = encode_records(loaded.tokenizer, get_template("finance"), records, 64, True)
+    bank = AdapterBank(loaded.model, loaded.tokenizer, run.peft, run.train.seed)
+    silo = Silo("silo-0", examples, 4)
+    iso = train_isolated(bank, silo, run.train, 2, log=lambda _m: None)
+    fed = train_federated(
+        bank, [silo], get_strategy(run.strategy, run.peft), run.train, 2, log=lambda _m: None
+    )
+    assert list(iso.state) == list(fed.state)
+    for k in iso.state:
+        np.testing.assert_array_equal(iso.state[k], fed.state[k])
+    assert any(np.abs(v).sum() > 0 for k, v in iso.state.items() if "lora_B" in k)  # it trained
+    assert fed.adapter_bytes == _lora_params(4) * 4 * 2 * 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--ranks", "4,8"], "one positive rank per silo"),
+        (["--split", "dirichlet"], "needs --label-column"),
+        (["--approaches", "fedavg,magic"], "unknown ['magic']"),
+    ],
+)
+def test_compare_refuses_bad_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    train, eval_dir = _finance_data(tmp_path)
+    args = ["compare", "--data", str(train), "--silos", "3", "--eval-data-dir", str(eval_dir)]
+    if "--split" in extra:
+        rc = main([*args, *extra])
+    else:
+        rc = main([*args, "--label-column", "label", *extra])
+    assert rc == 2
+    assert message in capsys.readouterr().err
