@@ -8,23 +8,16 @@ TLS and node authentication, admit each silo's public key, start the silos, and 
 
 from __future__ import annotations
 
-import json
 import os
-import queue
 import socket
-import subprocess
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from silotune.errors import UserError
 from silotune.processes import ProcessGroup
+from silotune.submit import RunResult, submit_run
 
-PROGRESS_PREFIX = "SILOTUNE-ROUND "
-DONE_PREFIX = "SILOTUNE-DONE "
 CONNECTION = "silotune-local"
 
 
@@ -34,46 +27,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def app_dir() -> Path:
-    """The Flower App directory (holds pyproject.toml with [tool.flwr.app])."""
-    env = os.environ.get("SILOTUNE_APP_DIR")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parent.parent)
-    for c in candidates:
-        if (c / "pyproject.toml").exists() and "[tool.flwr.app]" in (c / "pyproject.toml").read_text():
-            return c
-    raise UserError(
-        "cannot find the SiloTune Flower App (pyproject.toml with [tool.flwr.app]); "
-        "run from a source checkout or set SILOTUNE_APP_DIR"
-    )
-
-
-def format_run_config(values: dict[str, Any]) -> str:
-    """``{"peft.rank": 8, "model.name": "x"}`` -> Flower's --run-config TOML string."""
-    parts = []
-    for k, v in values.items():
-        if isinstance(v, bool):
-            parts.append(f"{k}={'true' if v else 'false'}")
-        elif isinstance(v, int | float):
-            parts.append(f"{k}={v!r}")
-        else:
-            parts.append(f"{k}={json.dumps(str(v))}")
-    return " ".join(parts)
-
-
 @dataclass
 class SiloSpec:
     name: str
     data_path: Path
     node_config: dict[str, Any] = field(default_factory=dict)  # extra SiloConfig keys (dashed)
-
-
-@dataclass
-class RunResult:
-    rounds: list[dict[str, Any]]
-    adapter_dir: str
-    log: str
-    returncode: int
 
 
 class LocalFederation:
@@ -192,73 +150,14 @@ class LocalFederation:
         on_round: Callable[[dict[str, Any]], None] | None = None,
         on_line: Callable[[str], None] | None = None,
     ) -> RunResult:
-        """``flwr run`` the app with ``run_config`` overrides, streaming its log until it ends."""
-        from silotune.flwr_connection import flwr_env
-
-        argv = [
-            "flwr",
-            "run",
-            str(app_dir()),
+        """Submit a run to this federation; a dead SuperLink or silo ends the wait at once."""
+        return submit_run(
+            self.flwr_home,
             CONNECTION,
-            "--stream",
-            "--run-config",
-            format_run_config(run_config),
-        ]
-        proc = subprocess.Popen(
-            argv,
-            env=flwr_env(self.flwr_home),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
+            run_config,
+            timeout,
+            on_round,
+            on_line,
+            check=self.group.check,
+            logs_hint=self.ws / "logs",
         )
-        lines_q: queue.Queue[str | None] = queue.Queue()
-
-        def pump() -> None:  # a thread, so that waiting for a line never blocks our checks
-            assert proc.stdout is not None
-            for raw in proc.stdout:
-                lines_q.put(raw)
-            lines_q.put(None)
-
-        threading.Thread(target=pump, daemon=True).start()
-        rounds: list[dict[str, Any]] = []
-        adapter, lines, failed = "", [], False
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                if time.monotonic() > deadline:
-                    raise UserError(
-                        f"the run did not finish within {timeout:.0f} s; logs: {self.ws / 'logs'}"
-                    )
-                self.group.check()  # a dead SuperLink or silo ends the wait with its name and log
-                try:
-                    line = lines_q.get(timeout=1.0)
-                except queue.Empty:
-                    continue
-                if line is None:
-                    break
-                lines.append(line)
-                if on_line:
-                    on_line(line)
-                if PROGRESS_PREFIX in line:
-                    info = json.loads(line.split(PROGRESS_PREFIX, 1)[1])
-                    rounds.append(info)
-                    if on_round:
-                        on_round(info)
-                elif DONE_PREFIX in line:
-                    adapter = line.split("adapter=", 1)[1].strip()
-                    break  # the run is over; Flower's log stream lingers for a while
-                elif "SiloTune run failed" in line:
-                    failed = True
-                    break
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
-        if failed:
-            raise UserError("the run failed:\n" + "".join(lines[-20:]))
-        return RunResult(rounds, adapter, "".join(lines), proc.returncode or 0)

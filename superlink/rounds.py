@@ -26,10 +26,9 @@ from silotune.adapters import check_state_matches, from_array_record, to_array_r
 from silotune.config import RunConfig, flatten_run_config, lr_for_round
 from silotune.events import EventLog
 from silotune.metrics import BYTES_PER_MB
+from silotune.submit import PROGRESS_PREFIX  # `silotune run` parses these lines
 from superlink.checkpoints import CheckpointStore
 from superlink.strategies import SiloUpdate, Strategy, get_strategy
-
-PROGRESS_PREFIX = "SILOTUNE-ROUND "  # `silotune run` parses these log lines for its progress bar
 
 # Config keys whose change makes an old checkpoint meaningless for this run.
 RESUME_MUST_MATCH = (

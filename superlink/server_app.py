@@ -11,6 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from silotune.config import parse_run_config
+from silotune.submit import DONE_PREFIX, FAILED_MARK
 from superlink.rounds import Federation
 
 app = ServerApp()
@@ -44,6 +45,6 @@ def main(grid: Grid, context: Context) -> None:
         final = federation.run()
     except Exception as exc:
         federation.events.emit("run_end", status="failed", error=str(exc), rounds_completed=0, adapter_dir="")
-        log(ERROR, "SiloTune run failed: %s", exc)
+        log(ERROR, FAILED_MARK + ": %s", exc)
         raise
-    log(INFO, "SILOTUNE-DONE adapter=%s", final or "")
+    log(INFO, DONE_PREFIX + "adapter=%s", final or "")

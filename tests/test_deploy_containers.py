@@ -254,14 +254,10 @@ def build_images(eng: SealedDocker, tmp_path: Path) -> None:
 
 def make_sites(tmp_path: Path) -> dict[str, Any]:
     """Federation file, CA, server cert, kits, node keys made in each silo's kit, data, model."""
-    import sys
-
     from certs.node_key import generate_node_key
     from certs.pki import create_ca, issue_server_cert
     from silotune.kit import generate
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny_model import make_tiny_llama
+    from tests.tiny_model import make_tiny_llama
 
     pki = tmp_path / "pki"
     create_ca(pki)

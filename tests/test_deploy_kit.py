@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_deploy_static import _env_example, interpolate
 
 from silotune.cli import main
 from silotune.errors import UserError
 from silotune.kit import MANIFEST, generate, load_federation
+from tests.test_deploy_static import _env_example, interpolate
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "deploy" / "federation.example.toml"

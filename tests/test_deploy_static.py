@@ -19,7 +19,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
-DOCKERFILES = sorted(DEPLOY.rglob("Dockerfile*"))
+DOCKERFILES = sorted(p for p in DEPLOY.rglob("Dockerfile*") if p.suffix != ".dockerignore")
 COMPOSE_BUNDLES = {
     "central": [DEPLOY / "compose/central/docker-compose.yml"],
     "silo": [DEPLOY / "compose/silo/docker-compose.yml"],

@@ -212,3 +212,17 @@ def test_compare_refuses_bad_options(
         rc = main([*args, "--label-column", "label", *extra])
     assert rc == 2
     assert message in capsys.readouterr().err
+
+
+def test_select_items_first_or_seeded_random() -> None:
+    from evaluation.benchmarks import get_benchmark
+    from evaluation.compare import select_items
+
+    bench = get_benchmark("tfns")
+    items = list(range(50))
+    assert select_items(bench, items, 5, "first", 0) == [0, 1, 2, 3, 4]
+    a = select_items(bench, items, 5, "random", 1)
+    assert a == select_items(bench, items, 5, "random", 1) == sorted(a)
+    assert len(set(a)) == 5 and a != [0, 1, 2, 3, 4]
+    assert select_items(bench, items, 80, "random", 1) == items
+    assert select_items(bench, items, None, "random", 1) == items

@@ -1,0 +1,132 @@
+"""`silotune run` (submit a run to a federation) and `silotune demo` (everything on one machine)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    run = sub.add_parser("run", help="submit a run to a federation and follow it round by round")
+    run.add_argument("--superlink", help="HOST:PORT of the SuperLink (saved as a connection)")
+    run.add_argument("--ca", type=Path, help="federation CA certificate (verifies the SuperLink)")
+    run.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext connection (development only; the SuperLink must be --insecure)",
+    )
+    run.add_argument("--connection", default="silotune", help="connection name in FLWR_HOME")
+    run.add_argument(
+        "--workspace",
+        type=Path,
+        default=None,
+        help="where the flwr connection lives (default ./.silotune or $SILOTUNE_WORKSPACE)",
+    )
+    run.add_argument(
+        "--config", type=Path, help="run config TOML (keys as in pyproject's [tool.flwr.app.config])"
+    )
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one run-config key, e.g. --set peft.rank=16 (repeatable)",
+    )
+    run.add_argument("--timeout", type=float, default=24 * 3600.0)
+    run.set_defaults(func=_run)
+
+    demo = sub.add_parser("demo", help="a real TLS federation of 3 silos on this machine, end to end")
+    demo.add_argument("--workspace", type=Path, default=Path("silotune-demo"))
+    demo.add_argument("--data", type=Path, help="local finance data file (JSON/JSONL/CSV/Parquet)")
+    demo.add_argument("--columns", default="", help="column mapping for --data, e.g. input=text,output=label")
+    demo.add_argument("--label-map", default="", help="label mapping for --data, e.g. 0=negative,1=positive")
+    demo.add_argument("--offline", action="store_true", help="do not try the Hugging Face hub")
+    demo.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    demo.add_argument("--rounds", type=int, default=3)
+    demo.add_argument("--local-steps", type=int, default=4)
+    demo.add_argument("--per-silo", type=int, default=60, help="training rows per silo")
+    demo.add_argument("--eval-limit", type=int, default=60, help="held-out items to evaluate")
+    demo.add_argument("--summary-json", type=Path, help="also write the summary as JSON here")
+    demo.set_defaults(func=_demo)
+
+
+def _parse_value(text: str) -> Any:
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word: take it as a string
+
+
+def _run(args: argparse.Namespace) -> int:
+    import os
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from silotune.config import flatten_run_config, load_toml_run_config
+    from silotune.errors import UserError
+    from silotune.flwr_connection import write_connection
+    from silotune.submit import submit_run
+
+    ws = Path(args.workspace or os.environ.get("SILOTUNE_WORKSPACE", ".silotune"))
+    flwr_home = ws / "flwr-home"
+    if args.superlink:
+        if not args.insecure and args.ca is None:
+            raise UserError("--superlink needs --ca CA.crt (or --insecure, for development only)")
+        write_connection(flwr_home, args.connection, args.superlink, args.ca, insecure=args.insecure)
+    values: dict[str, Any] = flatten_run_config(load_toml_run_config(args.config)) if args.config else {}
+    for item in args.set:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE")
+        key, raw = item.split("=", 1)
+        values[key.strip()] = _parse_value(raw.strip())
+    num_rounds = int(values.get("num-rounds", 3))
+    with Progress(
+        TextColumn("[bold]rounds"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+    ) as bar:
+        task = bar.add_task("submitted; waiting for round 1", total=num_rounds)
+
+        def on_round(info: dict[str, Any]) -> None:
+            loss = info.get("train_loss")
+            bar.update(
+                task,
+                total=info.get("num_rounds", num_rounds),
+                completed=info["round"],
+                description=f"round {info['round']}: {info['answered']}/{info['sampled']} "
+                "silos answered, loss " + (f"{loss:.4f}" if loss is not None else "-"),
+            )
+
+        result = submit_run(flwr_home, args.connection, values, args.timeout, on_round=on_round)
+    print(f"global adapter saved at {result.adapter_dir} (on the SuperLink's host)")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from silotune.demo import DemoOptions, format_summary, run_demo
+
+    opts = DemoOptions(
+        workspace=args.workspace,
+        data=args.data,
+        columns=args.columns,
+        label_map=args.label_map,
+        model=args.model,
+        rounds=args.rounds,
+        local_steps=args.local_steps,
+        per_silo=args.per_silo,
+        eval_limit=args.eval_limit,
+        offline=args.offline,
+    )
+    report = run_demo(opts)
+    print(format_summary(report))
+    if args.summary_json:
+        args.summary_json.write_text(json.dumps(asdict(report), indent=2))
+    return 0

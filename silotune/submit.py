@@ -1,0 +1,151 @@
+"""Submit a run to a federation with ``flwr run`` and follow it round by round.
+
+The ServerApp logs one ``SILOTUNE-ROUND {json}`` line per round and ``SILOTUNE-DONE adapter=...`` at
+the end (superlink/rounds.py); ``flwr run --stream`` relays them from wherever the SuperLink runs, so
+progress works across machines without any extra port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from silotune.errors import UserError
+
+PROGRESS_PREFIX = "SILOTUNE-ROUND "
+DONE_PREFIX = "SILOTUNE-DONE "
+FAILED_MARK = "SiloTune run failed"
+
+
+@dataclass
+class RunResult:
+    rounds: list[dict[str, Any]]
+    adapter_dir: str
+    log: str
+    returncode: int
+
+
+def app_dir() -> Path:
+    """The Flower App directory (holds pyproject.toml with [tool.flwr.app])."""
+    env = os.environ.get("SILOTUNE_APP_DIR")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parent.parent)
+    for c in candidates:
+        pyproject = c / "pyproject.toml"
+        if pyproject.exists() and "[tool.flwr.app]" in pyproject.read_text():
+            return c
+    raise UserError(
+        "cannot find the SiloTune Flower App (pyproject.toml with [tool.flwr.app]); "
+        "run from a source checkout or set SILOTUNE_APP_DIR"
+    )
+
+
+def format_run_config(values: dict[str, Any]) -> str:
+    """``{"peft.rank": 8, "model.name": "x"}`` -> Flower's --run-config TOML string."""
+    parts = []
+    for k, v in values.items():
+        if isinstance(v, bool):
+            parts.append(f"{k}={'true' if v else 'false'}")
+        elif isinstance(v, int | float):
+            parts.append(f"{k}={v!r}")
+        else:
+            parts.append(f"{k}={json.dumps(str(v))}")
+    return " ".join(parts)
+
+
+def submit_run(
+    flwr_home: Path,
+    connection: str,
+    run_config: dict[str, Any],
+    timeout: float = 1800.0,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    on_line: Callable[[str], None] | None = None,
+    check: Callable[[], None] | None = None,
+    logs_hint: Path | None = None,
+) -> RunResult:
+    """``flwr run`` the app with ``run_config`` overrides, streaming its log until the run ends.
+
+    ``check`` is called about once a second (LocalFederation passes its process-group check, so a
+    dead SuperLink or silo ends the wait at once with its name and log file).
+    """
+    from silotune.config import parse_run_config
+    from silotune.flwr_connection import flwr_env
+
+    parse_run_config(run_config, source="--set / run config")  # refuse bad keys before submitting
+    argv = [
+        "flwr",
+        "run",
+        str(app_dir()),
+        connection,
+        "--stream",
+        "--run-config",
+        format_run_config(run_config),
+    ]
+    proc = subprocess.Popen(
+        argv,
+        env=flwr_env(flwr_home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines_q: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:  # a thread, so that waiting for a line never blocks the checks
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            lines_q.put(raw)
+        lines_q.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    rounds: list[dict[str, Any]] = []
+    adapter, lines, failed = "", [], False
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if time.monotonic() > deadline:
+                where = f"; logs: {logs_hint}" if logs_hint else ""
+                raise UserError(f"the run did not finish within {timeout:.0f} s{where}")
+            if check is not None:
+                check()
+            try:
+                line = lines_q.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            lines.append(line)
+            if on_line:
+                on_line(line)
+            if PROGRESS_PREFIX in line:
+                info = json.loads(line.split(PROGRESS_PREFIX, 1)[1])
+                rounds.append(info)
+                if on_round:
+                    on_round(info)
+            elif DONE_PREFIX in line:
+                adapter = line.split("adapter=", 1)[1].strip()
+                break  # the run is over; Flower's log stream lingers for a while
+            elif FAILED_MARK in line:
+                failed = True
+                break
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+    if failed:
+        raise UserError("the run failed on the SuperLink:\n" + "".join(lines[-20:]))
+    if not adapter and not rounds:
+        raise UserError("`flwr run` ended without running any round:\n" + "".join(lines[-20:]))
+    return RunResult(rounds, adapter, "".join(lines), proc.returncode or 0)
