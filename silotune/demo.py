@@ -145,7 +145,10 @@ def run_demo(opts: DemoOptions) -> DemoReport:
     _say(f"data: {report.data_source}; {len(held)} held-out items")
 
     t = time.monotonic()
-    _say(f"loading the base model {opts.model} (first time: converted once into a local cache)")
+    _say(
+        f"loading the base model {opts.model} (the embedded GGUF is converted once into "
+        "~/.cache/silotune on first use)"
+    )
     model_cfg = ModelConfig(name=opts.model)
     loaded = load_model(model_cfg, for_training=False)
     report.timings["model_load"] = time.monotonic() - t
