@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,6 +222,11 @@ def _submit_with_progress(fed: Any, run_cfg: dict[str, Any], opts: DemoOptions) 
 
         def on_round(info: dict[str, Any]) -> None:
             loss = info.get("train_loss")
+            if not sys.stdout.isatty():  # logs and CI: rich draws nothing there, so say it plainly
+                _say(
+                    f"round {info['round']}/{opts.rounds}: {info['answered']}/{info['sampled']} "
+                    f"silos answered, train loss {loss}"
+                )
             bar.update(
                 task,
                 completed=info["round"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,12 @@ def _run(args: argparse.Namespace) -> int:
 
         def on_round(info: dict[str, Any]) -> None:
             loss = info.get("train_loss")
+            if not sys.stdout.isatty():  # logs and CI: rich draws nothing there
+                print(
+                    f"round {info['round']}: {info['answered']}/{info['sampled']} silos answered, "
+                    f"train loss {loss}",
+                    flush=True,
+                )
             bar.update(
                 task,
                 total=info.get("num_rounds", num_rounds),

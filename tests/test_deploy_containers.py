@@ -9,8 +9,8 @@ round of training on a tiny random Llama (mounted read-only) completes.
 
 Cached between runs under $SILOTUNE_TEST_CACHE (default /var/cache/silotune-test): the base
 rootfs tarball, the wheels and the daemon's data root (image layers). From scratch this takes
-about 12-15 minutes on 2 cores; with the cache about 4. Containers, volumes, networks, the
-daemon and its namespace are removed at teardown; the test images stay in the cache.
+about 15-20 minutes on 2 busy cores; with the cache a few minutes. Containers, volumes, networks,
+the daemon and its namespace are removed at teardown; the tagged test images stay in the cache.
 
 Needs root, debootstrap, docker.io and docker-compose (apt).
 """
@@ -39,6 +39,7 @@ WHEELS = CACHE / "wheels"
 BASE_IMAGE = "silotune-test/base:bookworm"
 CENTRAL_IMAGE = "silotune-test/central:e2e"
 SILO_IMAGE = "silotune-test/silo:e2e"
+BUILD_CACHE_IMAGE = "silotune-test/build-cache:e2e"
 PREFIX = f"stdeploy{os.getpid() % 100000}"
 LAB_SUBNET = "198.18.120.0/24"
 SILOS = ("silo-a", "silo-b")
@@ -240,7 +241,10 @@ def build_images(eng: SealedDocker, tmp_path: Path) -> None:
     if eng.docker(["image", "inspect", BASE_IMAGE], check=False).returncode != 0:
         eng.docker(["import", str(BASE_TAR), BASE_IMAGE], timeout=600)
     ctx = build_context(tmp_path / "context")
-    for target, tag in (("silo", SILO_IMAGE), ("central", CENTRAL_IMAGE)):
+    # The `build` stage is tagged too: its layers (the dependency install, minutes) are then no
+    # dangling image, so the teardown's prune keeps them as the next run's cache.
+    for target, tag in (("build", BUILD_CACHE_IMAGE), ("silo", SILO_IMAGE),
+                        ("central", CENTRAL_IMAGE)):  # fmt: skip
         eng.docker(
             ["build", "-q", "-f", str(ctx / "deploy/docker/Dockerfile"), "--target", target,
              "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "-t", tag, str(ctx)],
