@@ -42,8 +42,7 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
     assert "accuracy on held-out data" in summary and report.adapter_dir in summary
     adapter = Path(report.adapter_dir)
     assert (adapter / "adapter_model.safetensors").exists()
-    from silotune.modeling import load_tokenizer  # noqa: F401  (the cache exists by now)
-    from silotune.modeling import _gguf_cache_dir, resolve_source
+    from silotune.modeling import _gguf_cache_dir, resolve_source  # the cache exists by now
 
     base = AutoModelForCausalLM.from_pretrained(_gguf_cache_dir(resolve_source(opts.model)))
     PeftModel.from_pretrained(base, adapter)
