@@ -30,6 +30,8 @@ from silotune.submit import PROGRESS_PREFIX  # `silotune run` parses these lines
 from superlink.checkpoints import CheckpointStore
 from superlink.strategies import SiloUpdate, Strategy, get_strategy
 
+TRANSIENT_RETRIES = 10  # consecutive SuperLink errors tolerated before a round gives up
+
 # Config keys whose change makes an old checkpoint meaningless for this run.
 RESUME_MUST_MATCH = (
     "model.name",
@@ -107,7 +109,7 @@ class Federation:
         ]
         replies: dict[int, Message] = {}
         errors: dict[int, str] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=timeout):
+        for reply in self._push_and_pull(messages, timeout):
             nid = reply.metadata.src_node_id
             if reply.has_error():
                 errors[nid] = reply.error.reason or f"error code {reply.error.code}"
@@ -117,6 +119,38 @@ class Federation:
             if nid not in replies and nid not in errors:
                 errors[nid] = f"no reply within {timeout:.0f} s (strategy.round-timeout)"
         return replies, errors
+
+    def _push_and_pull(self, messages: list[Message], timeout: float) -> list[Message]:
+        """Grid.send_and_receive, but a transient SuperLink error (e.g. its SQLite state being
+        busy under load: HTTP 500 "database is locked") is retried instead of ending the run."""
+        deadline = time.monotonic() + timeout
+        pending: set[str] = set()
+        for attempt in range(TRANSIENT_RETRIES):
+            try:
+                pending = set(self.grid.push_messages(messages))
+                break
+            except Exception as exc:  # noqa: BLE001 - anything the transport raises
+                if attempt == TRANSIENT_RETRIES - 1 or time.monotonic() > deadline:
+                    raise
+                log(WARNING, "pushing messages failed (%s); retrying", exc)
+                self.sleep(2.0)
+        got: list[Message] = []
+        failures = 0
+        while pending and time.monotonic() < deadline:
+            try:
+                batch = list(self.grid.pull_messages(pending))
+                failures = 0
+            except Exception as exc:  # noqa: BLE001
+                failures += 1
+                if failures >= TRANSIENT_RETRIES:
+                    raise
+                log(WARNING, "pulling replies failed (%s); retrying", exc)
+                batch = []
+            got.extend(batch)
+            pending.difference_update(m.metadata.reply_to_message_id for m in batch)
+            if pending:
+                self.sleep(1.0)
+        return got
 
     def _wait_for_nodes(self, needed: int) -> list[int]:
         deadline = time.monotonic() + self.cfg.strategy.wait_for_nodes

@@ -182,8 +182,11 @@ class SealedDocker:
         return sh([*argv, *args], timeout, check=check, cwd=kit, env={**self.env, **(env or {})})
 
     def cleanup_leftovers(self) -> None:
-        """Containers/volumes/networks of an earlier, killed run of this test."""
-        ids = self.docker(["ps", "-aq", "--filter", "label=com.docker.compose.project"]).stdout
+        """Containers (also half-built ones), volumes and networks of an earlier, killed run.
+
+        The daemon and its data root belong to this test alone (the lock), so all are ours.
+        """
+        ids = self.docker(["ps", "-aq"]).stdout
         if ids.split():
             self.docker(["rm", "-f", "-v", *ids.split()], timeout=120, check=False)
         self.docker(["volume", "prune", "-f"], check=False)

@@ -1,0 +1,190 @@
+"""The round loop on a scripted Grid (no processes): sampling, refusals, validation, retries,
+budget, resume. The real-process version is tests/test_federation_e2e.py."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+from silotune.adapters import from_array_record, to_array_record
+from silotune.config import parse_run_config
+from silotune.events import read_events
+from superlink.rounds import Federation, sample_nodes
+
+SHA = "a" * 64
+INIT = {"m.lora_A.weight": np.ones((2, 3), np.float32), "m.lora_B.weight": np.zeros((4, 2), np.float32)}
+
+
+class FakeSilo:
+    def __init__(self, name: str, sha: str = SHA, n: int = 10, delta: float = 1.0) -> None:
+        self.name, self.sha, self.n, self.delta = name, sha, n, delta
+        self.bad_shape = False
+
+    def reply(self, msg: Message) -> RecordDict:
+        mtype = msg.metadata.message_type
+        if mtype == "query":
+            content = RecordDict(
+                {
+                    "info": ConfigRecord({"silo": self.name, "model-sha256": self.sha, "model-name": "m"}),
+                    "metrics": MetricRecord({"lora-rank": 2, "num-examples": self.n, "num-eval-examples": 0}),
+                }
+            )
+            if msg.content["config"]["want-init"]:
+                content["arrays"] = to_array_record(INIT)
+                content["info"]["peft-config"] = '{"r": 2, "peft_type": "LORA"}'
+            return content
+        state = from_array_record(msg.content["arrays"])
+        new = {k: v + self.delta for k, v in state.items()}
+        if self.bad_shape:
+            new["m.lora_A.weight"] = np.ones((3, 3), np.float32)
+        return RecordDict(
+            {
+                "arrays": to_array_record(new),
+                "metrics": MetricRecord({"train-loss": 1.0, "num-examples": self.n}),
+                "info": ConfigRecord({"silo": self.name, "model-sha256": self.sha}),
+            }
+        )
+
+
+class FakeGrid:
+    """Answers every pushed message at once; ``flaky`` pulls raise first (a busy SuperLink)."""
+
+    def __init__(
+        self,
+        silos: dict[int, FakeSilo],
+        flaky_pulls: int = 0,
+        drop: Callable[[int], bool] = lambda nid: False,
+    ) -> None:
+        self.silos, self.flaky, self.drop = silos, flaky_pulls, drop
+        self.outbox: dict[str, Message] = {}
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.silos)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for i, m in enumerate(messages):
+            mid = f"{len(self.outbox)}-{i}"
+            m.metadata.__dict__["_message_id"] = mid
+            nid = m.metadata.dst_node_id
+            if not self.drop(nid):
+                reply = Message(self.silos[nid].reply(m), reply_to=m)
+                reply.metadata.__dict__["_src_node_id"] = nid
+                reply.metadata.__dict__["_reply_to_message_id"] = mid
+                self.outbox[mid] = reply
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        if self.flaky > 0:
+            self.flaky -= 1
+            raise RuntimeError("Server error '500 Internal Server Error' (database is locked)")
+        return [self.outbox.pop(i) for i in list(message_ids) if i in self.outbox]
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> Iterable[None]:
+    # Messages read the run id from Flower's process-wide task identity (set by flwr-serverapp).
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+
+
+def _fed(tmp_path: Path, grid: FakeGrid, **cfg: object) -> Federation:
+    base = {
+        "num-rounds": 2,
+        "strategy.min-nodes": 2,
+        "strategy.round-timeout": 5.0,
+        "strategy.wait-for-nodes": 1.0,
+        "peft.rank": 2,
+    }
+    base.update(cfg)
+    return Federation(grid, parse_run_config(base), tmp_path / "run", sleep=lambda s: None)
+
+
+def _kinds(tmp_path: Path, kind: str) -> list[dict]:
+    return [e for e in read_events(tmp_path / "run" / "events.jsonl") if e["kind"] == kind]
+
+
+def test_sampling_respects_fraction_and_min_nodes() -> None:
+    nodes = list(range(20))
+    assert len(sample_nodes(nodes, 0.1, 2, random.Random(0))) == 2
+    assert len(sample_nodes(nodes, 0.5, 2, random.Random(0))) == 10
+    assert len(sample_nodes(nodes[:3], 0.1, 5, random.Random(0))) == 3
+    assert sample_nodes(nodes, 0.2, 1, random.Random(3)) == sample_nodes(nodes, 0.2, 1, random.Random(3))
+
+
+def test_rounds_aggregate_and_checkpoint(tmp_path: Path) -> None:
+    grid = FakeGrid({1: FakeSilo("a", n=10, delta=1.0), 2: FakeSilo("b", n=30, delta=3.0)})
+    fed = _fed(tmp_path, grid)
+    final = fed.run()
+    assert final is not None and final.name == "round-0002"
+    # Each round adds the example-weighted mean delta: (10*1 + 30*3) / 40 = 2.5.
+    np.testing.assert_allclose(fed.global_state["m.lora_A.weight"], 1 + 2 * 2.5)
+    ends = _kinds(tmp_path, "round_end")
+    assert [e["answered"] for e in ends] == [2, 2]
+    assert ends[-1]["cumulative_bytes"] == sum(e["uplink_bytes"] + e["downlink_bytes"] for e in ends)
+
+
+def test_silo_on_another_base_model_is_refused(tmp_path: Path) -> None:
+    grid = FakeGrid({1: FakeSilo("a"), 2: FakeSilo("b"), 3: FakeSilo("odd", sha="b" * 64)})
+    fed = _fed(tmp_path, grid)
+    fed.run()
+    assert fed.silos[3].refused and "differs" in fed.silos[3].refused
+    assert all(3 not in e["sampled"] for e in _kinds(tmp_path, "round_start"))
+    assert any(e["node_id"] == 3 for e in _kinds(tmp_path, "update_rejected"))
+
+
+def test_malformed_update_is_rejected_and_the_round_goes_on(tmp_path: Path) -> None:
+    silos = {1: FakeSilo("a", delta=1.0), 2: FakeSilo("b", delta=5.0)}
+    silos[2].bad_shape = True
+    fed = _fed(tmp_path, FakeGrid(silos), **{"num-rounds": 1})
+    fed.run()
+    rejected = _kinds(tmp_path, "update_rejected")
+    assert rejected and "shape" in rejected[0]["reason"]
+    np.testing.assert_allclose(fed.global_state["m.lora_A.weight"], 2.0)  # only silo a counted
+
+
+def test_silent_silo_is_dropped_after_the_round_timeout(tmp_path: Path) -> None:
+    grid = FakeGrid({1: FakeSilo("a"), 2: FakeSilo("b")})
+    fed = _fed(tmp_path, grid, **{"num-rounds": 1, "strategy.round-timeout": 0.5})
+    fed.handshake([1, 2])
+    fed._initial_adapter()
+    grid.drop = lambda nid: nid == 2  # silo b goes silent after its handshake
+    outcome = fed.run_round(1)
+    assert outcome.answered == 1 and outcome.failed == 1
+    assert "no reply within" in _kinds(tmp_path, "silo_failed")[0]["reason"]
+
+
+def test_transient_superlink_errors_are_retried(tmp_path: Path) -> None:
+    grid = FakeGrid({1: FakeSilo("a"), 2: FakeSilo("b")}, flaky_pulls=3)
+    fed = _fed(tmp_path, grid, **{"num-rounds": 1})
+    assert fed.run() is not None
+
+
+def test_budget_stops_the_run(tmp_path: Path) -> None:
+    grid = FakeGrid({1: FakeSilo("a"), 2: FakeSilo("b")})
+    fed = _fed(tmp_path, grid, **{"num-rounds": 5, "comm-budget-mb": 0.0001})
+    fed.run()
+    end = _kinds(tmp_path, "run_end")[-1]
+    assert end["status"] == "budget_exceeded" and end["rounds_completed"] == 1
+
+
+def test_resume_continues_and_refuses_a_changed_method(tmp_path: Path) -> None:
+    silos = {1: FakeSilo("a"), 2: FakeSilo("b")}
+    _fed(tmp_path, FakeGrid(silos), **{"num-rounds": 1}).run()
+    fed = _fed(tmp_path, FakeGrid(silos), **{"num-rounds": 3})
+    fed.run()
+    assert [e["round"] for e in _kinds(tmp_path, "round_end")] == [1, 2, 3]
+    np.testing.assert_allclose(fed.global_state["m.lora_A.weight"], 4.0)  # 1 + three rounds of +1
+    changed = _fed(tmp_path, FakeGrid(silos), **{"num-rounds": 4, "peft.method": "dora"})
+    with pytest.raises(RuntimeError, match="peft.method was 'lora', now 'dora'"):
+        changed.run()
