@@ -12,12 +12,12 @@ if [[ "${1:-}" == "--test" ]]; then
   $SUDO apt-get update -qq
   # iproute2: network-namespace lab; openssl/openssh-client: key and certificate cross-checks;
   # prometheus (+promtool): monitoring tests; chromium: report rendering; nodejs, g++: code
-  # benchmarks; util-linux: unshare for the evaluation sandbox; debootstrap, podman & co: the
-  # container test builds its base image locally (no registry is needed).
+  # benchmarks; util-linux: unshare for the evaluation sandbox; debootstrap, docker.io,
+  # docker-compose, runc, iptables: the container test builds its base image locally (no registry)
+  # and runs a Docker daemon sealed in a network namespace.
   $SUDO apt-get install -y -qq --no-install-recommends \
     iproute2 openssl openssh-client prometheus chromium nodejs g++ util-linux \
-    debootstrap podman runc uidmap fuse-overlayfs slirp4netns containernetworking-plugins \
-    ca-certificates >/dev/null
+    debootstrap docker.io docker-compose runc iptables ca-certificates >/dev/null
 fi
 
 # torch first, pinned: any looser requirement pulls gigabytes of CUDA packages on CPU machines.
