@@ -296,6 +296,11 @@ class Federation:
         nodes = self._wait_for_nodes(cfg.strategy.min_nodes)
         self.handshake(nodes)
         usable = [n for n in nodes if n in self.silos and not self.silos[n].refused]
+        if not usable:
+            raise RuntimeError(
+                f"round {rnd}: no usable silo connected within {cfg.strategy.wait_for_nodes:.0f} s "
+                "(strategy.wait-for-nodes); check the silos' logs and admissions"
+            )
         sampled = sample_nodes(
             usable,
             cfg.strategy.fraction_train,

@@ -188,3 +188,9 @@ def test_resume_continues_and_refuses_a_changed_method(tmp_path: Path) -> None:
     changed = _fed(tmp_path, FakeGrid(silos), **{"num-rounds": 4, "peft.method": "dora"})
     with pytest.raises(RuntimeError, match="peft.method was 'lora', now 'dora'"):
         changed.run()
+
+
+def test_no_silo_at_all_fails_clearly(tmp_path: Path) -> None:
+    fed = _fed(tmp_path, FakeGrid({}))
+    with pytest.raises(RuntimeError, match="no silo could provide the initial adapter|no usable silo"):
+        fed.run()
