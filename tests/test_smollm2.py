@@ -32,7 +32,7 @@ def examples_source() -> object:
     )
 
 
-@pytest.mark.parametrize(("method", "steps", "lr"), [("lora", 8, 2e-3), ("qlora", 6, 3e-3)])
+@pytest.mark.parametrize(("method", "steps", "lr"), [("lora", 8, 2e-3), ("qlora", 5, 3e-3)])
 def test_loss_falls(examples_source, method: str, steps: int, lr: float) -> None:  # noqa: ANN001
     run = parse_run_config(
         {
@@ -55,7 +55,8 @@ def test_loss_falls(examples_source, method: str, steps: int, lr: float) -> None
     # The file is sorted by label: sample across it so train and held-out hold every class.
     records = random.Random(0).sample(load_silo_records(examples_source, "finance"), 96)
     examples = encode_records(loaded.tokenizer, get_template("finance"), records, 128, True)
-    train, held = examples[:80], examples[80:]
+    # 4-bit matmuls are slow on CPU: a small held-out set keeps the QLoRA case to a few minutes.
+    train, held = examples[:80], examples[80:92]
     before = evaluate_loss(model, loaded.tokenizer, held, 8)
     result = train_round(model, loaded.tokenizer, train, run.train, lr=lr, seed=0)
     after = evaluate_loss(model, loaded.tokenizer, held, 8)
