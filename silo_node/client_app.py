@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import zlib
+from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from silo_node.data import load_silo_records, split_train_eval
@@ -108,7 +109,8 @@ def train(msg: Message, context: Context) -> Message:
     cfg = msg.content["config"]
     server_round = int(cfg["server-round"])
     _check_identity(cfg, run)
-    events = EventLog("silo")
+    # Events go to $SILOTUNE_EVENTS_DIR (set by `silotune silo start`) and to state-dir if given.
+    events = EventLog("silo", [Path(silo.state_dir) / "silo.jsonl"] if silo.state_dir else None)
     train_records, _ = _records(run, silo)
     meter = MemoryMeter()
     meter.start()
@@ -192,4 +194,4 @@ def evaluate(msg: Message, context: Context) -> Message:
     )
 
 
-__all__ = ["app", "silo_rank", "ArrayRecord"]
+__all__ = ["app", "silo_rank"]
