@@ -7,7 +7,6 @@ with a typo in its data path fails here with a clear message instead of in round
 
 from __future__ import annotations
 
-import os
 import socket
 import ssl
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from typing import Any
 
 from silotune.config import SiloConfig, parse_silo_config
 from silotune.errors import UserError
-from silotune.events import EVENTS_DIR_ENV
+from silotune.flwr_connection import flower_env
 from silotune.processes import ManagedProcess, python_in_netns, start_process
 
 # Node-config keys that name files: made absolute, since the ClientApp runs in another process.
@@ -131,14 +130,7 @@ def _check_address(address: str) -> str:
 
 
 def supernode_env(opts: SiloOptions, base: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ if base is None else base)
-    env["FLWR_TELEMETRY_ENABLED"] = "0"
-    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
-    if opts.events_dir is not None:
-        env[EVENTS_DIR_ENV] = str(Path(opts.events_dir).resolve())
-    if opts.flwr_home is not None:
-        env["FLWR_HOME"] = str(Path(opts.flwr_home).resolve())
-    return env
+    return flower_env(opts.flwr_home, opts.events_dir, base)
 
 
 def diagnose_tls(address: str, ca_cert: Path | None, timeout: float = 5.0) -> str | None:

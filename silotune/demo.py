@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,33 +208,9 @@ def run_demo(opts: DemoOptions) -> DemoReport:
 
 
 def _submit_with_progress(fed: Any, run_cfg: dict[str, Any], opts: DemoOptions) -> Any:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from silotune.submit import round_progress
 
-    with Progress(
-        TextColumn("[bold]rounds"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-    ) as bar:
-        task = bar.add_task("waiting for round 1 (each silo loads the model and trains)", total=opts.rounds)
-
-        def on_round(info: dict[str, Any]) -> None:
-            loss = info.get("train_loss")
-            if not sys.stdout.isatty():  # logs and CI: rich draws nothing there, so say it plainly
-                _say(
-                    f"round {info['round']}/{opts.rounds}: {info['answered']}/{info['sampled']} "
-                    f"silos answered, train loss {loss}"
-                )
-            bar.update(
-                task,
-                completed=info["round"],
-                description=f"round {info['round']}: {info['answered']}/{info['sampled']} "
-                f"silos answered, loss {loss:.3f}"
-                if loss is not None
-                else f"round {info['round']}: no valid update",
-            )
-
+    with round_progress(opts.rounds) as on_round:
         return fed.submit(run_cfg, timeout=opts.timeout, on_round=on_round)
 
 

@@ -104,13 +104,28 @@ def read_connection(flwr_home: Path, name: str | None = None) -> Connection:
     return Connection(name, conn["address"], Path(root) if root else None, bool(conn.get("insecure")))
 
 
-def flwr_env(flwr_home: Path, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for a `flwr` subprocess: our FLWR_HOME, no telemetry, no update check."""
+def flower_env(
+    flwr_home: Path | None = None,
+    events_dir: Path | None = None,
+    base: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """Environment for any Flower process we start (SuperLink, SuperNode, `flwr`): no telemetry,
+    no update check (air-gapped sites), our FLWR_HOME and SILOTUNE_EVENTS_DIR when given."""
+    from silotune.events import EVENTS_DIR_ENV
+
     env = dict(os.environ if base is None else base)
-    env["FLWR_HOME"] = str(Path(flwr_home).resolve())
     env["FLWR_TELEMETRY_ENABLED"] = "0"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(Path(flwr_home).resolve())
+    if events_dir is not None:
+        env[EVENTS_DIR_ENV] = str(Path(events_dir).resolve())
     return env
+
+
+def flwr_env(flwr_home: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a `flwr` CLI subprocess."""
+    return flower_env(flwr_home, base=base)
 
 
 def run_flwr(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -64,12 +63,10 @@ def _parse_value(text: str) -> Any:
 def _run(args: argparse.Namespace) -> int:
     import os
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from silotune.config import flatten_run_config, load_toml_run_config
     from silotune.errors import UserError
     from silotune.flwr_connection import write_connection
-    from silotune.submit import submit_run
+    from silotune.submit import round_progress, submit_run
 
     ws = Path(args.workspace or os.environ.get("SILOTUNE_WORKSPACE", ".silotune"))
     flwr_home = ws / "flwr-home"
@@ -83,32 +80,7 @@ def _run(args: argparse.Namespace) -> int:
             raise UserError(f"--set {item!r}: expected KEY=VALUE")
         key, raw = item.split("=", 1)
         values[key.strip()] = _parse_value(raw.strip())
-    num_rounds = int(values.get("num-rounds", 3))
-    with Progress(
-        TextColumn("[bold]rounds"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-    ) as bar:
-        task = bar.add_task("submitted; waiting for round 1", total=num_rounds)
-
-        def on_round(info: dict[str, Any]) -> None:
-            loss = info.get("train_loss")
-            if not sys.stdout.isatty():  # logs and CI: rich draws nothing there
-                print(
-                    f"round {info['round']}: {info['answered']}/{info['sampled']} silos answered, "
-                    f"train loss {loss}",
-                    flush=True,
-                )
-            bar.update(
-                task,
-                total=info.get("num_rounds", num_rounds),
-                completed=info["round"],
-                description=f"round {info['round']}: {info['answered']}/{info['sampled']} "
-                "silos answered, loss " + (f"{loss:.4f}" if loss is not None else "-"),
-            )
-
+    with round_progress(int(values.get("num-rounds", 3))) as on_round:
         result = submit_run(flwr_home, args.connection, values, args.timeout, on_round=on_round)
     print(f"global adapter saved at {result.adapter_dir} (on the SuperLink's host)")
     return 0

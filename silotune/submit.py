@@ -11,9 +11,11 @@ import json
 import os
 import queue
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,3 +151,37 @@ def submit_run(
     if not adapter and not rounds:
         raise UserError("`flwr run` ended without running any round:\n" + "".join(lines[-20:]))
     return RunResult(rounds, adapter, "".join(lines), proc.returncode or 0)
+
+
+@contextmanager
+def round_progress(num_rounds: int) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """A progress bar (round, silos answered, loss) fed by ``submit_run``'s ``on_round``.
+
+    Where stdout is not a terminal (logs, CI) rich draws nothing, so each round is also printed.
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (
+        TextColumn("[bold]rounds"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns) as bar:
+        task = bar.add_task(
+            "submitted; waiting for round 1 (silos load the model, then train)", total=num_rounds
+        )
+
+        def on_round(info: dict[str, Any]) -> None:
+            loss = info.get("train_loss")
+            text = f"round {info['round']}: {info['answered']}/{info['sampled']} silos answered, loss " + (
+                f"{loss:.4f}" if loss is not None else "- (no valid update)"
+            )
+            if not sys.stdout.isatty():
+                print(text, flush=True)
+            bar.update(
+                task, total=info.get("num_rounds", num_rounds), completed=info["round"], description=text
+            )
+
+        yield on_round

@@ -6,12 +6,11 @@ silotune.processes so the SuperLink and its `flower-superexec` child are stopped
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from silotune.errors import UserError
-from silotune.events import EVENTS_DIR_ENV
+from silotune.flwr_connection import flower_env
 from silotune.processes import ManagedProcess, start_process, wait_for_superlink
 
 
@@ -78,14 +77,7 @@ def build_superlink_argv(opts: SuperLinkOptions) -> list[str]:
 
 
 def superlink_env(opts: SuperLinkOptions, base: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ if base is None else base)
-    env["FLWR_TELEMETRY_ENABLED"] = "0"
-    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
-    if opts.events_dir is not None:
-        env[EVENTS_DIR_ENV] = str(Path(opts.events_dir).resolve())
-    if opts.flwr_home is not None:
-        env["FLWR_HOME"] = str(Path(opts.flwr_home).resolve())
-    return env
+    return flower_env(opts.flwr_home, opts.events_dir, base)
 
 
 def start_superlink(
