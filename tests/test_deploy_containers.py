@@ -26,11 +26,13 @@ import signal
 import subprocess
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("SILOTUNE_TEST_CACHE", "/var/cache/silotune-test"))
@@ -80,16 +82,6 @@ def sh(argv: list[str], timeout: float, check: bool = True, **kw: Any) -> subpro
             f"{' '.join(argv)} -> {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
         )
     return res
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 2.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 # --- cached inputs ---------------------------------------------------------------------------

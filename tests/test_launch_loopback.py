@@ -6,8 +6,7 @@ import os
 import signal
 import socket
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from silotune.flwr_connection import write_connection
 from silotune.processes import ManagedProcess, ProcessFailed, ProcessGroup
 from superlink.admission import admit_silo, list_silos, remove_silo
 from superlink.launch import SuperLinkOptions, start_superlink
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -30,16 +30,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 1.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 @pytest.fixture()

@@ -11,15 +11,14 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
 from tests.test_monitoring_prometheus import empty_panels, exporter, prometheus, query, values
 from tests.tiny_model import make_tiny_llama
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -37,16 +36,6 @@ FINANCE_ROWS = [
 ]
 # Without a GPU these panels have nothing to show (the silos report no GPU figures).
 GPU_ONLY_PANELS = frozenset({"GPU memory vs capacity"})
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 1.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def adapter_truth(model_dir: Path) -> tuple[int, int]:

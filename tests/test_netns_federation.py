@@ -7,8 +7,7 @@ with a clear message while the admitted silos stay connected (and, in the last t
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from silotune.processes import ManagedProcess, ProcessFailed, ProcessGroup
 from superlink.admission import admit_silo, list_silos
 from superlink.launch import SuperLinkOptions, start_superlink
 from tests.netlab import NetLab, netns_unavailable_reason
+from tests.waiting import wait_until
 
 _REASON = netns_unavailable_reason()
 pytestmark = [
@@ -42,16 +42,6 @@ FINANCE_ROWS = [
     {"input": "Sales fell sharply in the quarter", "output": "negative"},
     {"input": "The CEO spoke at a conference", "output": "neutral"},
 ]
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 1.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 @pytest.fixture()
