@@ -62,6 +62,14 @@ def register_arguments(c: argparse.ArgumentParser) -> None:
     t.add_argument("--target-modules", default="q_proj,v_proj")
     t.add_argument("--seed", type=int, default=42)
     t.add_argument(
+        "--prompt-style",
+        choices=("eval", "alpaca"),
+        default="eval",
+        help="training prompt (train.prompt-style): eval (default) trains in the prompt the evaluation "
+        "asks with, so the table measures what was learned; alpaca is FlowerTune's training prompt "
+        "inside the chat template",
+    )
+    t.add_argument(
         "--approaches",
         default=",".join(APPROACHES),
         help=f"comma-separated subset of {','.join(APPROACHES)} (base = the untrained model)",
@@ -171,7 +179,7 @@ def to_markdown(meta: dict[str, Any], rows: list[Row], titles: dict[str, str]) -
         f"- silos: {meta['silos_desc']}",
         f"- training: R={meta['rounds']} rounds, S={meta['local_steps']} local steps, batch "
         f"{meta['batch_size']}, seq {meta['seq_length']}, lr {meta['lr_max']} -> {meta['lr_min']} (cosine "
-        f"over rounds), response-only loss, seed {meta['seed']}",
+        f"over rounds), response-only loss, seed {meta['seed']}, training prompt {meta['prompt_style']}",
         f"- {meta['step_rule']}",
         f"- evaluation: {meta['protocol']} protocol, "
         + ", ".join(f"{titles[b]} n={meta['eval_items'].get(b, '?')}" for b in names)
@@ -297,6 +305,7 @@ def run_compare(args: argparse.Namespace) -> int:
             "train.lr-max": args.lr_max,
             "train.lr-min": args.lr_min,
             "train.seed": args.seed,
+            "train.prompt-style": args.prompt_style,
         },
         source="compare options",
     )
@@ -323,7 +332,12 @@ def run_compare(args: argparse.Namespace) -> int:
         )
         records = load_silo_records(cfg, args.domain)
         examples = encode_records(
-            loaded.tokenizer, template, records, run.train.seq_length, run.model.use_chat_template
+            loaded.tokenizer,
+            template,
+            records,
+            run.train.seq_length,
+            run.model.use_chat_template,
+            run.train.prompt_style,
         )
         silos.append(Silo(cfg.name, examples, flex_ranks[i]))
         silo_meta.append(
@@ -401,6 +415,7 @@ def run_compare(args: argparse.Namespace) -> int:
         "lr_max": args.lr_max,
         "lr_min": args.lr_min,
         "seed": args.seed,
+        "prompt_style": args.prompt_style,
         "silos": silo_meta,
         "silos_desc": "; ".join(f"{m['name']} {m['rows']} rows {m['labels']}" for m in silo_meta),
         "step_rule": step_rule(n, rounds, steps, args.batch_size),

@@ -125,6 +125,7 @@ def train(msg: Message, context: Context) -> Message:
         train_records,
         run.train.seq_length,
         run.model.use_chat_template,
+        run.train.prompt_style,
     )
     result = train_round(
         peft_model,
@@ -186,6 +187,7 @@ def evaluate(msg: Message, context: Context) -> Message:
             eval_records,
             run.train.seq_length,
             run.model.use_chat_template,
+            run.train.prompt_style,
         )
         metrics["eval-loss"] = evaluate_loss(peft_model, loaded.tokenizer, examples, run.train.batch_size)
     return Message(

@@ -4,11 +4,25 @@ Every template turns a record with (instruction, input, output) into a prompt an
 prompt ends WITHOUT a trailing space and the response starts the answer: with SmolLM2's tokenizer,
 "Answer: " + "neutral" trains a different token than the evaluator later reads (design notes).
 Records are mapped to these field names first (``columns`` in the silo config).
+
+Two prompt styles (``train.prompt-style``):
+
+- ``alpaca`` (default): FlowerTune's training format, the Alpaca prompt, inside the model's chat
+  template when ``model.use-chat-template`` is true;
+- ``eval``: the prompt FlowerTune's finance evaluation asks with (``Instruction: ...\nInput: ...\n
+  Answer: ``, never a chat template). FlowerTune trains in one format and evaluates in another;
+  training in the evaluation's format makes a small-budget comparison measure what was learned
+  rather than how well a format transfers (BENCHMARKS.md). The prompt here keeps its trailing space
+  and the response is tokenized on its own, which yields exactly the tokens the evaluator sees.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+PromptStyle = Literal["alpaca", "eval"]
+PROMPT_STYLES: tuple[str, ...] = ("alpaca", "eval")
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -21,6 +35,14 @@ ALPACA_NO_INPUT = (
 )
 
 
+def instruction_answer_prompt(instruction: str, text: str) -> str:
+    """FlowerTune's finance evaluation prompt (``format_example``), trailing space included."""
+    context = f"Instruction: {instruction}\n"
+    if text:
+        context += f"Input: {text}\n"
+    return context + "Answer: "
+
+
 @dataclass(frozen=True)
 class DomainTemplate:
     """How one domain's records become (prompt, response) pairs."""
@@ -30,10 +52,12 @@ class DomainTemplate:
     required: tuple[str, ...]  # fields that must exist after column mapping
     default_instruction: str = ""  # used when a record has no instruction column
 
-    def render(self, record: dict[str, str]) -> tuple[str, str]:
+    def render(self, record: dict[str, str], style: PromptStyle = "alpaca") -> tuple[str, str]:
         instruction = str(record.get("instruction") or self.default_instruction).strip()
         inp = str(record.get("input") or "").strip()
         output = str(record.get("output") or "").strip()
+        if style == "eval":
+            return instruction_answer_prompt(instruction, inp), output
         if inp:
             prompt = ALPACA_WITH_INPUT.format(instruction=instruction, input=inp)
         else:

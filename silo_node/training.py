@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from silo_node.templates import DomainTemplate
+from silo_node.templates import DomainTemplate, PromptStyle
 from silotune.config import TrainSettings
 
 IGNORE_INDEX = -100
@@ -46,11 +46,19 @@ def build_prompt(tokenizer: Any, prompt: str, use_chat_template: bool) -> str:
 
 
 def encode_example(
-    tokenizer: Any, template: DomainTemplate, record: dict[str, str], seq_length: int, use_chat_template: bool
+    tokenizer: Any,
+    template: DomainTemplate,
+    record: dict[str, str],
+    seq_length: int,
+    use_chat_template: bool,
+    style: PromptStyle = "alpaca",
 ) -> Encoded:
-    """Tokenize prompt and response separately so the loss mask falls exactly on the response."""
-    prompt, response = template.render(record)
-    text = build_prompt(tokenizer, prompt, use_chat_template)
+    """Tokenize prompt and response separately so the loss mask falls exactly on the response.
+
+    The ``eval`` style is FlowerTune's evaluation prompt verbatim, so it never takes a chat template.
+    """
+    prompt, response = template.render(record, style)
+    text = build_prompt(tokenizer, prompt, use_chat_template and style == "alpaca")
     chat = text != prompt
     prompt_ids = tokenizer(text, add_special_tokens=not chat)["input_ids"]
     resp_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
@@ -70,8 +78,9 @@ def encode_records(
     records: list[dict[str, str]],
     seq_length: int,
     use_chat_template: bool,
+    style: PromptStyle = "alpaca",
 ) -> list[Encoded]:
-    return [encode_example(tokenizer, template, r, seq_length, use_chat_template) for r in records]
+    return [encode_example(tokenizer, template, r, seq_length, use_chat_template, style) for r in records]
 
 
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, Any]:

@@ -88,6 +88,9 @@ class TrainSettings(_Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 42
+    # "alpaca": FlowerTune's training prompt; "eval": the prompt its finance evaluation asks with
+    # (silo_node/templates.py says why one would train in it).
+    prompt_style: Literal["alpaca", "eval"] = "alpaca"
 
     @model_validator(mode="after")
     def _lr_order(self) -> TrainSettings:

@@ -57,6 +57,25 @@ def test_chat_template_is_used_when_asked(model_dir: Path) -> None:
     assert not tok.decode(without.input_ids).startswith("<|im_start|>")
 
 
+def test_eval_prompt_style_trains_on_the_tokens_the_evaluator_reads(model_dir: Path) -> None:
+    from evaluation.benchmarks.finance import finance_prompt
+
+    tok = load_model(ModelConfig(name=str(model_dir)), for_training=False).tokenizer
+    template = get_template("finance")
+    # The chat template is asked for but must not apply: the evaluator never uses one.
+    enc = encode_example(tok, template, RECORD, 256, True, "eval")
+    n_prompt = enc.labels.index(next(lab for lab in enc.labels if lab != IGNORE_INDEX))
+    instruction = template.default_instruction
+    expected_prompt = f"Instruction: {instruction}\nInput: {RECORD['input']}\nAnswer: "
+    assert enc.input_ids[:n_prompt] == tok(expected_prompt)["input_ids"]
+    assert enc.input_ids[n_prompt:] == tok("positive", add_special_tokens=False)["input_ids"] + [
+        tok.eos_token_id
+    ]
+    # ... and it is the very prompt the finance benchmarks ask with (one home for the format).
+    assert finance_prompt(instruction, RECORD["input"]) == expected_prompt
+    assert template.render(RECORD, "alpaca")[0].startswith("Below is an instruction")
+
+
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
 def test_methods_by_name_train_and_ship_only_adapter_tensors(model_dir: Path, method: str) -> None:
     loaded = load_model(ModelConfig(name=str(model_dir)))

@@ -21,6 +21,7 @@ from evaluation.benchmarks.base import (
     seeded_test_split,
 )
 from evaluation.items import ChoiceItem
+from silo_node.templates import instruction_answer_prompt
 from silotune.errors import DataError
 
 LABELS = ("negative", "neutral", "positive")
@@ -34,11 +35,8 @@ FIQA_FILE = "fiqa/derived/fiqa_test_flowertune_seed42.jsonl"
 FIQA_RAW = ("fiqa/fiqa_train.csv", "fiqa/fiqa_validation.csv", "fiqa/fiqa_test.csv")
 
 
-def finance_prompt(instruction: str, text: str) -> str:
-    context = f"Instruction: {instruction}\n"
-    if text:
-        context += f"Input: {text}\n"
-    return context + "Answer: "
+# One home for the prompt: training with train.prompt-style=eval renders the same text.
+finance_prompt = instruction_answer_prompt
 
 
 def _item(item_id: str, instruction: str, text: str, gold: str) -> ChoiceItem:
