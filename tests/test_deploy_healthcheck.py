@@ -69,9 +69,34 @@ def test_superlink_down() -> None:
     assert res.returncode == 1
 
 
-def test_supernode_needs_the_process(metrics_port: int) -> None:
+def _fake_proc(root: Path, *commands: list[str]) -> Path:
+    """A /proc with one numbered entry per command (cmdline NUL-separated, as the kernel writes it)."""
+    for pid, argv in enumerate(commands, start=100):
+        (root / str(pid)).mkdir(parents=True)
+        (root / str(pid) / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+    (root / "self").mkdir(exist_ok=True)  # non-numeric entries are skipped
+    return root
+
+
+def test_supernode_needs_the_process(metrics_port: int, tmp_path: Path) -> None:
     # A listening port alone is not enough: the flower-supernode process must be running.
-    res = _check("supernode", SILOTUNE_SUPERNODE_RUNTIME_PORT=str(metrics_port))
+    others = _fake_proc(tmp_path / "without", ["/usr/bin/python3", "-m", "http.server"])
+    res = _check(
+        "supernode", SILOTUNE_SUPERNODE_RUNTIME_PORT=str(metrics_port), SILOTUNE_HEALTH_PROC=str(others)
+    )
+    assert res.returncode == 1
+    running = _fake_proc(
+        tmp_path / "with",
+        ["/usr/bin/python3", "/usr/local/bin/flower-supernode", "--root-certificates", "ca.pem"],
+    )
+    res = _check(
+        "supernode", SILOTUNE_SUPERNODE_RUNTIME_PORT=str(metrics_port), SILOTUNE_HEALTH_PROC=str(running)
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    # ... and the process without its Runtime API port is not healthy either.
+    res = _check(
+        "supernode", SILOTUNE_SUPERNODE_RUNTIME_PORT=str(_free_port()), SILOTUNE_HEALTH_PROC=str(running)
+    )
     assert res.returncode == 1
 
 
