@@ -109,6 +109,8 @@ def test_compare_rows_bytes_and_steps(tiny: Path, tmp_path: Path) -> None:
         assert 0.0 <= rows[label]["scores"]["tfns"] <= 1.0
     per_silo = ROUNDS * STEPS
     assert doc["step_rule"] in doc["_markdown"]
+    # Trained in the prompt the evaluation asks with, and the table says so.
+    assert doc["prompt_style"] == "eval" and "training prompt eval" in doc["_markdown"]
 
     # FedAvg: the whole rank-RANK adapter goes down and comes back up, every silo, every round.
     fedavg = rows["federated FedAvg"]
