@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -266,6 +267,21 @@ def _source(args: argparse.Namespace) -> Any:
     return DataSource(root=root)
 
 
+def _slug(label: str) -> str:
+    return label.replace(" ", "_")
+
+
+def save_row_adapter(directory: Path, state: dict[str, Any], peft_config: dict[str, Any]) -> None:
+    """Keep a row's adapter as a PEFT directory (``silotune eval --adapter`` takes it), atomically."""
+    from silotune.adapters import save_adapter_dir
+
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter_dir(tmp, state, peft_config)
+    shutil.rmtree(directory, ignore_errors=True)  # a rerun replaces the row's adapter
+    os.replace(tmp, directory)
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -278,6 +294,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from silo_node.split import split_file
     from silo_node.templates import get_template
     from silo_node.training import encode_records
+    from silotune.adapters import peft_config_dict
     from silotune.config import parse_run_config, parse_silo_config
     from silotune.modeling import load_model
     from superlink.strategies import get_strategy
@@ -364,7 +381,9 @@ def run_compare(args: argparse.Namespace) -> int:
     items = {name: len(v) for name, v in bench_items.items()}
     identity = loaded.identity.short()
 
-    def evaluate(model: Any, row: Row) -> Row:
+    def evaluate(model: Any, row: Row, state: dict[str, Any] | None = None) -> Row:
+        if state is not None:
+            save_row_adapter(out / "adapters" / _slug(row.label), state, peft_config_dict(model))
         t0 = time.monotonic()
         model.eval()
         results = []
@@ -389,7 +408,7 @@ def run_compare(args: argparse.Namespace) -> int:
             seconds=time.monotonic() - t0,
             base_identity=identity,
         )
-        write_report(report, out / "evals" / row.label.replace(" ", "_"))
+        write_report(report, out / "evals" / _slug(row.label))
         row.average = report.average
         row.eval_seconds = time.monotonic() - t0
         _log(f"{row.label}: average {100 * row.average:.2f} ({row.eval_seconds:.0f} s to evaluate)")
@@ -454,7 +473,7 @@ def run_compare(args: argparse.Namespace) -> int:
                 o = train_isolated(bank, silo, run.train, rounds, _log)
                 row = Row("isolated", f"isolated {silo.name}", silo.name, [o.rank], o.steps_per_silo,
                           o.total_steps, train_seconds=o.seconds, losses=o.losses)  # fmt: skip
-                per_silo.append(evaluate(bank.with_state(o.state, o.rank), row))
+                per_silo.append(evaluate(bank.with_state(o.state, o.rank), row, o.state))
                 rows.append(per_silo[-1])
                 flush()
             rows.append(_mean_row(per_silo))
@@ -471,13 +490,13 @@ def run_compare(args: argparse.Namespace) -> int:
             row = Row(approach, f"federated {label}", None, [s.rank for s in fed_silos], o.steps_per_silo,
                       o.total_steps, o.uplink_bytes, o.downlink_bytes, train_seconds=o.seconds,
                       losses=o.losses)  # fmt: skip
-            rows.append(evaluate(bank.with_state(o.state, o.rank), row))
+            rows.append(evaluate(bank.with_state(o.state, o.rank), row, o.state))
         else:
             o = train_centralized(bank, silos, run.train, rounds, _log)
             row = Row("centralized", "centralized (pooled data)", None, [o.rank], o.steps_per_silo,
                       o.total_steps, raw_data_bytes=raw_bytes, train_seconds=o.seconds,
                       losses=o.losses)  # fmt: skip
-            rows.append(evaluate(bank.with_state(o.state, o.rank), row))
+            rows.append(evaluate(bank.with_state(o.state, o.rank), row, o.state))
         flush()
     flush()
     print(to_markdown(meta, rows, titles))

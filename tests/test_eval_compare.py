@@ -143,6 +143,36 @@ def test_compare_rows_bytes_and_steps(tiny: Path, tmp_path: Path) -> None:
     assert rows["base (no training)"]["total_steps"] == 0
     # Every approach's evaluation is kept in silotune eval's own format.
     assert (Path(doc["_out"]) / "evals" / "federated_FedAvg" / "finance-generate.json").is_file()
+    # Every trained row keeps its adapter; the base row has none.
+    adapters = Path(doc["_out"]) / "adapters"
+    assert sorted(p.name for p in adapters.iterdir()) == sorted(
+        label.replace(" ", "_") for label in expected if label != "base (no training)" and "mean" not in label
+    )
+
+
+def test_saved_adapter_is_the_one_compare_scored(tiny: Path, tmp_path: Path) -> None:
+    """`silotune eval --adapter` on a saved row gives the outputs compare recorded for that row."""
+    doc = _compare(tiny, tmp_path, "--approaches", "fedavg", "--eval-batch-size", "1")
+    out = Path(doc["_out"])
+    eval_out = tmp_path / "re-eval"
+    rc = main(
+        [
+            "eval", "--suite", "finance", "--base", str(tiny),
+            "--adapter", str(out / "adapters" / "federated_FedAvg"),
+            "--data-dir", str(out.parent / "bench"), "--benchmarks", "tfns",
+            "--finance-max-new-tokens", "2", "--batch-size", "1", "--out", str(eval_out),
+        ]
+    )  # fmt: skip
+    assert rc == 0
+
+    def outputs(path: Path) -> dict[str, str]:
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        return {r["id"]: r["output"] for r in rows}
+
+    scored = outputs(out / "evals" / "federated_FedAvg" / "finance-generate-items" / "tfns.jsonl")
+    again = outputs(eval_out / "finance-generate-items" / "tfns.jsonl")
+    assert len(scored) == 4 and len(again) == 6  # compare sampled 4 of the 6 items
+    assert {k: again[k] for k in scored} == scored
 
 
 def test_compare_dirichlet_one_rank_subset(tiny: Path, tmp_path: Path) -> None:
