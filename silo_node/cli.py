@@ -10,6 +10,7 @@ from typing import Any
 
 from silotune.errors import UserError
 from silotune.flwr_connection import resolve_workspace
+from silotune.observability_cli import add_exporter_option
 
 # SiloConfig fields offered as options (dashed); anything else goes through --node-config.
 _SILO_OPTIONS = {
@@ -54,6 +55,7 @@ def _fingerprint_of_private(path: Path) -> str | None:
 
 def _start(args: argparse.Namespace) -> int:
     from silo_node.launch import SiloOptions, start_silo
+    from silotune.observability_cli import parse_bind, start_exporter
     from silotune.processes import supervise
 
     node_config = parse_node_config_text(args.node_config or "")
@@ -72,12 +74,23 @@ def _start(args: argparse.Namespace) -> int:
         events_dir=Path(args.events_dir) if args.events_dir else ws / "events",
         flwr_home=ws / "supernode" / "flwr-home",
     )
+    if args.exporter:
+        parse_bind(args.exporter)  # a bad address fails before the SuperNode starts
     if args.insecure:
         print("WARNING: --insecure: plaintext, no node authentication (development only)")
     log = Path(args.log_file) if args.log_file else None
     proc = start_silo(opts, log, run_domain=args.run_domain)
     print(f"SuperNode started for {args.superlink}" + (f"; log: {log}" if log else ""))
-    rc = supervise(proc)
+    exporter = None
+    try:
+        if args.exporter:
+            exporter = start_exporter(opts.events_dir, "silo", args.exporter, ws / "exporter.log")
+            print(f"metrics: http://{args.exporter}/metrics (log: {ws / 'exporter.log'})")
+        rc = supervise(proc)
+    finally:
+        proc.stop()
+        if exporter is not None:
+            exporter.stop()
     if rc in (0, 130, 3, -15):
         return 0
     hint = f"the SuperNode stopped (exit code {rc})"
@@ -106,4 +119,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     st.add_argument("--events-dir", help="SILOTUNE_EVENTS_DIR (default <workspace>/events)")
     st.add_argument("--log-file", help="write the SuperNode's output here instead of the terminal")
     st.add_argument("--workspace", help="SiloTune workspace (default ./.silotune)")
+    add_exporter_option(st, "silo")
     st.set_defaults(func=_start)

@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--events-dir", required=True, type=Path, help="$SILOTUNE_EVENTS_DIR of the apps")
     p.add_argument("--role", choices=["server", "silo"], required=True)
-    p.add_argument("--bind", default="127.0.0.1:9464", help="HOST:PORT (default 127.0.0.1:9464)")
+    p.add_argument("--bind", default=DEFAULT_BIND, help=f"HOST:PORT (default {DEFAULT_BIND})")
     p.add_argument(
         "--budget-mb",
         type=float,
@@ -60,6 +61,47 @@ def register(sub: Any) -> None:
     )
     r.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/report.html")
     r.set_defaults(func=run_report)
+
+
+DEFAULT_BIND = "127.0.0.1:9464"
+
+
+def add_exporter_option(p: argparse.ArgumentParser, role: str) -> None:
+    """``--exporter [HOST:PORT]`` on the launchers: serve this site's metrics beside its process."""
+    p.add_argument(
+        "--exporter",
+        nargs="?",
+        const=DEFAULT_BIND,
+        default=None,
+        metavar="HOST:PORT",
+        help=f"also run `silotune exporter --role {role}` on the events dir, stopped together "
+        f"(default address {DEFAULT_BIND}; loopback unless you name another)",
+    )
+
+
+def start_exporter(events_dir: Path, role: str, bind: str, log_path: Path) -> Any:
+    """Start ``silotune exporter`` as a managed child (``ManagedProcess``) and wait for /metrics."""
+    import urllib.request
+
+    from silotune.processes import start_process
+
+    host, port = parse_bind(bind)
+    argv = [sys.executable, "-m", "silotune.cli", "exporter", "--events-dir", str(events_dir),
+            "--role", role, "--bind", bind]  # fmt: skip
+    proc = start_process("exporter", argv, log_path)
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}/metrics"
+    deadline = time.monotonic() + 30.0
+    while True:  # bounded: the exporter answers within a second or two, or has failed
+        proc.check()  # raises with the log's tail if it exited (e.g. the port is taken)
+        try:
+            with urllib.request.urlopen(url, timeout=2):  # noqa: S310 - our own local endpoint
+                return proc
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.stop()
+                msg = f"--exporter {bind}: no answer from {url} within 30 s; see {log_path}"
+                raise UserError(msg) from None
+            time.sleep(0.3)
 
 
 def parse_bind(bind: str) -> tuple[str, int]:

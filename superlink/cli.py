@@ -13,6 +13,7 @@ from silotune.flwr_connection import (
     resolve_workspace,
     write_connection,
 )
+from silotune.observability_cli import add_exporter_option
 
 
 def _pick(explicit: str | None, certs_dir: str | None, name: str) -> Path | None:
@@ -22,6 +23,7 @@ def _pick(explicit: str | None, certs_dir: str | None, name: str) -> Path | None
 
 
 def _start(args: argparse.Namespace) -> int:
+    from silotune.observability_cli import parse_bind, start_exporter
     from silotune.processes import supervise
     from superlink.launch import SuperLinkOptions, build_superlink_argv, start_superlink
 
@@ -38,6 +40,8 @@ def _start(args: argparse.Namespace) -> int:
         insecure=args.insecure,
     )
     argv = build_superlink_argv(opts)  # refuses before anything starts
+    if args.exporter:
+        parse_bind(args.exporter)  # a bad address fails before the SuperLink starts
     if args.insecure:
         print("WARNING: --insecure: plaintext HTTP and no node authentication (development only)")
     log = Path(args.log_file) if args.log_file else None
@@ -46,7 +50,16 @@ def _start(args: argparse.Namespace) -> int:
     print(f"SuperLink ready on {args.host}:{args.port} (state: {opts.database})")
     if log:
         print(f"log: {log}")
-    rc = supervise(proc)
+    exporter = None
+    try:
+        if args.exporter:
+            exporter = start_exporter(opts.events_dir, "server", args.exporter, ws / "exporter.log")
+            print(f"metrics: http://{args.exporter}/metrics (log: {ws / 'exporter.log'})")
+        rc = supervise(proc)
+    finally:
+        proc.stop()
+        if exporter is not None:
+            exporter.stop()
     return 0 if rc in (0, 130, 3, -15) else rc  # 3 = Flower's graceful SIGTERM exit
 
 
@@ -120,6 +133,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     st.add_argument("--log-file", help="write the SuperLink's output here instead of the terminal")
     st.add_argument("--workspace", help="SiloTune workspace (default ./.silotune)")
     st.add_argument("--ready-timeout", type=float, default=60.0, help="seconds to wait for /health")
+    add_exporter_option(st, "server")
     st.add_argument(
         "--insecure",
         action="store_true",

@@ -154,18 +154,23 @@ def test_cli_superlink_and_refused_silo(tmp_path: Path, capsys: pytest.CaptureFi
 
     create_ca(tmp_path / "certs")
     issue_server_cert(tmp_path / "certs", tmp_path / "certs", ["localhost"], [])
-    port = free_port()
+    port, metrics_port, silo_metrics = free_port(), free_port(), free_port()
     ws = tmp_path / "ws"
     cli = start_process(
         "silotune superlink start",
         [sys.executable, "-m", "silotune.cli", "superlink", "start", "--certs-dir",
          str(tmp_path / "certs"), "--host", "127.0.0.1", "--port", str(port),
-         "--workspace", str(ws), "--log-file", str(tmp_path / "superlink.log")],
+         "--workspace", str(ws), "--log-file", str(tmp_path / "superlink.log"),
+         "--exporter", f"127.0.0.1:{metrics_port}"],
         tmp_path / "cli.log",
     )  # fmt: skip
     try:
         wait_for_superlink(f"localhost:{port}", tmp_path / "certs" / "ca.crt", 90, process=cli)
         assert (ws / "superlink" / "state.db").exists()  # persistent state in the workspace
+        # --exporter: the central exporter serves the SuperLink's metrics beside it.
+        wait_until(lambda: _pids_with(f"--bind 127.0.0.1:{metrics_port}"), 60, "the exporter to start")
+        body = wait_until(lambda: _get_text(f"http://127.0.0.1:{metrics_port}/metrics"), 60, "/metrics")
+        assert "silotune_" in body
         data = tmp_path / "fin.jsonl"
         data.write_text('{"input": "Shares rose", "output": "positive"}\n' * 3)
         nk = generate_node_key(tmp_path / "silo", "lab-1")
@@ -174,10 +179,13 @@ def test_cli_superlink_and_refused_silo(tmp_path: Path, capsys: pytest.CaptureFi
             "--ca", str(tmp_path / "certs" / "ca.crt"), "--node-key", str(nk.private_path),
             "--data-path", str(data), "--name", "lab-1", "--domain", "finance",
             "--runtime-port", str(free_port()), "--workspace", str(tmp_path / "silo-ws"),
-            "--log-file", str(tmp_path / "node.log"),
+            "--log-file", str(tmp_path / "node.log"), "--exporter", f"127.0.0.1:{silo_metrics}",
         ])  # fmt: skip
-        err = capsys.readouterr().err
-        assert rc == 2 and "admit your .pub" in err and nk.fingerprint in err
+        captured = capsys.readouterr()
+        assert rc == 2 and "admit your .pub" in captured.err and nk.fingerprint in captured.err
+        # Its exporter ran beside it and went down with it.
+        assert f"metrics: http://127.0.0.1:{silo_metrics}/metrics" in captured.out
+        assert not _pids_with(f"--bind 127.0.0.1:{silo_metrics}")
         # Bad data is caught before connecting, naming the file.
         rc = main([
             "silo", "start", "--superlink", f"localhost:{port}",
@@ -193,3 +201,14 @@ def test_cli_superlink_and_refused_silo(tmp_path: Path, capsys: pytest.CaptureFi
     assert cli.returncode == 0
     wait_until(lambda: not _pids_with(f"--port {port}"), 20, "SuperLink processes to exit")
     assert not _pids_with(f"127.0.0.1:{port}")  # no flower-superexec left behind
+    wait_until(lambda: not _pids_with(f"--bind 127.0.0.1:{metrics_port}"), 20, "the exporter to exit")
+
+
+def _get_text(url: str) -> str | None:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.read().decode()
+    except OSError:
+        return None
