@@ -87,3 +87,11 @@ def read_events(path: Path) -> Iterator[dict[str, Any]]:
                     continue
     except FileNotFoundError:
         return
+
+
+# One rule for every reader of event files (exporter, report): a number is finite, never a bool.
+def finite_number(value: Any) -> float | None:
+    """A finite number from an event field, or None (missing, null, text, bool)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if value == value and abs(value) != float("inf") else None

@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from silotune import metrics as m
+from silotune.events import finite_number
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +103,6 @@ class EventTail:
         return event
 
 
-def _num(value: Any) -> float | None:
-    """A finite number from an event field, or None (missing, null, text, bool)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if value == value and abs(value) != float("inf") else None
-
-
 # Gauge fields of silo_result / local_train events -> metric (exported only when present).
 _SILO_GAUGES: dict[str, m.MetricDef] = {
     "round": m.SILO_LAST_ROUND,
@@ -168,7 +162,7 @@ class FederationState:
     def apply(self, event: dict[str, Any]) -> None:
         kind = event["kind"]
         self._inc(m.EVENTS_READ, 1, (kind,))
-        ts = _num(event.get("ts"))
+        ts = finite_number(event.get("ts"))
         if ts is not None:
             prev = self.gauges.get(m.LAST_EVENT_TS.name, {}).get((), 0.0)
             self._set(m.LAST_EVENT_TS, max(prev, ts))
@@ -182,35 +176,35 @@ class FederationState:
             self._set(d, 0.0)
         self.gauges.pop(m.EVALUATION.name, None)
         self._set(m.RUN_ACTIVE, 1.0)
-        self._set(m.ROUNDS_PLANNED, _num(e.get("num_rounds")))
-        self._set(m.ADAPTER_PARAMETERS, _num(e.get("adapter_parameters")))
-        budget = _num(e.get("comm_budget_bytes"))
+        self._set(m.ROUNDS_PLANNED, finite_number(e.get("num_rounds")))
+        self._set(m.ADAPTER_PARAMETERS, finite_number(e.get("adapter_parameters")))
+        budget = finite_number(e.get("comm_budget_bytes"))
         self._set(m.COMM_BUDGET, self.default_budget_bytes if budget is None else budget)
         labels = tuple(str(e.get(k, "")) for k in ("run_id", "strategy", "peft_method"))
         self.gauges[m.RUN_INFO.name] = {labels: 1.0}
 
     def _on_round_start(self, e: dict[str, Any]) -> None:
-        self._set(m.ROUND, _num(e.get("round")))
+        self._set(m.ROUND, finite_number(e.get("round")))
         self._set(m.ROUND_IN_PROGRESS, 1.0)
-        self._set(m.ROUND_STARTED_TS, _num(e.get("ts")))
+        self._set(m.ROUND_STARTED_TS, finite_number(e.get("ts")))
         self._set(m.SILOS_CONNECTED, _count(e.get("connected")))
         self._set(m.SILOS_SAMPLED, _count(e.get("sampled")))
 
     def _on_round_end(self, e: dict[str, Any]) -> None:
-        self._set(m.ROUND, _num(e.get("round")))
+        self._set(m.ROUND, finite_number(e.get("round")))
         self._set(m.ROUND_IN_PROGRESS, 0.0)
-        self._set(m.ROUNDS_COMPLETED, _num(e.get("round")))
+        self._set(m.ROUNDS_COMPLETED, finite_number(e.get("round")))
         self._inc(m.ROUNDS_COMPLETED_TOTAL, 1)
         self._set(m.SILOS_SAMPLED, _count(e.get("sampled")))
         self._set(m.SILOS_ANSWERED, _count(e.get("answered")))
         self._set(m.SILOS_FAILED, _count(e.get("failed")))
-        self._set(m.ROUND_DURATION, _num(e.get("duration_seconds")))
-        self._set(m.AGGREGATION_DURATION, _num(e.get("aggregation_seconds")))
-        up, down = _num(e.get("uplink_bytes")), _num(e.get("downlink_bytes"))
+        self._set(m.ROUND_DURATION, finite_number(e.get("duration_seconds")))
+        self._set(m.AGGREGATION_DURATION, finite_number(e.get("aggregation_seconds")))
+        up, down = finite_number(e.get("uplink_bytes")), finite_number(e.get("downlink_bytes"))
         self._set(m.ROUND_UPLINK, up)
         self._set(m.ROUND_DOWNLINK, down)
-        self._set(m.ROUND_TRAIN_LOSS, _num(e.get("train_loss")))
-        cumulative = _num(e.get("cumulative_bytes"))
+        self._set(m.ROUND_TRAIN_LOSS, finite_number(e.get("train_loss")))
+        cumulative = finite_number(e.get("cumulative_bytes"))
         if cumulative is None:  # older writers: add this round's traffic ourselves
             prev = self.gauges.get(m.COMM_BYTES.name, {}).get((), 0.0)
             cumulative = prev + (up or 0.0) + (down or 0.0)
@@ -220,14 +214,14 @@ class FederationState:
         values = e.get("metrics")
         if not isinstance(values, dict):
             return
-        self._set(m.EVALUATION_ROUND, _num(e.get("round")))
+        self._set(m.EVALUATION_ROUND, finite_number(e.get("round")))
         for name, value in values.items():
-            self._set(m.EVALUATION, _num(value), (str(name),))
+            self._set(m.EVALUATION, finite_number(value), (str(name),))
 
     def _on_run_end(self, e: dict[str, Any]) -> None:
         self._set(m.RUN_ACTIVE, 0.0)
         self._set(m.ROUND_IN_PROGRESS, 0.0)
-        self._set(m.ROUNDS_COMPLETED, _num(e.get("rounds_completed")))
+        self._set(m.ROUNDS_COMPLETED, finite_number(e.get("rounds_completed")))
 
     def _on_silo_result(self, e: dict[str, Any]) -> None:
         labels = (self._silo(e),)
@@ -236,14 +230,14 @@ class FederationState:
             self._inc(m.SILO_FAILURES, 0, labels)
             self._inc(m.UPDATES_REJECTED, 0, labels)
         self._inc(m.SILO_ROUNDS, 1, labels)
-        self._set(m.SILO_LAST_RESULT_TS, _num(e.get("ts")), labels)
+        self._set(m.SILO_LAST_RESULT_TS, finite_number(e.get("ts")), labels)
         for key, d in _SILO_COUNTERS.items():
-            self._inc(d, _num(e.get(key)) or 0.0, labels)
+            self._inc(d, finite_number(e.get(key)) or 0.0, labels)
         # The silo's meter writes 0 for every GPU figure when it has no GPU: not a measurement.
-        no_gpu = _num(e.get("gpu_total_bytes")) == 0.0
+        no_gpu = finite_number(e.get("gpu_total_bytes")) == 0.0
         for key, d in _SILO_GAUGES.items():
             if not (no_gpu and key in _GPU_FIELDS):
-                self._set(d, _num(e.get(key)), labels)
+                self._set(d, finite_number(e.get(key)), labels)
 
     _on_local_train = _on_silo_result
 
@@ -258,7 +252,7 @@ def _count(value: Any) -> float | None:
     """Events give silo sets either as a list of node ids or as a number."""
     if isinstance(value, list | tuple):
         return float(len(value))
-    return _num(value)
+    return finite_number(value)
 
 
 class SiloTuneCollector(Collector):
@@ -322,124 +316,3 @@ def build_registry(
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     return registry, collector
-
-
-@dataclass(frozen=True)
-class RunTraffic:
-    run_id: str
-    inbound_bytes: float
-    outbound_bytes: float
-    pending_at: str
-
-
-def parse_flwr_ls(text: str) -> list[RunTraffic]:
-    """Per-run traffic from `flwr ls --format json` (flwr 1.41: runs[].network-traffic)."""
-    start = text.find("{")  # tolerate log lines a wrapper may print before the JSON
-    doc = json.loads(text[start:] if start >= 0 else text)
-    if not isinstance(doc, dict) or not doc.get("success", False):
-        raise ValueError(f"flwr ls did not succeed: {str(doc)[:200]}")
-    runs = []
-    for run in doc.get("runs", []):
-        traffic = run.get("network-traffic") or {}
-        runs.append(
-            RunTraffic(
-                run_id=str(run.get("run-id", "")),
-                inbound_bytes=_num(traffic.get("inbound-bytes")) or 0.0,
-                outbound_bytes=_num(traffic.get("outbound-bytes")) or 0.0,
-                pending_at=str(run.get("pending-at", "")),
-            )
-        )
-    return runs
-
-
-class FlowerTrafficPoller:
-    """Polls Flower's own per-run traffic accounting in a background thread (optional).
-
-    Totals keep the largest value seen per run, so they never go down when the SuperLink forgets
-    runs (in-memory state after a restart): a true counter, as Prometheus expects.
-    """
-
-    def __init__(
-        self,
-        connection: str,
-        interval_s: float = 15.0,
-        timeout_s: float = 30.0,
-        flwr: str = "flwr",
-        flwr_home: Path | None = None,
-    ) -> None:
-        self.cmd = [flwr, "ls", connection, "--format", "json"]
-        # Air-gapped sites: no telemetry or update check from the poller's `flwr` calls.
-        self.env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-        if flwr_home is not None:
-            self.env["FLWR_HOME"] = str(Path(flwr_home).resolve())
-        self.interval_s, self.timeout_s = interval_s, timeout_s
-        self.per_run: dict[str, RunTraffic] = {}
-        self.newest: RunTraffic | None = None
-        self.ok = False
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-
-    def poll_once(self) -> bool:
-        import subprocess
-
-        try:
-            out = subprocess.run(
-                self.cmd,
-                capture_output=True,
-                text=True,
-                timeout=self.timeout_s,
-                check=True,
-                env=self.env,
-            ).stdout
-            runs = parse_flwr_ls(out)
-        except (OSError, subprocess.SubprocessError, ValueError) as exc:
-            log.warning("flwr ls failed (%s); wire-byte series keep their last values", exc)
-            with self._lock:
-                self.ok = False
-            return False
-        with self._lock:
-            for run in runs:
-                old = self.per_run.get(run.run_id)
-                if old is not None:
-                    run = RunTraffic(
-                        run.run_id,
-                        max(run.inbound_bytes, old.inbound_bytes),
-                        max(run.outbound_bytes, old.outbound_bytes),
-                        run.pending_at,
-                    )
-                self.per_run[run.run_id] = run
-            if runs:
-                self.newest = self.per_run[max(runs, key=lambda r: r.pending_at).run_id]
-            self.ok = True
-        return True
-
-    def start(self) -> threading.Thread:
-        def loop() -> None:
-            while not self._stop.is_set():
-                self.poll_once()
-                self._stop.wait(self.interval_s)
-
-        thread = threading.Thread(target=loop, name="flwr-ls-poller", daemon=True)
-        thread.start()
-        return thread
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def collect(self) -> Iterator[Metric]:
-        with self._lock:
-            runs, newest, ok = list(self.per_run.values()), self.newest, self.ok
-        for d, total in (
-            (m.WIRE_IN, sum(r.inbound_bytes for r in runs)),
-            (m.WIRE_OUT, sum(r.outbound_bytes for r in runs)),
-        ):
-            family = CounterMetricFamily(d.name, d.help)
-            family.add_metric([], total)
-            yield family
-        if newest is not None:
-            for d, value in (
-                (m.WIRE_RUN_IN, newest.inbound_bytes),
-                (m.WIRE_RUN_OUT, newest.outbound_bytes),
-            ):
-                yield GaugeMetricFamily(d.name, d.help, value=value)
-        yield GaugeMetricFamily(m.WIRE_POLL_OK.name, m.WIRE_POLL_OK.help, value=float(ok))

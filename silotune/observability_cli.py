@@ -114,7 +114,8 @@ def parse_bind(bind: str) -> tuple[str, int]:
 def run_exporter(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
-    from silotune.exporter import FlowerTrafficPoller, build_registry
+    from silotune.exporter import build_registry
+    from silotune.flwr_traffic import FlowerTrafficPoller
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     host, port = parse_bind(args.bind)

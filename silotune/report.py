@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from silotune.errors import UserError
-from silotune.events import read_events
+from silotune.events import finite_number, read_events
 
 Series = dict[str, list[tuple[float, float]]]  # legend -> [(round, value)]
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
@@ -145,7 +145,7 @@ _GPU_KEYS = {"peak_gpu_allocated_bytes", "peak_gpu_reserved_bytes", "nvml_used_b
 
 
 def _is_num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    return finite_number(v) is not None
 
 
 def charts(d: RunData) -> list[str]:

@@ -20,7 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from silotune import metrics as m
 from silotune.events import EventLog
-from silotune.exporter import FlowerTrafficPoller, build_registry, parse_flwr_ls
+from silotune.exporter import build_registry
+from silotune.flwr_traffic import FlowerTrafficPoller, parse_flwr_ls
 from tests.test_monitoring_synthetic import ADAPTER_PARAMS, BUDGET_BYTES, ROUNDS, write_synthetic_run
 
 
