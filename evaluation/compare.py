@@ -105,6 +105,7 @@ class Row:
     downlink_bytes: int = 0
     raw_data_bytes: int = 0  # raw training data moved off the silos (centralized only)
     scores: dict[str, float] = field(default_factory=dict)  # benchmark name -> value (0-1)
+    macro_f1: dict[str, float] = field(default_factory=dict)  # closed-answer benchmarks only
     items: dict[str, int] = field(default_factory=dict)
     average: float = 0.0
     train_seconds: float = 0.0
@@ -114,6 +115,10 @@ class Row:
     @property
     def adapter_bytes(self) -> int:
         return self.uplink_bytes + self.downlink_bytes
+
+    @property
+    def mean_macro_f1(self) -> float | None:
+        return sum(self.macro_f1.values()) / len(self.macro_f1) if self.macro_f1 else None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -128,6 +133,7 @@ class Row:
             "adapter_bytes": self.adapter_bytes,
             "raw_data_bytes": self.raw_data_bytes,
             "scores": self.scores,
+            "macro_f1": self.macro_f1,
             "items": self.items,
             "average": self.average,
             "train_seconds": round(self.train_seconds, 1),
@@ -188,18 +194,32 @@ def to_markdown(meta: dict[str, Any], rows: list[Row], titles: dict[str, str]) -
         + (f", seed {meta['eval_seed']})" if meta["eval_sample"] == "random" else ")"),
         "- bytes: adapter tensors (float32) down + up over all rounds and silos, as the federation "
         "sends them; raw data: the silos' training files moved to a central site (centralized only)",
+    ]
+    floor = meta.get("majority_baseline") or {}
+    if floor:
+        lines.append(
+            "- floor: always answering the most frequent label scores "
+            + ", ".join(
+                f"{titles[b]} {100 * v['accuracy']:.2f} % accuracy, {100 * v['macro_f1']:.2f} % macro-F1"
+                for b, v in floor.items()
+                if b in titles
+            )
+            + " on these items (macro-F1: the unweighted mean of per-label F1)"
+        )
+    lines += [
         "",
         "| Approach | LoRA rank | Steps per silo | Steps total | "
         + " | ".join(f"{titles[b]} (%)" for b in names)
-        + " | Average (%) | Adapter bytes (up + down) | Raw data bytes to center | Train s |",
-        "|---|---|---|---|" + "---|" * len(names) + "---|---|---|---|",
+        + " | Average (%) | Macro-F1 (%) | Adapter bytes (up + down) | Raw data bytes to center | Train s |",
+        "|---|---|---|---|" + "---|" * len(names) + "---|---|---|---|---|",
     ]
     for r in rows:
+        f1 = r.mean_macro_f1
         lines.append(
             f"| {r.label} | {','.join(map(str, r.ranks)) or '-'} | {r.steps_per_silo} | {r.total_steps} | "
             + " | ".join(f"{100 * r.scores[b]:.2f}" if b in r.scores else "-" for b in names)
-            + f" | {100 * r.average:.2f} | {_mb(r.adapter_bytes)} | {_mb(r.raw_data_bytes)} | "
-            f"{r.train_seconds:.0f} |"
+            + f" | {100 * r.average:.2f} | {'-' if f1 is None else f'{100 * f1:.2f}'} | "
+            f"{_mb(r.adapter_bytes)} | {_mb(r.raw_data_bytes)} | {r.train_seconds:.0f} |"
         )
     lines.append("")
     return "\n".join(lines)
@@ -216,6 +236,7 @@ def _mean_row(rows: list[Row]) -> Row:
         rows[0].steps_per_silo,
         sum(r.total_steps for r in rows),
         scores={b: sum(r.scores[b] for r in rows) / n for b in names},
+        macro_f1={b: sum(r.macro_f1[b] for r in rows) / n for b in rows[0].macro_f1},
         items=rows[0].items,
         average=sum(r.average for r in rows) / n,
         train_seconds=sum(r.train_seconds for r in rows),
@@ -290,6 +311,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from evaluation.inprocess import AdapterBank, Silo, train_centralized, train_federated, train_isolated
     from evaluation.report import write_report
     from evaluation.runner import PROTOCOL_LABELS, EvalSettings, SuiteReport, run_choice, run_code
+    from evaluation.scoring import majority_baseline
     from silo_node.data import load_silo_records
     from silo_node.split import split_file
     from silo_node.templates import get_template
@@ -391,6 +413,8 @@ def run_compare(args: argparse.Namespace) -> int:
             run_one = run_code if b.kind == "code" else run_choice
             results.append(run_one(b, bench_items[b.name], model, loaded.tokenizer, settings))
             row.scores[b.name], row.items[b.name] = results[-1].value, results[-1].n
+            if "macro_f1" in results[-1].extra:
+                row.macro_f1[b.name] = results[-1].extra["macro_f1"]
         report = SuiteReport(
             suite=args.domain,
             protocol=args.protocol,
@@ -444,6 +468,11 @@ def run_compare(args: argparse.Namespace) -> int:
         "eval_seed": args.eval_seed,
         "eval_benchmarks": list(titles),
         "eval_items": items,
+        "majority_baseline": {
+            b.name: majority_baseline([i.gold for i in bench_items[b.name]])
+            for b in benches
+            if b.kind != "code"
+        },
         "raw_data_bytes": raw_bytes,
         "command": "silotune compare " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["compare"] else "",
     }

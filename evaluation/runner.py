@@ -13,7 +13,14 @@ from evaluation.extraction import choice_label, stop_at_stop_words
 from evaluation.generation import greedy_generate, loglik_choose
 from evaluation.items import ChoiceItem, CodeTask
 from evaluation.sandbox import SandboxLimits, isolation_mode, run_program
-from evaluation.scoring import BenchmarkResult, accuracy, domain_average, mean_pass_at_1
+from evaluation.scoring import (
+    BenchmarkResult,
+    accuracy,
+    domain_average,
+    macro_f1,
+    majority_accuracy,
+    mean_pass_at_1,
+)
 from silotune.errors import UserError
 
 Protocol = Literal["generate", "loglik"]
@@ -109,7 +116,10 @@ def run_choice(
                 **({"group": it.group} if it.group else {}),
             }
         )
-    return BenchmarkResult(bench.name, bench.title, "accuracy", accuracy(preds, golds), len(items), records)
+    extra = {"macro_f1": macro_f1(preds, golds), "majority_accuracy": majority_accuracy(golds)}
+    return BenchmarkResult(
+        bench.name, bench.title, "accuracy", accuracy(preds, golds), len(items), records, extra
+    )
 
 
 def run_code(

@@ -42,6 +42,43 @@ def accuracy(predictions: Sequence[str], golds: Sequence[str]) -> float:
     return sum(p == g for p, g in zip(predictions, golds, strict=True)) / len(golds)
 
 
+def macro_f1(predictions: Sequence[str], golds: Sequence[str]) -> float:
+    """Unweighted mean F1 over the gold label set; any other prediction only costs recall.
+
+    Reported beside accuracy because the closed-answer sets are imbalanced (TFNS is ~65 %
+    neutral): a model that always answers the majority label scores high accuracy and a macro-F1
+    near 1/3 x 0.8, so the two together tell "learned the task" from "learned the prior".
+    """
+    if len(predictions) != len(golds):
+        raise ValueError(f"{len(predictions)} predictions for {len(golds)} gold answers")
+    classes = sorted(set(golds))
+    if not classes:
+        return 0.0
+    total = 0.0
+    for c in classes:
+        tp = sum(p == c and g == c for p, g in zip(predictions, golds, strict=True))
+        predicted, actual = sum(p == c for p in predictions), sum(g == c for g in golds)
+        if tp:
+            precision, recall = tp / predicted, tp / actual
+            total += 2 * precision * recall / (precision + recall)
+    return total / len(classes)
+
+
+def majority_accuracy(golds: Sequence[str]) -> float:
+    """Accuracy of always answering the most frequent gold label: the floor a classifier must beat."""
+    if not golds:
+        return 0.0
+    return max(golds.count(g) for g in set(golds)) / len(golds)
+
+
+def majority_baseline(golds: Sequence[str]) -> dict[str, float]:
+    """Accuracy and macro-F1 of always answering the most frequent gold label."""
+    if not golds:
+        return {"accuracy": 0.0, "macro_f1": 0.0}
+    top = max(sorted(set(golds)), key=golds.count)
+    return {"accuracy": majority_accuracy(golds), "macro_f1": macro_f1([top] * len(golds), golds)}
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c,k)/C(n,k)."""
     if not 0 <= c <= n or k < 1:

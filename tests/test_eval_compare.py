@@ -109,6 +109,12 @@ def test_compare_rows_bytes_and_steps(tiny: Path, tmp_path: Path) -> None:
         assert 0.0 <= rows[label]["scores"]["tfns"] <= 1.0
     per_silo = ROUNDS * STEPS
     assert doc["step_rule"] in doc["_markdown"]
+    # Macro-F1 beside accuracy, and the always-majority floor of the very items scored.
+    for label in expected:
+        assert 0.0 <= rows[label]["macro_f1"]["tfns"] <= 1.0
+    floor = doc["majority_baseline"]["tfns"]
+    assert floor["accuracy"] == pytest.approx(max(_eval_golds(doc).values()) / 4)
+    assert f"TFNS {100 * floor['accuracy']:.2f} % accuracy" in doc["_markdown"]
     # Trained in the prompt the evaluation asks with, and the table says so.
     assert doc["prompt_style"] == "eval" and "training prompt eval" in doc["_markdown"]
 
@@ -148,6 +154,14 @@ def test_compare_rows_bytes_and_steps(tiny: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in adapters.iterdir()) == sorted(
         label.replace(" ", "_") for label in expected if label != "base (no training)" and "mean" not in label
     )
+
+
+def _eval_golds(doc: dict) -> dict[str, int]:
+    """Gold label counts of the items compare scored (from the base row's per-item records)."""
+    from collections import Counter
+
+    path = Path(doc["_out"]) / "evals" / "base_(no_training)" / "finance-generate-items" / "tfns.jsonl"
+    return Counter(json.loads(line)["gold"] for line in path.read_text().splitlines())
 
 
 def test_saved_adapter_is_the_one_compare_scored(tiny: Path, tmp_path: Path) -> None:

@@ -134,3 +134,22 @@ def test_multiple_e_programs_assemble() -> None:
     # The C++ tests begin with the "}" that the stop word "\n}" removed from the completion.
     assert run_program("cpp", cpp.program("\n    return string.size();")).passed
     assert not run_program("cpp", cpp.program("\n    return 7;")).passed
+
+
+def test_macro_f1_tells_the_prior_from_the_task() -> None:
+    from evaluation.scoring import macro_f1, majority_baseline
+
+    golds = ["neutral"] * 6 + ["positive"] * 2 + ["negative"] * 2
+    always = ["neutral"] * 10
+    # Always-majority: high accuracy, but F1 only on one of three labels.
+    assert majority_baseline(golds) == pytest.approx({"accuracy": 0.6, "macro_f1": (2 * 0.6 / 1.6) / 3})
+    assert macro_f1(always, golds) == pytest.approx((2 * 0.6 / 1.6) / 3)
+    assert macro_f1(golds, golds) == 1.0
+    # One positive found, one false positive: precision 1/2, recall 1/2 for "positive".
+    preds = ["neutral"] * 5 + ["positive"] + ["positive", "neutral"] + ["negative"] * 2
+    f1_neutral = 2 * (5 / 6) * (5 / 6) / (5 / 6 + 5 / 6)
+    assert macro_f1(preds, golds) == pytest.approx((f1_neutral + 0.5 + 1.0) / 3)
+    # Unparseable outputs cost recall only; no label outside the gold set is invented.
+    assert macro_f1(["the"] * 10, golds) == 0.0
+    with pytest.raises(ValueError):
+        macro_f1(["a"], ["a", "b"])
