@@ -1,9 +1,10 @@
 """Prompt templates for FlowerTune's four domains: one small, uniform piece per domain.
 
-Every template turns a record with (instruction, input, output) into a prompt and a response. The
-prompt ends WITHOUT a trailing space and the response starts the answer: with SmolLM2's tokenizer,
-"Answer: " + "neutral" trains a different token than the evaluator later reads (design notes).
-Records are mapped to these field names first (``columns`` in the silo config).
+Every template turns a record with (instruction, input, output) into a prompt and a response, which
+training tokenizes separately (silo_node/training.py): tokenizing "Answer: neutral" as one string
+would train " neutral", a different token than the one an evaluator reads after the prompt's
+trailing space (design notes). Records are mapped to these field names first (``columns`` in the
+silo config).
 
 Two prompt styles (``train.prompt-style``):
 
@@ -19,10 +20,8 @@ Two prompt styles (``train.prompt-style``):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
-PromptStyle = Literal["alpaca", "eval"]
-PROMPT_STYLES: tuple[str, ...] = ("alpaca", "eval")
+from silotune.config import PromptStyle
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "

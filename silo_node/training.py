@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from silo_node.templates import DomainTemplate, PromptStyle
-from silotune.config import TrainSettings
+from silo_node.templates import DomainTemplate
+from silotune.config import PromptStyle, TrainSettings
 
 IGNORE_INDEX = -100
 

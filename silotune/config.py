@@ -21,6 +21,8 @@ EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
 Domain = Literal["general", "finance", "medical", "code"]
 PeftMethod = Literal["lora", "dora", "qlora", "ia3"]
+# silo_node/templates.py renders both; "eval" is FlowerTune's finance evaluation prompt.
+PromptStyle = Literal["alpaca", "eval"]
 StrategyName = Literal["fedavg", "fedprox", "fedavgm", "fedadam", "flexlora"]
 
 
@@ -90,7 +92,7 @@ class TrainSettings(_Section):
     seed: int = 42
     # "alpaca": FlowerTune's training prompt; "eval": the prompt its finance evaluation asks with
     # (silo_node/templates.py says why one would train in it).
-    prompt_style: Literal["alpaca", "eval"] = "alpaca"
+    prompt_style: PromptStyle = "alpaca"
 
     @model_validator(mode="after")
     def _lr_order(self) -> TrainSettings:
