@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -34,7 +35,16 @@ from typing import Any
 from silotune.errors import UserError
 
 SCHEMA = "silotune.compare/v1"
-APPROACHES = ("base", "isolated", "fedavg", "flexlora", "centralized")
+# The issue's comparison by default; FedProx / FedAvgM / FedAdam rows on request (--approaches).
+APPROACHES = ("base", "isolated", "fedavg", "flexlora", "fedprox", "fedavgm", "fedadam", "centralized")
+DEFAULT_APPROACHES = ("base", "isolated", "fedavg", "flexlora", "centralized")
+FEDERATED_LABELS = {
+    "fedavg": "FedAvg",
+    "flexlora": "FlexLoRA",
+    "fedprox": "FedProx",
+    "fedavgm": "FedAvgM",
+    "fedadam": "FedAdam",
+}
 DATA_ENV = "SILOTUNE_EVAL_DATA"
 
 
@@ -72,9 +82,18 @@ def register_arguments(c: argparse.ArgumentParser) -> None:
     )
     t.add_argument(
         "--approaches",
-        default=",".join(APPROACHES),
-        help=f"comma-separated subset of {','.join(APPROACHES)} (base = the untrained model)",
+        default=",".join(DEFAULT_APPROACHES),
+        help=f"comma-separated, from {','.join(APPROACHES)} (default: {','.join(DEFAULT_APPROACHES)}; "
+        "base = the untrained model)",
     )
+    t.add_argument("--proximal-mu", type=float, default=0.01, help="FedProx mu (fedprox rows)")
+    t.add_argument(
+        "--server-lr",
+        type=float,
+        default=1.0,
+        help="server step of fedavgm / fedadam rows (FedAdam wants a small one, e.g. 1e-3)",
+    )
+    t.add_argument("--server-momentum", type=float, default=0.9, help="FedAvgM momentum")
     e = c.add_argument_group("evaluation (as silotune eval)")
     e.add_argument("--eval-data-dir", type=Path, help=f"benchmark files; default ${DATA_ENV}")
     e.add_argument("--eval-limit", type=int, default=100, help="N items of each benchmark")
@@ -288,8 +307,20 @@ def _source(args: argparse.Namespace) -> Any:
     return DataSource(root=root)
 
 
-def _slug(label: str) -> str:
-    return label.replace(" ", "_")
+def _strategy_note(approach: str, args: argparse.Namespace) -> str:
+    """The server-side setting that distinguishes a row, in its label (tables stay self-describing)."""
+    if approach == "fedprox":
+        return f" (mu {args.proximal_mu:g})"
+    if approach == "fedavgm":
+        return f" (lr {args.server_lr:g}, momentum {args.server_momentum:g})"
+    if approach == "fedadam":
+        return f" (lr {args.server_lr:g})"
+    return ""
+
+
+def row_slug(label: str) -> str:
+    """Row folder under evals/ and adapters/: "federated FedProx (mu 0.01)" -> federated_FedProx_mu_0.01"""
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", label).strip("_")
 
 
 def save_row_adapter(directory: Path, state: dict[str, Any], peft_config: dict[str, Any]) -> None:
@@ -345,6 +376,9 @@ def run_compare(args: argparse.Namespace) -> int:
             "train.lr-min": args.lr_min,
             "train.seed": args.seed,
             "train.prompt-style": args.prompt_style,
+            "strategy.proximal-mu": args.proximal_mu,
+            "strategy.server-lr": args.server_lr,
+            "strategy.server-momentum": args.server_momentum,
         },
         source="compare options",
     )
@@ -405,7 +439,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
     def evaluate(model: Any, row: Row, state: dict[str, Any] | None = None) -> Row:
         if state is not None:
-            save_row_adapter(out / "adapters" / _slug(row.label), state, peft_config_dict(model))
+            save_row_adapter(out / "adapters" / row_slug(row.label), state, peft_config_dict(model))
         t0 = time.monotonic()
         model.eval()
         results = []
@@ -432,7 +466,7 @@ def run_compare(args: argparse.Namespace) -> int:
             seconds=time.monotonic() - t0,
             base_identity=identity,
         )
-        write_report(report, out / "evals" / _slug(row.label))
+        write_report(report, out / "evals" / row_slug(row.label))
         row.average = report.average
         row.eval_seconds = time.monotonic() - t0
         _log(f"{row.label}: average {100 * row.average:.2f} ({row.eval_seconds:.0f} s to evaluate)")
@@ -506,16 +540,13 @@ def run_compare(args: argparse.Namespace) -> int:
                 rows.append(per_silo[-1])
                 flush()
             rows.append(_mean_row(per_silo))
-        elif approach in ("fedavg", "flexlora"):
-            strat_run = run.model_copy(
-                update={"strategy": run.strategy.model_copy(update={"name": approach})}
-            )
-            strategy = get_strategy(strat_run.strategy, run.peft)
+        elif approach in FEDERATED_LABELS:
+            strategy = get_strategy(run.strategy.model_copy(update={"name": approach}), run.peft)
             fed_silos = (
                 silos if approach == "flexlora" else [Silo(s.name, s.examples, run.peft.rank) for s in silos]
             )
             o = train_federated(bank, fed_silos, strategy, run.train, rounds, _log)
-            label = "FedAvg" if approach == "fedavg" else "FlexLoRA"
+            label = FEDERATED_LABELS[approach] + _strategy_note(approach, args)
             row = Row(approach, f"federated {label}", None, [s.rank for s in fed_silos], o.steps_per_silo,
                       o.total_steps, o.uplink_bytes, o.downlink_bytes, train_seconds=o.seconds,
                       losses=o.losses)  # fmt: skip

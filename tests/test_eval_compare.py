@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,6 +17,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_model import make_tiny_llama  # noqa: E402
 
+from evaluation.compare import row_slug  # noqa: E402
 from silotune.cli import main  # noqa: E402
 
 ROUNDS, STEPS, SILOS, RANK, FLEX_RANKS = 2, 2, 3, 4, (2, 4, 8)
@@ -152,7 +154,7 @@ def test_compare_rows_bytes_and_steps(tiny: Path, tmp_path: Path) -> None:
     # Every trained row keeps its adapter; the base row has none.
     adapters = Path(doc["_out"]) / "adapters"
     assert sorted(p.name for p in adapters.iterdir()) == sorted(
-        label.replace(" ", "_") for label in expected if label != "base (no training)" and "mean" not in label
+        row_slug(label) for label in expected if label != "base (no training)" and "mean" not in label
     )
 
 
@@ -160,7 +162,7 @@ def _eval_golds(doc: dict) -> dict[str, int]:
     """Gold label counts of the items compare scored (from the base row's per-item records)."""
     from collections import Counter
 
-    path = Path(doc["_out"]) / "evals" / "base_(no_training)" / "finance-generate-items" / "tfns.jsonl"
+    path = Path(doc["_out"]) / "evals" / "base_no_training" / "finance-generate-items" / "tfns.jsonl"
     return Counter(json.loads(line)["gold"] for line in path.read_text().splitlines())
 
 
@@ -272,3 +274,28 @@ def test_select_items_first_or_seeded_random() -> None:
     assert len(set(a)) == 5 and a != [0, 1, 2, 3, 4]
     assert select_items(bench, items, 80, "random", 1) == items
     assert select_items(bench, items, None, "random", 1) == items
+
+
+def test_server_strategy_rows_fedprox_fedadam(tiny: Path, tmp_path: Path) -> None:
+    """Extra rows: FedProx with mu 0 trains exactly FedAvg's adapter; mu > 0 and FedAdam differ."""
+    from silotune.adapters import load_adapter_dir
+
+    doc = _compare(
+        tiny, tmp_path, "--approaches", "fedavg,fedprox,fedadam", "--proximal-mu", "0", "--server-lr", "0.01"
+    )
+    labels = [r["label"] for r in doc["rows"]]
+    assert labels == ["federated FedAvg", "federated FedProx (mu 0)", "federated FedAdam (lr 0.01)"]
+    rows = {r["approach"]: r for r in doc["rows"]}
+    for approach in ("fedprox", "fedadam"):  # same payloads as FedAvg: the whole adapter, each way
+        assert rows[approach]["adapter_bytes"] == rows["fedavg"]["adapter_bytes"]
+    adapters = Path(doc["_out"]) / "adapters"
+    fedavg, _ = load_adapter_dir(adapters / "federated_FedAvg")
+    prox0, _ = load_adapter_dir(adapters / "federated_FedProx_mu_0")
+    adam, _ = load_adapter_dir(adapters / "federated_FedAdam_lr_0.01")
+    assert all((fedavg[k] == prox0[k]).all() for k in fedavg)
+    assert any(not np.allclose(fedavg[k], adam[k]) for k in fedavg)
+
+    (tmp_path / "mu").mkdir()
+    doc = _compare(tiny, tmp_path / "mu", "--approaches", "fedprox", "--proximal-mu", "1.0")
+    prox1, _ = load_adapter_dir(Path(doc["_out"]) / "adapters" / "federated_FedProx_mu_1")
+    assert any(not np.allclose(fedavg[k], prox1[k]) for k in fedavg)
