@@ -55,8 +55,7 @@ def _fingerprint_of_private(path: Path) -> str | None:
 
 def _start(args: argparse.Namespace) -> int:
     from silo_node.launch import SiloOptions, start_silo
-    from silotune.observability_cli import parse_bind, start_exporter
-    from silotune.processes import supervise
+    from silotune.observability_cli import parse_bind, supervise_with_exporter
 
     node_config = parse_node_config_text(args.node_config or "")
     for key in _SILO_OPTIONS:
@@ -81,16 +80,7 @@ def _start(args: argparse.Namespace) -> int:
     log = Path(args.log_file) if args.log_file else None
     proc = start_silo(opts, log, run_domain=args.run_domain)
     print(f"SuperNode started for {args.superlink}" + (f"; log: {log}" if log else ""))
-    exporter = None
-    try:
-        if args.exporter:
-            exporter = start_exporter(opts.events_dir, "silo", args.exporter, ws / "exporter.log")
-            print(f"metrics: http://{args.exporter}/metrics (log: {ws / 'exporter.log'})")
-        rc = supervise(proc)
-    finally:
-        proc.stop()
-        if exporter is not None:
-            exporter.stop()
+    rc = supervise_with_exporter(proc, args.exporter, opts.events_dir, "silo", ws / "exporter.log")
     if rc in (0, 130, 3, -15):
         return 0
     hint = f"the SuperNode stopped (exit code {rc})"

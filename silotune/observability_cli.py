@@ -104,6 +104,23 @@ def start_exporter(events_dir: Path, role: str, bind: str, log_path: Path) -> An
             time.sleep(0.3)
 
 
+def supervise_with_exporter(proc: Any, bind: str | None, events_dir: Path, role: str, log_path: Path) -> int:
+    """Run a site's Flower process in the foreground (``supervise``); with ``bind``, its exporter
+    runs beside it. Both stop together, on exit, Ctrl-C, SIGTERM or an error starting the exporter."""
+    from silotune.processes import supervise
+
+    exporter = None
+    try:
+        if bind:
+            exporter = start_exporter(events_dir, role, bind, log_path)
+            print(f"metrics: http://{bind}/metrics (log: {log_path})")
+        return supervise(proc)
+    finally:
+        proc.stop()
+        if exporter is not None:
+            exporter.stop()
+
+
 def parse_bind(bind: str) -> tuple[str, int]:
     host, sep, port = bind.rpartition(":")
     if not sep or not port.isdigit() or not host:

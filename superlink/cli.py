@@ -23,8 +23,7 @@ def _pick(explicit: str | None, certs_dir: str | None, name: str) -> Path | None
 
 
 def _start(args: argparse.Namespace) -> int:
-    from silotune.observability_cli import parse_bind, start_exporter
-    from silotune.processes import supervise
+    from silotune.observability_cli import parse_bind, supervise_with_exporter
     from superlink.launch import SuperLinkOptions, build_superlink_argv, start_superlink
 
     ws = resolve_workspace(args.workspace)
@@ -50,16 +49,7 @@ def _start(args: argparse.Namespace) -> int:
     print(f"SuperLink ready on {args.host}:{args.port} (state: {opts.database})")
     if log:
         print(f"log: {log}")
-    exporter = None
-    try:
-        if args.exporter:
-            exporter = start_exporter(opts.events_dir, "server", args.exporter, ws / "exporter.log")
-            print(f"metrics: http://{args.exporter}/metrics (log: {ws / 'exporter.log'})")
-        rc = supervise(proc)
-    finally:
-        proc.stop()
-        if exporter is not None:
-            exporter.stop()
+    rc = supervise_with_exporter(proc, args.exporter, opts.events_dir, "server", ws / "exporter.log")
     return 0 if rc in (0, 130, 3, -15) else rc  # 3 = Flower's graceful SIGTERM exit
 
 
