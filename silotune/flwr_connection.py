@@ -123,11 +123,6 @@ def flower_env(
     return env
 
 
-def flwr_env(flwr_home: Path, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for a `flwr` CLI subprocess."""
-    return flower_env(flwr_home, base=base)
-
-
 def run_flwr(
     args: list[str],
     flwr_home: Path,
@@ -140,7 +135,7 @@ def run_flwr(
     try:
         return subprocess.run(
             [*prefix, "flwr", *args],
-            env=flwr_env(flwr_home),
+            env=flower_env(flwr_home),
             cwd=cwd,
             capture_output=True,
             text=True,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from silotune import metrics as m
 from silotune.events import finite_number
+from silotune.flwr_connection import flower_env
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,7 @@ class FlowerTrafficPoller:
     ) -> None:
         self.cmd = [flwr, "ls", connection, "--format", "json"]
         # Air-gapped sites: no telemetry or update check from the poller's `flwr` calls.
-        self.env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-        if flwr_home is not None:
-            self.env["FLWR_HOME"] = str(Path(flwr_home).resolve())
+        self.env = flower_env(flwr_home)
         self.interval_s, self.timeout_s = interval_s, timeout_s
         self.per_run: dict[str, RunTraffic] = {}
         self.newest: RunTraffic | None = None

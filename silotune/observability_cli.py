@@ -9,10 +9,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from silotune.errors import UserError
 from silotune.metrics import BYTES_PER_MB, FLOWERTUNE_BUDGET_MB
+
+if TYPE_CHECKING:  # for annotations only: the launch helpers import silotune.processes lazily
+    from silotune.processes import ManagedProcess
 
 
 def register(sub: Any) -> None:
@@ -79,8 +82,8 @@ def add_exporter_option(p: argparse.ArgumentParser, role: str) -> None:
     )
 
 
-def start_exporter(events_dir: Path, role: str, bind: str, log_path: Path) -> Any:
-    """Start ``silotune exporter`` as a managed child (``ManagedProcess``) and wait for /metrics."""
+def start_exporter(events_dir: Path, role: str, bind: str, log_path: Path) -> ManagedProcess:
+    """Start ``silotune exporter`` as a managed child process and wait until /metrics answers."""
     import urllib.request
 
     from silotune.processes import start_process
@@ -104,7 +107,9 @@ def start_exporter(events_dir: Path, role: str, bind: str, log_path: Path) -> An
             time.sleep(0.3)
 
 
-def supervise_with_exporter(proc: Any, bind: str | None, events_dir: Path, role: str, log_path: Path) -> int:
+def supervise_with_exporter(
+    proc: ManagedProcess, bind: str | None, events_dir: Path, role: str, log_path: Path
+) -> int:
     """Run a site's Flower process in the foreground (``supervise``); with ``bind``, its exporter
     runs beside it. Both stop together, on exit, Ctrl-C, SIGTERM or an error starting the exporter."""
     from silotune.processes import supervise

@@ -79,7 +79,7 @@ def submit_run(
     dead SuperLink or silo ends the wait at once with its name and log file).
     """
     from silotune.config import parse_run_config
-    from silotune.flwr_connection import flwr_env
+    from silotune.flwr_connection import flower_env
 
     parse_run_config(run_config, source="--set / run config")  # refuse bad keys before submitting
     argv = [
@@ -93,7 +93,7 @@ def submit_run(
     ]
     proc = subprocess.Popen(
         argv,
-        env=flwr_env(flwr_home),
+        env=flower_env(flwr_home),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

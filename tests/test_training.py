@@ -57,22 +57,26 @@ def test_chat_template_is_used_when_asked(model_dir: Path) -> None:
     assert not tok.decode(without.input_ids).startswith("<|im_start|>")
 
 
-def test_eval_prompt_style_trains_on_the_tokens_the_evaluator_reads(model_dir: Path) -> None:
-    from evaluation.benchmarks.finance import finance_prompt
+def test_eval_prompt_style_trains_on_the_tokens_the_evaluator_reads(model_dir: Path, tmp_path: Path) -> None:
+    from evaluation.benchmarks.base import DataSource
+    from evaluation.benchmarks.finance import load_tfns
 
     tok = load_model(ModelConfig(name=str(model_dir)), for_training=False).tokenizer
     template = get_template("finance")
+    answer = tok("positive", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     # The chat template is asked for but must not apply: the evaluator never uses one.
     enc = encode_example(tok, template, RECORD, 256, True, "eval")
-    n_prompt = enc.labels.index(next(lab for lab in enc.labels if lab != IGNORE_INDEX))
-    instruction = template.default_instruction
-    expected_prompt = f"Instruction: {instruction}\nInput: {RECORD['input']}\nAnswer: "
-    assert enc.input_ids[:n_prompt] == tok(expected_prompt)["input_ids"]
-    assert enc.input_ids[n_prompt:] == tok("positive", add_special_tokens=False)["input_ids"] + [
-        tok.eos_token_id
-    ]
-    # ... and it is the very prompt the finance benchmarks ask with (one home for the format).
-    assert finance_prompt(instruction, RECORD["input"]) == expected_prompt
+    expected_prompt = f"Instruction: {template.default_instruction}\nInput: {RECORD['input']}\nAnswer: "
+    assert enc.input_ids == tok(expected_prompt)["input_ids"] + answer
+    assert enc.labels == [IGNORE_INDEX] * (len(enc.input_ids) - len(answer)) + answer
+    # A TFNS benchmark item (its instruction says "tweet") asks with exactly the trained prompt tokens.
+    (tmp_path / "tfns").mkdir()
+    (tmp_path / "tfns" / "sent_valid.csv").write_text(f'text,label\n"{RECORD["input"]}",1\n')
+    [item] = load_tfns(DataSource(root=tmp_path))
+    tweet = dict(RECORD, instruction=item.prompt.split("\n")[0].removeprefix("Instruction: "))
+    assert "tweet" in tweet["instruction"] and item.gold == "positive"
+    trained = encode_example(tok, template, tweet, 256, False, "eval")
+    assert trained.input_ids == tok(item.prompt)["input_ids"] + answer
     assert template.render(RECORD, "alpaca")[0].startswith("Below is an instruction")
 
 

@@ -35,12 +35,9 @@ FIQA_FILE = "fiqa/derived/fiqa_test_flowertune_seed42.jsonl"
 FIQA_RAW = ("fiqa/fiqa_train.csv", "fiqa/fiqa_validation.csv", "fiqa/fiqa_test.csv")
 
 
-# One home for the prompt: training with train.prompt-style=eval renders the same text.
-finance_prompt = instruction_answer_prompt
-
-
 def _item(item_id: str, instruction: str, text: str, gold: str) -> ChoiceItem:
-    return ChoiceItem(item_id, finance_prompt(instruction, text), gold, LABELS, LABELS)
+    # The same function renders training prompts under train.prompt-style = "eval".
+    return ChoiceItem(item_id, instruction_answer_prompt(instruction, text), gold, LABELS, LABELS)
 
 
 # --- TFNS: validation split, label 0 bearish/negative, 1 bullish/positive, 2 neutral -------------
