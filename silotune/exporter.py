@@ -27,6 +27,9 @@ from silotune.events import finite_number
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
+# The first bytes of a followed file, kept to notice a copytruncate that was refilled past our
+# offset between two polls (a size check alone misses it; every event starts with a distinct ts).
+_HEAD_BYTES = 4096
 # A line longer than this is not a SiloTune event; dropping it keeps memory bounded.
 MAX_LINE_BYTES = 1 << 20
 
@@ -39,12 +42,13 @@ class EventTail:
         self._fh: Any = None
         self._ino: tuple[int, int] | None = None
         self._partial = b""
+        self._head = b""
         self.malformed = 0
 
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
-        self._fh, self._ino, self._partial = None, None, b""
+        self._fh, self._ino, self._partial, self._head = None, None, b"", b""
 
     def read_new(self) -> list[dict[str, Any]]:
         """Return the complete events appended since the last call (a partial line waits)."""
@@ -66,12 +70,26 @@ class EventTail:
                 return events
             fst = os.fstat(self._fh.fileno())
             self._ino = (fst.st_dev, fst.st_ino)
-        elif st.st_size < self._fh.tell():
+        elif self._truncated(st.st_size):
             # Truncated in place (copytruncate): start over; counters keep what they had.
             self._fh.seek(0)
-            self._partial = b""
+            self._partial, self._head = b"", b""
         events += self._drain()
+        self._remember_head()
         return events
+
+    def _truncated(self, size: int) -> bool:
+        """True when the file was cut in place, even if it has since grown past our offset."""
+        if size < self._fh.tell():
+            return True
+        if not self._head:
+            return False
+        return os.pread(self._fh.fileno(), len(self._head), 0) != self._head
+
+    def _remember_head(self) -> None:
+        want = min(self._fh.tell(), _HEAD_BYTES)
+        if len(self._head) < want:
+            self._head = os.pread(self._fh.fileno(), want, 0)
 
     def _drain(self) -> list[dict[str, Any]]:
         events: list[dict[str, Any]] = []

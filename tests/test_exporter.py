@@ -130,6 +130,23 @@ def test_truncation_and_rotation_keep_counters(tmp_path: Path) -> None:
     assert scrape(reg)[(m.UPLINK_BYTES.name, silo("s1"))] == 116
 
 
+def test_truncation_refilled_past_the_old_offset_between_polls(tmp_path: Path) -> None:
+    # The size check alone misses this: the refilled file is longer than what was read before.
+    path = tmp_path / "server.jsonl"
+    log = EventLog("server", [path])
+    _result(log, "s1", 1)
+    reg, _ = build_registry(path, "server", 5.0)
+    assert scrape(reg)[(m.UPLINK_BYTES.name, silo("s1"))] == 1
+    old_size = path.stat().st_size
+    path.write_text("")
+    _result(log, "s1", 20)
+    _result(log, "s1", 300)
+    assert path.stat().st_size > old_size
+    assert scrape(reg)[(m.UPLINK_BYTES.name, silo("s1"))] == 321
+    _result(log, "s1", 4000)  # plain appends after that are read once
+    assert scrape(reg)[(m.UPLINK_BYTES.name, silo("s1"))] == 4321
+
+
 def test_restart_rebuilds_identical_values(tmp_path: Path) -> None:
     write_synthetic_run(tmp_path / "run", tmp_path / "ev", {})
     first, _ = build_registry(tmp_path / "ev" / "server.jsonl", "server", 5.0)
