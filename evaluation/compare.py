@@ -125,6 +125,7 @@ class Row:
     raw_data_bytes: int = 0  # raw training data moved off the silos (centralized only)
     scores: dict[str, float] = field(default_factory=dict)  # benchmark name -> value (0-1)
     macro_f1: dict[str, float] = field(default_factory=dict)  # closed-answer benchmarks only
+    recall: dict[str, dict[str, float]] = field(default_factory=dict)  # benchmark -> label -> recall
     items: dict[str, int] = field(default_factory=dict)
     average: float = 0.0
     train_seconds: float = 0.0
@@ -153,6 +154,7 @@ class Row:
             "raw_data_bytes": self.raw_data_bytes,
             "scores": self.scores,
             "macro_f1": self.macro_f1,
+            "label_recall": self.recall,
             "items": self.items,
             "average": self.average,
             "train_seconds": round(self.train_seconds, 1),
@@ -241,7 +243,34 @@ def to_markdown(meta: dict[str, Any], rows: list[Row], titles: dict[str, str]) -
             f"{_mb(r.adapter_bytes)} | {_mb(r.raw_data_bytes)} | {r.train_seconds:.0f} |"
         )
     lines.append("")
+    lines += _recall_tables(rows, titles)
     return "\n".join(lines)
+
+
+def _recall_tables(rows: list[Row], titles: dict[str, str]) -> list[str]:
+    """Per-label recall, one table per closed-answer benchmark: which labels each approach finds.
+
+    Accuracy and macro-F1 say how much was learned; this says what. On label-skewed silos an
+    isolated silo finds only the labels it holds, and that is what federation should change.
+    """
+    lines: list[str] = []
+    for b in titles:
+        scored = [r for r in rows if b in r.recall]
+        if not scored:
+            continue
+        labels = list(scored[0].recall[b])
+        lines += [
+            f"Recall per gold label, {titles[b]} (%):",
+            "",
+            "| Approach | " + " | ".join(labels) + " |",
+            "|---|" + "---|" * len(labels),
+        ]
+        lines += [
+            f"| {r.label} | " + " | ".join(f"{100 * r.recall[b].get(x, 0.0):.1f}" for x in labels) + " |"
+            for r in scored
+        ]
+        lines.append("")
+    return lines
 
 
 def _mean_row(rows: list[Row]) -> Row:
@@ -256,6 +285,10 @@ def _mean_row(rows: list[Row]) -> Row:
         sum(r.total_steps for r in rows),
         scores={b: sum(r.scores[b] for r in rows) / n for b in names},
         macro_f1={b: sum(r.macro_f1[b] for r in rows) / n for b in rows[0].macro_f1},
+        recall={
+            b: {label: sum(r.recall[b][label] for r in rows) / n for label in labels}
+            for b, labels in rows[0].recall.items()
+        },
         items=rows[0].items,
         average=sum(r.average for r in rows) / n,
         train_seconds=sum(r.train_seconds for r in rows),
@@ -449,6 +482,7 @@ def run_compare(args: argparse.Namespace) -> int:
             row.scores[b.name], row.items[b.name] = results[-1].value, results[-1].n
             if "macro_f1" in results[-1].extra:
                 row.macro_f1[b.name] = results[-1].extra["macro_f1"]
+                row.recall[b.name] = results[-1].extra["label_recall"]
         report = SuiteReport(
             suite=args.domain,
             protocol=args.protocol,

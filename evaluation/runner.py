@@ -17,6 +17,7 @@ from evaluation.scoring import (
     BenchmarkResult,
     accuracy,
     domain_average,
+    label_recall,
     macro_f1,
     majority_accuracy,
     mean_pass_at_1,
@@ -116,7 +117,11 @@ def run_choice(
                 **({"group": it.group} if it.group else {}),
             }
         )
-    extra = {"macro_f1": macro_f1(preds, golds), "majority_accuracy": majority_accuracy(golds)}
+    extra = {
+        "macro_f1": macro_f1(preds, golds),
+        "label_recall": label_recall(preds, golds),
+        "majority_accuracy": majority_accuracy(golds),
+    }
     return BenchmarkResult(
         bench.name, bench.title, "accuracy", accuracy(preds, golds), len(items), records, extra
     )

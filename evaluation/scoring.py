@@ -64,6 +64,21 @@ def macro_f1(predictions: Sequence[str], golds: Sequence[str]) -> float:
     return total / len(classes)
 
 
+def label_recall(predictions: Sequence[str], golds: Sequence[str]) -> dict[str, float]:
+    """Recall of each gold label (sorted): which labels a model finds, not only how many items.
+
+    On label-skewed silos this is the telling figure: a silo that never saw "positive" tweets
+    scores 0 % recall on them whatever its accuracy, and federation is what can fix that.
+    """
+    if len(predictions) != len(golds):
+        raise ValueError(f"{len(predictions)} predictions for {len(golds)} gold answers")
+    recall: dict[str, float] = {}
+    for c in sorted(set(golds)):
+        hits = sum(p == c and g == c for p, g in zip(predictions, golds, strict=True))
+        recall[c] = hits / sum(g == c for g in golds)
+    return recall
+
+
 def majority_accuracy(golds: Sequence[str]) -> float:
     """Accuracy of always answering the most frequent gold label: the floor a classifier must beat."""
     if not golds:

@@ -116,6 +116,23 @@ def test_compare_rows_bytes_and_steps(tiny: Path, tmp_path: Path) -> None:
         assert 0.0 <= rows[label]["macro_f1"]["tfns"] <= 1.0
     floor = doc["majority_baseline"]["tfns"]
     assert floor["accuracy"] == pytest.approx(max(_eval_golds(doc).values()) / 4)
+    # Per-label recall, recomputed here from each row's per-item records; the mean row averages.
+    for label in expected:
+        if label.startswith("isolated (mean"):
+            continue
+        records = _records(doc, label)
+        golds = {r["gold"] for r in records}
+        assert rows[label]["label_recall"]["tfns"] == pytest.approx(
+            {g: sum(r["correct"] for r in records if r["gold"] == g) / sum(r["gold"] == g for r in records)
+             for g in golds}
+        )  # fmt: skip
+    mean = rows[f"isolated (mean of {SILOS})"]["label_recall"]["tfns"]
+    for g, value in mean.items():
+        assert value == pytest.approx(
+            sum(rows[f"isolated silo-{i}"]["label_recall"]["tfns"][g] for i in range(SILOS)) / SILOS
+        )
+    assert "Recall per gold label, TFNS (%):" in doc["_markdown"]
+    assert "| Approach | " + " | ".join(sorted(_eval_golds(doc))) + " |" in doc["_markdown"]
     assert f"TFNS {100 * floor['accuracy']:.2f} % accuracy" in doc["_markdown"]
     # Trained in the prompt the evaluation asks with, and the table says so.
     assert doc["prompt_style"] == "eval" and "training prompt eval" in doc["_markdown"]
@@ -156,6 +173,14 @@ def test_compare_rows_bytes_and_steps(tiny: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in adapters.iterdir()) == sorted(
         row_slug(label) for label in expected if label != "base (no training)" and "mean" not in label
     )
+
+
+def _records(doc: dict, label: str) -> list[dict]:
+    """The per-item records compare wrote for one row's TFNS evaluation."""
+    from evaluation.compare import row_slug
+
+    path = Path(doc["_out"]) / "evals" / row_slug(label) / "finance-generate-items" / "tfns.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def _eval_golds(doc: dict) -> dict[str, int]:

@@ -153,3 +153,16 @@ def test_macro_f1_tells_the_prior_from_the_task() -> None:
     assert macro_f1(["the"] * 10, golds) == 0.0
     with pytest.raises(ValueError):
         macro_f1(["a"], ["a", "b"])
+
+
+def test_label_recall_shows_which_labels_are_found() -> None:
+    from evaluation.scoring import label_recall
+
+    golds = ["neutral"] * 6 + ["positive"] * 2 + ["negative"] * 2
+    assert label_recall(golds, golds) == {"negative": 1.0, "neutral": 1.0, "positive": 1.0}
+    # A constant predictor finds its own label and nothing else.
+    assert label_recall(["positive"] * 10, golds) == {"negative": 0.0, "neutral": 0.0, "positive": 1.0}
+    preds = ["neutral"] * 3 + ["negative"] * 3 + ["positive", "neutral"] + ["negative", "x"]
+    assert label_recall(preds, golds) == {"negative": 0.5, "neutral": 0.5, "positive": 0.5}
+    with pytest.raises(ValueError):
+        label_recall(["a"], ["a", "b"])
