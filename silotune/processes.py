@@ -163,7 +163,17 @@ class ManagedProcess:
                 if not _alive(family):
                     break
                 time.sleep(0.1)
-            _signal_pids(_alive(family), signal.SIGKILL)
+            killed = _alive(family)
+            _signal_pids(killed, signal.SIGKILL)
+            # SIGKILL is delivered at once but a process dies a moment later (sooner or later
+            # under load): wait for the whole family, so that callers may reuse its ports and
+            # files as soon as stop() returns.
+            deadline = time.monotonic() + 5.0
+            while killed and time.monotonic() < deadline:
+                self.popen.poll()
+                killed = _alive(killed)
+                if killed:
+                    time.sleep(0.05)
         try:
             return self.popen.wait(timeout=5.0)
         except subprocess.TimeoutExpired:  # unkillable (D state): report, do not hang
