@@ -266,7 +266,7 @@ def _recall_tables(rows: list[Row], titles: dict[str, str]) -> list[str]:
             "|---|" + "---|" * len(labels),
         ]
         lines += [
-            f"| {r.label} | " + " | ".join(f"{100 * r.recall[b].get(x, 0.0):.1f}" for x in labels) + " |"
+            f"| {r.label} | " + " | ".join(f"{100 * r.recall[b][x]:.1f}" for x in labels) + " |"
             for r in scored
         ]
         lines.append("")

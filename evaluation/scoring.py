@@ -33,10 +33,14 @@ class BenchmarkResult:
         }
 
 
-def accuracy(predictions: Sequence[str], golds: Sequence[str]) -> float:
-    """Share of exact matches; 0.0 for an empty set (reported with n=0, never as a real score)."""
+def _same_length(predictions: Sequence[str], golds: Sequence[str]) -> None:
     if len(predictions) != len(golds):
         raise ValueError(f"{len(predictions)} predictions for {len(golds)} gold answers")
+
+
+def accuracy(predictions: Sequence[str], golds: Sequence[str]) -> float:
+    """Share of exact matches; 0.0 for an empty set (reported with n=0, never as a real score)."""
+    _same_length(predictions, golds)
     if not golds:
         return 0.0
     return sum(p == g for p, g in zip(predictions, golds, strict=True)) / len(golds)
@@ -49,8 +53,7 @@ def macro_f1(predictions: Sequence[str], golds: Sequence[str]) -> float:
     neutral): a model that always answers the majority label scores high accuracy and a macro-F1
     near 1/3 x 0.8, so the two together tell "learned the task" from "learned the prior".
     """
-    if len(predictions) != len(golds):
-        raise ValueError(f"{len(predictions)} predictions for {len(golds)} gold answers")
+    _same_length(predictions, golds)
     classes = sorted(set(golds))
     if not classes:
         return 0.0
@@ -70,8 +73,7 @@ def label_recall(predictions: Sequence[str], golds: Sequence[str]) -> dict[str, 
     On label-skewed silos this is the telling figure: a silo that never saw "positive" tweets
     scores 0 % recall on them whatever its accuracy, and federation is what can fix that.
     """
-    if len(predictions) != len(golds):
-        raise ValueError(f"{len(predictions)} predictions for {len(golds)} gold answers")
+    _same_length(predictions, golds)
     recall: dict[str, float] = {}
     for c in sorted(set(golds)):
         hits = sum(p == c and g == c for p, g in zip(predictions, golds, strict=True))

@@ -152,32 +152,31 @@ class ManagedProcess:
             return ""
 
     def stop(self, grace: float = 10.0) -> int | None:
-        """SIGTERM the group (and stray descendants), wait ``grace`` s, then SIGKILL; reap."""
-        reaped = self.popen.returncode is not None
-        family = _family(self.pid, reaped)
+        """SIGTERM the group (and stray descendants), wait ``grace`` s, then SIGKILL; reap.
+
+        Returns once every member is gone (SIGKILL is delivered at once, but a process dies a
+        moment later, later still under load), so callers may reuse its ports and files.
+        """
+        family = _family(self.pid, self.popen.returncode is not None)
         if family:
             _signal_pids(family, signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline:
-                self.popen.poll()  # reap the leader so it stops counting as alive
-                if not _alive(family):
-                    break
-                time.sleep(0.1)
-            killed = _alive(family)
-            _signal_pids(killed, signal.SIGKILL)
-            # SIGKILL is delivered at once but a process dies a moment later (sooner or later
-            # under load): wait for the whole family, so that callers may reuse its ports and
-            # files as soon as stop() returns.
-            deadline = time.monotonic() + 5.0
-            while killed and time.monotonic() < deadline:
-                self.popen.poll()
-                killed = _alive(killed)
-                if killed:
-                    time.sleep(0.05)
+            survivors = self._wait_gone(family, grace)
+            _signal_pids(survivors, signal.SIGKILL)
+            self._wait_gone(survivors, 5.0)
         try:
             return self.popen.wait(timeout=5.0)
         except subprocess.TimeoutExpired:  # unkillable (D state): report, do not hang
             return None
+
+    def _wait_gone(self, pids: set[int], timeout: float) -> set[int]:
+        """Wait up to ``timeout`` s for ``pids`` to exit; return those still alive."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.popen.poll()  # reap the leader so it stops counting as alive
+            pids = _alive(pids)
+            if not pids or time.monotonic() >= deadline:
+                return pids
+            time.sleep(0.05)
 
 
 def start_process(

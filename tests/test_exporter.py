@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -115,36 +116,39 @@ def _result(log: EventLog, name: str, up: int) -> None:
     log.emit("silo_result", round=1, node_id=1, silo=name, uplink_bytes=up, downlink_bytes=up)
 
 
-def test_truncation_and_rotation_keep_counters(tmp_path: Path) -> None:
+def _followed_log(tmp_path: Path, first_up: int) -> tuple[Path, EventLog, Callable[[], float]]:
+    """A server events file with one s1 result, an exporter following it, and s1's uplink counter."""
     path = tmp_path / "server.jsonl"
     log = EventLog("server", [path])
-    _result(log, "s1", 10)
+    _result(log, "s1", first_up)
     reg, _ = build_registry(path, "server", 5.0)
-    assert scrape(reg)[(m.UPLINK_BYTES.name, silo("s1"))] == 10
+    return path, log, lambda: scrape(reg)[(m.UPLINK_BYTES.name, silo("s1"))]
+
+
+def test_truncation_and_rotation_keep_counters(tmp_path: Path) -> None:
+    path, log, uplink = _followed_log(tmp_path, 10)
+    assert uplink() == 10
     path.write_text("")  # copytruncate-style rotation
     _result(log, "s1", 5)
-    assert scrape(reg)[(m.UPLINK_BYTES.name, silo("s1"))] == 15
+    assert uplink() == 15
     _result(log, "s1", 1)  # written to the old file just before it is renamed away
     os.rename(path, tmp_path / "server.jsonl.1")
     _result(log, "s1", 100)  # new file
-    assert scrape(reg)[(m.UPLINK_BYTES.name, silo("s1"))] == 116
+    assert uplink() == 116
 
 
 def test_truncation_refilled_past_the_old_offset_between_polls(tmp_path: Path) -> None:
     # The size check alone misses this: the refilled file is longer than what was read before.
-    path = tmp_path / "server.jsonl"
-    log = EventLog("server", [path])
-    _result(log, "s1", 1)
-    reg, _ = build_registry(path, "server", 5.0)
-    assert scrape(reg)[(m.UPLINK_BYTES.name, silo("s1"))] == 1
+    path, log, uplink = _followed_log(tmp_path, 1)
+    assert uplink() == 1
     old_size = path.stat().st_size
     path.write_text("")
     _result(log, "s1", 20)
     _result(log, "s1", 300)
     assert path.stat().st_size > old_size
-    assert scrape(reg)[(m.UPLINK_BYTES.name, silo("s1"))] == 321
+    assert uplink() == 321
     _result(log, "s1", 4000)  # plain appends after that are read once
-    assert scrape(reg)[(m.UPLINK_BYTES.name, silo("s1"))] == 4321
+    assert uplink() == 4321
 
 
 def test_restart_rebuilds_identical_values(tmp_path: Path) -> None:
