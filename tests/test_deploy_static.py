@@ -139,7 +139,7 @@ def test_compose_semantics(bundle: str) -> None:
     declared_secrets = set(merged.get("secrets") or {})
     for name, svc in merged["services"].items():
         for vol in svc.get("volumes", []):
-            source = vol.split(":", 1)[0]
+            source = vol["source"] if isinstance(vol, dict) else vol.split(":", 1)[0]
             if not source.startswith((".", "/", "~")):
                 assert source in declared_volumes, f"{name}: volume {source} not declared"
         for sec in svc.get("secrets", []):
@@ -148,6 +148,36 @@ def test_compose_semantics(bundle: str) -> None:
         assert "image" in svc and "healthcheck" in svc or svc["image"].startswith(("prom/", "grafana/")), name
     for secret in merged.get("secrets", {}).values():
         assert not secret["file"].endswith(".pub"), "public keys are not secrets"
+
+
+@pytest.mark.parametrize("bundle", sorted(COMPOSE_BUNDLES))
+def test_shared_named_volumes_are_populated_once(bundle: str) -> None:
+    """A named volume mounted by two services is copied up by its writer alone, and first.
+
+    Docker copies the image's content into a new named volume at the first mount; two containers
+    created at once both copy and one fails with "file exists" (seen in CI). Readers therefore
+    mount with nocopy and depend on the writer, so compose creates the writer first.
+    """
+    services = yaml.safe_load(COMPOSE_BUNDLES[bundle][0].read_text())["services"]
+    mounts: dict[str, list[tuple[str, dict | str]]] = {}
+    for name, svc in services.items():
+        for vol in svc.get("volumes", []):
+            source = vol["source"] if isinstance(vol, dict) else vol.split(":", 1)[0]
+            if not source.startswith((".", "/", "~", "$")):
+                mounts.setdefault(source, []).append((name, vol))
+    shared = {src: users for src, users in mounts.items() if len(users) > 1}
+    assert shared, "the state volume is shared by the node and its exporter"
+    for source, users in shared.items():
+        writers = [n for n, v in users if not isinstance(v, dict) and not v.endswith(":ro")]
+        assert len(writers) == 1, f"{source}: one writer, got {writers}"
+        for name, vol in users:
+            if name == writers[0]:
+                continue
+            assert isinstance(vol, dict), f"{name}: mount {source} in long form to set nocopy"
+            assert vol.get("read_only") is True, f"{name}: {source} must be read-only"
+            assert vol.get("volume", {}).get("nocopy") is True, f"{name}: {source} needs nocopy"
+            assert writers[0] in services[name].get("depends_on", []), (
+                f"{name} must depend on {writers[0]}, which populates {source}")
 
 
 def _merge(dst: dict, src: dict) -> None:
