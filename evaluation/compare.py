@@ -20,7 +20,6 @@ and a fresh AdamW per phase, exactly like federated rounds.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
@@ -32,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from silotune.atomic_files import atomic_write_json, atomic_write_text
 from silotune.errors import UserError
 
 SCHEMA = "silotune.compare/v1"
@@ -554,9 +554,11 @@ def run_compare(args: argparse.Namespace) -> int:
             **meta,
             "rows": [r.as_dict() for r in rows],
         }
-        (out / "compare.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        # Rewritten after every row of a run that takes hours: a crash mid-write must not lose
+        # the rows already measured.
+        atomic_write_json(out / "compare.json", doc, sort_keys=False)
         if rows:
-            (out / "compare.md").write_text(to_markdown(meta, rows, titles), encoding="utf-8")
+            atomic_write_text(out / "compare.md", to_markdown(meta, rows, titles))
 
     # 3. Train and evaluate each approach; results are written after every row.
     bank = AdapterBank(loaded.model, loaded.tokenizer, run.peft, run.train.seed)

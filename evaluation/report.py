@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.runner import PROTOCOL_LABELS, SuiteReport
+from silotune.atomic_files import atomic_write_json, atomic_write_text
 
 SCHEMA = "silotune.eval/v1"
 
@@ -63,8 +64,8 @@ def write_report(report: SuiteReport, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{report.suite}-{report.protocol}"
     paths = {"json": out_dir / f"{stem}.json", "markdown": out_dir / f"{stem}.md"}
-    paths["json"].write_text(json.dumps(to_json(report), indent=2) + "\n", encoding="utf-8")
-    paths["markdown"].write_text(to_markdown(report), encoding="utf-8")
+    atomic_write_json(paths["json"], to_json(report), sort_keys=False)
+    atomic_write_text(paths["markdown"], to_markdown(report))
     items_dir = out_dir / f"{stem}-items"
     items_dir.mkdir(exist_ok=True)
     for r in report.results:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import tomli_w  # a dependency of flwr itself; flwr writes config.toml with it as well
 
+from silotune.atomic_files import atomic_write_text
 from silotune.errors import UserError
 
 CONFIG_FILE = "config.toml"
@@ -84,9 +85,8 @@ def write_connection(
     superlink[name] = conn
     if make_default or "default" not in superlink:
         superlink["default"] = name
-    flwr_home.mkdir(parents=True, exist_ok=True)
     path = flwr_home / CONFIG_FILE
-    path.write_text(tomli_w.dumps(data), encoding="utf-8")
+    atomic_write_text(path, tomli_w.dumps(data))  # the operator's other connections live here too
     return path
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from silotune.atomic_files import atomic_write_json
 from silotune.config import ConfigError, Domain, parse_silo_config
 from silotune.errors import UserError
 
@@ -539,7 +540,7 @@ def write_kits(files: dict[str, bytes], out: Path, force: bool = False) -> KitRe
                 continue  # keep the old record: the file still differs from what we made
         new_manifest[rel] = _sha(data)
     manifest = {"generator": "silotune kit", "files": dict(sorted(new_manifest.items()))}
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    atomic_write_json(manifest_path, manifest, sort_keys=False)
     return report
 
 

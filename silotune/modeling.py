@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from silotune.atomic_files import atomic_write_text
 from silotune.config import EMBEDDED_MODEL, ModelConfig
 from silotune.errors import UserError
 
@@ -122,18 +123,10 @@ def _hash_files(files: list[Path]) -> str:
         total.update(f.name.encode() + b"\0" + digest.encode())
     if changed:
         try:
-            _atomic_write_text(index_path, json.dumps(index))
+            atomic_write_text(index_path, json.dumps(index))
         except OSError:
             pass  # the cache is an optimisation only
     return total.hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def _local_dir_for(src: ModelSource) -> Path:

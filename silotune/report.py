@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from silotune.atomic_files import atomic_write_text
 from silotune.errors import UserError
 from silotune.events import finite_number, read_events
 
@@ -251,5 +252,5 @@ def write_report(run_dir: Path, silo_events: list[Path] | None = None, out: Path
         raise UserError(f"{path}: no complete events yet; is the run still starting?")
     out = Path(out) if out else Path(run_dir) / "report.html"
     html_text = render_html(RunData(events), str(path), Path(run_dir).resolve().name)
-    out.write_text(html_text, encoding="utf-8")
+    atomic_write_text(out, html_text)
     return out

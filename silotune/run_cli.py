@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from silotune.atomic_files import atomic_write_json
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", help="submit a run to a federation and follow it round by round")
@@ -87,7 +89,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import json
     from dataclasses import asdict
 
     from silotune.demo import DemoOptions, format_summary, run_demo
@@ -107,5 +108,5 @@ def _demo(args: argparse.Namespace) -> int:
     report = run_demo(opts)
     print(format_summary(report))
     if args.summary_json:
-        args.summary_json.write_text(json.dumps(asdict(report), indent=2))
+        atomic_write_json(args.summary_json, asdict(report), sort_keys=False)
     return 0

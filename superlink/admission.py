@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from certs.node_key import check_node_public_key
+from silotune.atomic_files import atomic_write_json
 from silotune.errors import UserError
 from silotune.flwr_connection import DEFAULT_CONNECTION, run_flwr
 
@@ -55,11 +56,7 @@ def load_ledger(flwr_home: Path) -> dict[str, AdmittedSilo]:
 
 
 def _save_ledger(flwr_home: Path, ledger: dict[str, AdmittedSilo]) -> None:
-    path = _ledger_path(flwr_home)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({n: asdict(s) for n, s in ledger.items()}, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_json(_ledger_path(flwr_home), {n: asdict(s) for n, s in ledger.items()}, sort_keys=False)
 
 
 def _flwr_json(args: list[str], flwr_home: Path, timeout: float, netns: str | None) -> dict[str, Any]:

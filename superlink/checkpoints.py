@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from silotune.adapters import atomic_write_json, load_adapter_dir, save_adapter_dir
+from silotune.adapters import load_adapter_dir, save_adapter_dir
+from silotune.atomic_files import atomic_write_json
 
 MANIFEST = "manifest.json"
 STRATEGY_STATE = "strategy_state.safetensors"

@@ -177,7 +177,8 @@ def test_shared_named_volumes_are_populated_once(bundle: str) -> None:
             assert vol.get("read_only") is True, f"{name}: {source} must be read-only"
             assert vol.get("volume", {}).get("nocopy") is True, f"{name}: {source} needs nocopy"
             assert writers[0] in services[name].get("depends_on", []), (
-                f"{name} must depend on {writers[0]}, which populates {source}")
+                f"{name} must depend on {writers[0]}, which populates {source}"
+            )
 
 
 def _merge(dst: dict, src: dict) -> None:

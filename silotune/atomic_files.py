@@ -1,0 +1,47 @@
+"""Whole-file writes that a crash never leaves half done.
+
+Every file SiloTune rewrites in place (checkpoint metadata, the admission ledger, Flower's
+config.toml, compare.json after each row, evaluation reports, the model hash index) goes through
+here: the text is written to a hidden temporary file beside the target, fsynced, then renamed over
+it. A reader, or a run resumed after a crash or a Ctrl-C, sees the old content or the new, never a
+truncated mix; a write that fails leaves the old file and no temporary file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["atomic_write_json", "atomic_write_text"]
+
+
+def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``text`` (UTF-8) atomically; create parent folders as needed.
+
+    ``mode`` is set explicitly because the temporary file starts as 0600, which would otherwise
+    make every report unreadable to the rest of a team.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any, *, sort_keys: bool = True, mode: int = 0o644) -> None:
+    """``atomic_write_text`` of ``obj`` as indented JSON. Serialises first, so an object that cannot
+    be written as JSON raises before the target is touched."""
+    text = json.dumps(obj, indent=2, sort_keys=sort_keys, default=str) + "\n"
+    atomic_write_text(path, text, mode)
