@@ -12,11 +12,11 @@ if [[ "${1:-}" == "--test" ]]; then
   $SUDO apt-get update -qq
   # iproute2: network-namespace lab; openssl/openssh-client: key and certificate cross-checks;
   # prometheus (+promtool): monitoring tests; chromium: report rendering; nodejs, g++: code
-  # benchmarks; util-linux: unshare for the evaluation sandbox; debootstrap, docker.io,
-  # docker-compose, runc, iptables: the container test builds its base image locally (no registry)
-  # and runs a Docker daemon sealed in a network namespace.
+  # benchmarks; util-linux: unshare for the evaluation sandbox; faketime: silo clock-skew tests;
+  # debootstrap, docker.io, docker-compose, runc, iptables: the container test builds its base
+  # image locally (no registry) and runs a Docker daemon sealed in a network namespace.
   $SUDO apt-get install -y -qq --no-install-recommends \
-    iproute2 openssl openssh-client prometheus chromium nodejs g++ util-linux \
+    iproute2 openssl openssh-client prometheus chromium nodejs g++ util-linux faketime \
     debootstrap docker.io docker-compose runc iptables ca-certificates >/dev/null
 fi
 

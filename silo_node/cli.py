@@ -54,6 +54,7 @@ def _fingerprint_of_private(path: Path) -> str | None:
 
 
 def _start(args: argparse.Namespace) -> int:
+    from silo_node.clock_check import diagnose_clock
     from silo_node.launch import SiloOptions, start_silo
     from silotune.observability_cli import parse_bind, supervise_with_exporter
 
@@ -81,6 +82,12 @@ def _start(args: argparse.Namespace) -> int:
     proc = start_silo(opts, log, run_domain=args.run_domain)
     print(f"SuperNode started for {args.superlink}" + (f"; log: {log}" if log else ""))
     rc = supervise_with_exporter(proc, args.exporter, opts.events_dir, "silo", ws / "exporter.log")
+    if rc == 0 and opts.ca_cert is not None:
+        # Exit code 0 without being asked to stop: the SuperLink refused a request with 401, which
+        # the SuperNode does not log. A clock that drifted since the preflight is the usual cause.
+        clock = diagnose_clock(args.superlink, opts.ca_cert)
+        if clock:
+            raise UserError(f"the SuperNode stopped: {clock}")
     if rc in (0, 130, 3, -15):
         return 0
     hint = f"the SuperNode stopped (exit code {rc})"

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from silo_node.clock_check import diagnose_clock
 from silotune.config import SiloConfig, parse_silo_config
 from silotune.errors import UserError
 from silotune.flwr_connection import flower_env
@@ -186,10 +187,20 @@ def diagnose_tls(address: str, ca_cert: Path | None, timeout: float = 5.0) -> st
             return None
 
 
-def diagnose_tls_in_netns(netns: str, address: str, ca_cert: Path | None) -> str | None:
+def diagnose_connection(address: str, ca_cert: Path | None) -> str | None:
+    """``diagnose_tls``, then, over TLS (where node authentication is always on), whether this
+    machine's clock is inside the window Flower accepts signed requests in."""
+    problem = diagnose_tls(address, ca_cert)
+    if problem is None and ca_cert is not None:
+        problem = diagnose_clock(address, ca_cert)
+    return problem
+
+
+def diagnose_connection_in_netns(netns: str, address: str, ca_cert: Path | None) -> str | None:
     code = (
-        "import sys; from pathlib import Path; from silo_node.launch import diagnose_tls;"
-        " ca = sys.argv[2] or None; print(diagnose_tls(sys.argv[1], Path(ca) if ca else None) or '')"
+        "import sys; from pathlib import Path; from silo_node.launch import diagnose_connection;"
+        " ca = sys.argv[2] or None;"
+        " print(diagnose_connection(sys.argv[1], Path(ca) if ca else None) or '')"
     )
     res = python_in_netns(netns, code, [address, str(ca_cert or "")], timeout=30)
     return res.stdout.strip() or None
@@ -206,8 +217,9 @@ def start_silo(
 ) -> ManagedProcess:
     """Validate settings, check the data (unless ``check`` is False), check TLS, start the node.
 
-    ``preflight`` turns a wrong CA, a SAN mismatch or plaintext-vs-TLS into one clear error here;
-    the SuperNode itself would only log retries.
+    ``preflight`` turns a wrong CA, a SAN mismatch, plaintext-vs-TLS or a clock outside Flower's
+    node-auth window into one clear error here; the SuperNode itself would only log retries, or
+    (clock) exit without a reason.
     """
     node_config, silo = prepare_node_config(opts.node_config)
     if check:
@@ -216,9 +228,9 @@ def start_silo(
     if preflight:
         ca = None if opts.insecure else opts.ca_cert
         if netns:
-            problem = diagnose_tls_in_netns(netns, opts.superlink, ca)
+            problem = diagnose_connection_in_netns(netns, opts.superlink, ca)
         else:
-            problem = diagnose_tls(opts.superlink, ca)
+            problem = diagnose_connection(opts.superlink, ca)
         if problem:
             raise UserError(f"silo {silo.name}: {problem}")
     if opts.events_dir is not None:

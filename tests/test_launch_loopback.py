@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import sys
@@ -18,7 +19,7 @@ from silo_node.launch import SiloOptions, diagnose_tls, start_silo
 from silotune.cli import main
 from silotune.errors import UserError
 from silotune.flwr_connection import write_connection
-from silotune.processes import ManagedProcess, ProcessFailed, ProcessGroup
+from silotune.processes import ManagedProcess, ProcessFailed, ProcessGroup, start_process
 from superlink.admission import admit_silo, list_silos, remove_silo
 from superlink.launch import SuperLinkOptions, start_superlink
 from tests.waiting import wait_until
@@ -212,3 +213,91 @@ def _get_text(url: str) -> str | None:
             return resp.read().decode()
     except OSError:
         return None
+
+
+# libfaketime (apt: faketime) shifts the wall clock of one process tree only. Its spec is read from
+# a file on every clock call, so a test can move a running silo's clock.
+FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+needs_faketime = pytest.mark.skipif(
+    not FAKETIME_LIB.is_file() and not os.environ.get("CI"),
+    reason="libfaketime not installed (apt: faketime)",
+)
+
+# The SuperLink's Date header has 1 s resolution: 60 s of skew reads as 59-61.
+AHEAD_60 = r"this machine's clock is (59|60|61) s ahead of the SuperLink's"
+
+
+def _skewed_silo_cli(fed: dict[str, Any], name: str, clock_file: Path) -> tuple[ManagedProcess, Path]:
+    """`silotune silo start` for an admitted key, in a process tree whose clock follows clock_file."""
+    tmp = fed["tmp"]
+    key = generate_node_key(tmp / name, name)
+    admit_silo(key.public_path, name, fed["home"])
+    data = tmp / f"{name}.jsonl"
+    data.write_text('{"input": "Shares rose", "output": "positive"}\n' * 3)
+    env = {**os.environ, "LD_PRELOAD": str(FAKETIME_LIB), "FAKETIME_TIMESTAMP_FILE": str(clock_file),
+           "FAKETIME_NO_CACHE": "1"}  # fmt: skip
+    node_log = tmp / "logs" / f"{name}-supernode.log"
+    argv = [
+        sys.executable, "-m", "silotune.cli", "silo", "start", "--superlink", fed["address"],
+        "--ca", str(fed["ca"]), "--node-key", str(key.private_path), "--data-path", str(data),
+        "--name", name, "--domain", "finance", "--runtime-port", str(free_port()),
+        "--workspace", str(tmp / f"{name}-ws"), "--log-file", str(node_log),
+    ]  # fmt: skip
+    cli = fed["group"].add(
+        start_process(f"silo start {name}", argv, tmp / "logs" / f"{name}-cli.log", env=env)
+    )
+    return cli, node_log
+
+
+@needs_faketime
+def test_silo_clock_ahead_is_refused_before_connecting(federation: dict[str, Any]) -> None:
+    """Flower refuses requests signed > 5 s in the SuperLink's future; the preflight says so."""
+    fed = federation
+    clock = fed["tmp"] / "clock"
+    clock.write_text("+60s\n")
+    cli, _ = _skewed_silo_cli(fed, "fast-clock", clock)
+    assert cli.wait(120) == 2
+    out = cli.log_text()
+    # The SuperLink's Date header has 1 s resolution: 60 s of skew reads as 59-61.
+    assert re.search(
+        r"silo fast-clock: this machine's clock is (59|60|61) s ahead of the SuperLink's", out
+    ), out
+    assert "NTP" in out
+    assert "activate-node" not in fed["superlink"].log_text()  # refused before connecting
+
+
+@needs_faketime
+def test_silo_clock_that_drifts_mid_run_is_named_when_the_supernode_stops(federation: dict[str, Any]) -> None:
+    """A clock that jumps ahead after the silo joined: the SuperLink answers 401, the SuperNode
+    exits 0 without a word, and `silo start` explains it instead of reporting success."""
+    fed = federation
+    clock = fed["tmp"] / "clock"
+    clock.write_text("+0\n")
+    cli, node_log = _skewed_silo_cli(fed, "drifting", clock)
+
+    def online() -> bool:
+        return any(s.name == "drifting" and s.status == "online" for s in list_silos(fed["home"]))
+
+    wait_until(online, 90, "the silo to join with a correct clock")
+    clock.write_text("+60s\n")
+    assert cli.wait(120) == 2
+    out = cli.log_text()
+    assert re.search(
+        r"the SuperNode stopped: this machine's clock is (59|60|61) s ahead of the SuperLink", out
+    ), out
+    assert '" 401' in fed["superlink"].log_text()
+    assert "401" not in node_log.read_text()  # why the SuperNode's own log is no help
+
+
+@needs_faketime
+def test_silo_clock_behind_inside_the_window_is_accepted(federation: dict[str, Any]) -> None:
+    """Flower accepts signatures up to 305 s old, so a silo 60 s behind joins (no false refusal)."""
+    fed = federation
+    clock = fed["tmp"] / "clock"
+    clock.write_text("-60s\n")
+    cli, _ = _skewed_silo_cli(fed, "slow-clock", clock)
+    wait_until(
+        lambda: any(s.name == "slow-clock" and s.status == "online" for s in list_silos(fed["home"])),
+        90, "the silo 60 s behind to join",
+    )  # fmt: skip
+    assert cli.running()
