@@ -258,10 +258,7 @@ def test_silo_clock_ahead_is_refused_before_connecting(federation: dict[str, Any
     cli, _ = _skewed_silo_cli(fed, "fast-clock", clock)
     assert cli.wait(120) == 2
     out = cli.log_text()
-    # The SuperLink's Date header has 1 s resolution: 60 s of skew reads as 59-61.
-    assert re.search(
-        r"silo fast-clock: this machine's clock is (59|60|61) s ahead of the SuperLink's", out
-    ), out
+    assert re.search("silo fast-clock: " + AHEAD_60, out), out
     assert "NTP" in out
     assert "activate-node" not in fed["superlink"].log_text()  # refused before connecting
 
@@ -282,11 +279,10 @@ def test_silo_clock_that_drifts_mid_run_is_named_when_the_supernode_stops(federa
     clock.write_text("+60s\n")
     assert cli.wait(120) == 2
     out = cli.log_text()
-    assert re.search(
-        r"the SuperNode stopped: this machine's clock is (59|60|61) s ahead of the SuperLink", out
-    ), out
+    assert re.search("the SuperNode stopped: " + AHEAD_60, out), out
     assert '" 401' in fed["superlink"].log_text()
-    assert "401" not in node_log.read_text()  # why the SuperNode's own log is no help
+    # Why the SuperNode's own log is no help (\b: node ids and ports are digit strings too).
+    assert not re.search(r"\b401\b|[Uu]nauthori[sz]ed|timestamp", node_log.read_text())
 
 
 @needs_faketime
