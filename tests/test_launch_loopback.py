@@ -217,7 +217,7 @@ def _get_text(url: str) -> str | None:
 
 # libfaketime (apt: faketime) shifts the wall clock of one process tree only. Its spec is read from
 # a file on every clock call, so a test can move a running silo's clock.
-FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+FAKETIME_LIB = next(iter(sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))), Path("/nonexistent"))
 needs_faketime = pytest.mark.skipif(
     not FAKETIME_LIB.is_file() and not os.environ.get("CI"),
     reason="libfaketime not installed (apt: faketime)",
