@@ -227,9 +227,13 @@ needs_faketime = pytest.mark.skipif(
 AHEAD_60 = r"this machine's clock is (59|60|61) s ahead of the SuperLink's"
 
 
-def _skewed_silo_cli(fed: dict[str, Any], name: str, clock_file: Path) -> tuple[ManagedProcess, Path]:
-    """`silotune silo start` for an admitted key, in a process tree whose clock follows clock_file."""
+def _skewed_silo_cli(fed: dict[str, Any], name: str, skew: str) -> tuple[ManagedProcess, Path, Path]:
+    """`silotune silo start` for an admitted key, in a process tree whose clock is off by ``skew``
+    (libfaketime syntax, e.g. "+60s"). Returns the CLI, the SuperNode's log and the clock file,
+    which the test may rewrite to move the clock while the silo runs."""
     tmp = fed["tmp"]
+    clock_file = tmp / f"{name}.clock"
+    clock_file.write_text(skew + "\n")
     key = generate_node_key(tmp / name, name)
     admit_silo(key.public_path, name, fed["home"])
     data = tmp / f"{name}.jsonl"
@@ -246,16 +250,18 @@ def _skewed_silo_cli(fed: dict[str, Any], name: str, clock_file: Path) -> tuple[
     cli = fed["group"].add(
         start_process(f"silo start {name}", argv, tmp / "logs" / f"{name}-cli.log", env=env)
     )
-    return cli, node_log
+    return cli, node_log, clock_file
+
+
+def _online(fed: dict[str, Any], name: str) -> bool:
+    return any(s.name == name and s.status == "online" for s in list_silos(fed["home"]))
 
 
 @needs_faketime
 def test_silo_clock_ahead_is_refused_before_connecting(federation: dict[str, Any]) -> None:
     """Flower refuses requests signed > 5 s in the SuperLink's future; the preflight says so."""
     fed = federation
-    clock = fed["tmp"] / "clock"
-    clock.write_text("+60s\n")
-    cli, _ = _skewed_silo_cli(fed, "fast-clock", clock)
+    cli, _, _ = _skewed_silo_cli(fed, "fast-clock", "+60s")
     assert cli.wait(120) == 2
     out = cli.log_text()
     assert re.search("silo fast-clock: " + AHEAD_60, out), out
@@ -268,14 +274,8 @@ def test_silo_clock_that_drifts_mid_run_is_named_when_the_supernode_stops(federa
     """A clock that jumps ahead after the silo joined: the SuperLink answers 401, the SuperNode
     exits 0 without a word, and `silo start` explains it instead of reporting success."""
     fed = federation
-    clock = fed["tmp"] / "clock"
-    clock.write_text("+0\n")
-    cli, node_log = _skewed_silo_cli(fed, "drifting", clock)
-
-    def online() -> bool:
-        return any(s.name == "drifting" and s.status == "online" for s in list_silos(fed["home"]))
-
-    wait_until(online, 90, "the silo to join with a correct clock")
+    cli, node_log, clock = _skewed_silo_cli(fed, "drifting", "+0")
+    wait_until(lambda: _online(fed, "drifting"), 90, "the silo to join with a correct clock")
     clock.write_text("+60s\n")
     assert cli.wait(120) == 2
     out = cli.log_text()
@@ -289,11 +289,6 @@ def test_silo_clock_that_drifts_mid_run_is_named_when_the_supernode_stops(federa
 def test_silo_clock_behind_inside_the_window_is_accepted(federation: dict[str, Any]) -> None:
     """Flower accepts signatures up to 305 s old, so a silo 60 s behind joins (no false refusal)."""
     fed = federation
-    clock = fed["tmp"] / "clock"
-    clock.write_text("-60s\n")
-    cli, _ = _skewed_silo_cli(fed, "slow-clock", clock)
-    wait_until(
-        lambda: any(s.name == "slow-clock" and s.status == "online" for s in list_silos(fed["home"])),
-        90, "the silo 60 s behind to join",
-    )  # fmt: skip
+    cli, _, _ = _skewed_silo_cli(fed, "slow-clock", "-60s")
+    wait_until(lambda: _online(fed, "slow-clock"), 90, "the silo 60 s behind to join")
     assert cli.running()
