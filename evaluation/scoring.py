@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from math import comb
@@ -38,6 +39,14 @@ def _same_length(predictions: Sequence[str], golds: Sequence[str]) -> None:
         raise ValueError(f"{len(predictions)} predictions for {len(golds)} gold answers")
 
 
+def _label_counts(predictions: Sequence[str], golds: Sequence[str]) -> dict[str, tuple[int, int, int]]:
+    """Per gold label, sorted: (true positives, times predicted, times gold), in one pass."""
+    _same_length(predictions, golds)
+    hits = Counter(g for p, g in zip(predictions, golds, strict=True) if p == g)
+    predicted, gold = Counter(predictions), Counter(golds)
+    return {c: (hits[c], predicted[c], gold[c]) for c in sorted(gold)}
+
+
 def accuracy(predictions: Sequence[str], golds: Sequence[str]) -> float:
     """Share of exact matches; 0.0 for an empty set (reported with n=0, never as a real score)."""
     _same_length(predictions, golds)
@@ -53,18 +62,15 @@ def macro_f1(predictions: Sequence[str], golds: Sequence[str]) -> float:
     neutral): a model that always answers the majority label scores high accuracy and a macro-F1
     near 1/3 x 0.8, so the two together tell "learned the task" from "learned the prior".
     """
-    _same_length(predictions, golds)
-    classes = sorted(set(golds))
-    if not classes:
+    counts = _label_counts(predictions, golds)
+    if not counts:
         return 0.0
     total = 0.0
-    for c in classes:
-        tp = sum(p == c and g == c for p, g in zip(predictions, golds, strict=True))
-        predicted, actual = sum(p == c for p in predictions), sum(g == c for g in golds)
+    for tp, predicted, actual in counts.values():
         if tp:
             precision, recall = tp / predicted, tp / actual
             total += 2 * precision * recall / (precision + recall)
-    return total / len(classes)
+    return total / len(counts)
 
 
 def label_recall(predictions: Sequence[str], golds: Sequence[str]) -> dict[str, float]:
@@ -73,12 +79,7 @@ def label_recall(predictions: Sequence[str], golds: Sequence[str]) -> dict[str, 
     On label-skewed silos this is the telling figure: a silo that never saw "positive" tweets
     scores 0 % recall on them whatever its accuracy, and federation is what can fix that.
     """
-    _same_length(predictions, golds)
-    recall: dict[str, float] = {}
-    for c in sorted(set(golds)):
-        hits = sum(p == c and g == c for p, g in zip(predictions, golds, strict=True))
-        recall[c] = hits / sum(g == c for g in golds)
-    return recall
+    return {c: tp / actual for c, (tp, _, actual) in _label_counts(predictions, golds).items()}
 
 
 def majority_accuracy(golds: Sequence[str]) -> float:

@@ -82,7 +82,7 @@ def _start(args: argparse.Namespace) -> int:
     proc = start_silo(opts, log, run_domain=args.run_domain)
     print(f"SuperNode started for {args.superlink}" + (f"; log: {log}" if log else ""))
     rc = supervise_with_exporter(proc, args.exporter, opts.events_dir, "silo", ws / "exporter.log")
-    if rc == 0 and opts.ca_cert is not None:
+    if rc == 0 and not opts.insecure and opts.ca_cert is not None:
         # Exit code 0 without being asked to stop: the SuperLink refused a request with 401, which
         # the SuperNode does not log. A clock that drifted since the preflight is the usual cause.
         clock = diagnose_clock(args.superlink, opts.ca_cert)

@@ -18,6 +18,8 @@ import time
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
+from silotune.addresses import split_host_port
+
 __all__ = ["clock_problem", "diagnose_clock", "superlink_clock_offset"]
 
 # Flower's window, from the SuperLink's side: it accepts a request signed at most this far ahead
@@ -34,10 +36,9 @@ def superlink_clock_offset(address: str, ca_cert: Path, timeout: float = 5.0) ->
     None when it cannot be measured (unreachable, TLS refused, no Date header): the caller's TLS
     diagnosis covers those cases, and a SuperLink that is not up yet is not an error.
     """
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
+    host, port = split_host_port(address, "--superlink", "superlink.example.org:8000")
     ctx = ssl.create_default_context(cafile=str(ca_cert))
-    conn = http.client.HTTPSConnection(host, int(port), timeout=timeout, context=ctx)
+    conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=ctx)
     try:
         conn.connect()  # TLS handshake outside the timed window
         before = time.time()

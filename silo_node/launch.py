@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from silo_node.clock_check import diagnose_clock
+from silotune.addresses import split_host_port
 from silotune.config import SiloConfig, parse_silo_config
 from silotune.errors import UserError
 from silotune.flwr_connection import flower_env
@@ -124,9 +125,7 @@ def build_supernode_argv(opts: SiloOptions, node_config: dict[str, Any]) -> list
 
 
 def _check_address(address: str) -> str:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise UserError(f"--superlink {address!r}: expected HOST:PORT, e.g. superlink.example.org:8000")
+    split_host_port(address, "--superlink", "superlink.example.org:8000")
     return address
 
 
@@ -140,10 +139,9 @@ def diagnose_tls(address: str, ca_cert: Path | None, timeout: float = 5.0) -> st
     An unreachable SuperLink returns None: the SuperNode retries, and the SuperLink may come later.
     ``ca_cert=None`` means the silo would connect in plaintext (--insecure).
     """
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
+    host, port = split_host_port(address, "--superlink", "superlink.example.org:8000")
     try:
-        sock = socket.create_connection((host, int(port)), timeout=timeout)
+        sock = socket.create_connection((host, port), timeout=timeout)
     except OSError:
         return None
     with sock:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from silotune.atomic_files import atomic_write_json
 from silotune.config import PeftSettings
 from silotune.errors import UserError
 
@@ -124,7 +125,7 @@ def save_adapter_dir(directory: Path, state: dict[str, np.ndarray], peft_config:
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
     save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    _write_json_synced(directory / ADAPTER_CONFIG, peft_config)
+    atomic_write_json(directory / ADAPTER_CONFIG, peft_config)
     _fsync_file(directory / ADAPTER_WEIGHTS)
 
 
@@ -140,13 +141,6 @@ def peft_config_dict(peft_model: Any) -> dict[str, Any]:
     """The adapter_config.json content of a live PEFT model (JSON-safe)."""
     cfg = peft_model.peft_config["default"].to_dict()
     return json.loads(json.dumps(cfg, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
-
-
-def _write_json_synced(path: Path, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def _fsync_file(path: Path) -> None:

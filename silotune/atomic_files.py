@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,19 @@ from typing import Any
 __all__ = ["atomic_write_json", "atomic_write_text"]
 
 
-def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
+def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
     """Replace ``path`` with ``text`` (UTF-8) atomically; create parent folders as needed.
 
-    ``mode`` is set explicitly because the temporary file starts as 0600, which would otherwise
-    make every report unreadable to the rest of a team.
+    The result keeps the replaced file's permissions (an operator's chmod 600 on Flower's
+    config.toml survives); a new file gets ``mode``, default 0644, set explicitly because the
+    temporary file starts as 0600, which would make every report unreadable to the rest of a team.
     """
     path = Path(path)
+    if mode is None:
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except FileNotFoundError:
+            mode = 0o644
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
@@ -40,7 +47,7 @@ def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
         raise
 
 
-def atomic_write_json(path: Path, obj: Any, *, sort_keys: bool = True, mode: int = 0o644) -> None:
+def atomic_write_json(path: Path, obj: Any, *, sort_keys: bool = True, mode: int | None = None) -> None:
     """``atomic_write_text`` of ``obj`` as indented JSON. Serialises first, so an object that cannot
     be written as JSON raises before the target is touched."""
     text = json.dumps(obj, indent=2, sort_keys=sort_keys, default=str) + "\n"

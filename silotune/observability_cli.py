@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from silotune.addresses import split_host_port
 from silotune.errors import UserError
 from silotune.metrics import BYTES_PER_MB, FLOWERTUNE_BUDGET_MB
 
@@ -127,10 +128,7 @@ def supervise_with_exporter(
 
 
 def parse_bind(bind: str) -> tuple[str, int]:
-    host, sep, port = bind.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise UserError(f"--bind {bind!r}: expected HOST:PORT, e.g. 127.0.0.1:9464")
-    return host.strip("[]"), int(port)
+    return split_host_port(bind, "--bind", "127.0.0.1:9464")
 
 
 def run_exporter(args: argparse.Namespace) -> int:

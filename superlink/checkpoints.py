@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from silotune.adapters import load_adapter_dir, save_adapter_dir
-from silotune.atomic_files import atomic_write_json
+from silotune.atomic_files import atomic_write_json, atomic_write_text
 
 MANIFEST = "manifest.json"
 STRATEGY_STATE = "strategy_state.safetensors"
@@ -102,12 +102,7 @@ class CheckpointStore:
         return final
 
     def _write_latest(self, name: str) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.run_dir, prefix=".LATEST.")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(name + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.run_dir / "LATEST")
+        atomic_write_text(self.run_dir / "LATEST", name + "\n")
         link_tmp = self.run_dir / ".adapter.tmp"
         if link_tmp.is_symlink() or link_tmp.exists():
             link_tmp.unlink()

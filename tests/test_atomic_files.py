@@ -74,4 +74,14 @@ def test_json_key_order(tmp_path: Path) -> None:
     atomic_write_json(target, {"schema": 1, "a": 2}, sort_keys=False)
     assert list(json.loads(target.read_text())) == ["schema", "a"]
     assert target.read_text().endswith("}\n")
-    assert os.access(target, os.R_OK)
+
+
+def test_replacing_keeps_the_files_permissions(tmp_path: Path) -> None:
+    target = tmp_path / "config.toml"
+    target.write_text("old\n")
+    os.chmod(target, 0o600)  # an operator tightened it
+    atomic_write_text(target, "new\n")
+    assert target.read_text() == "new\n"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    atomic_write_text(tmp_path / "fresh.md", "x", mode=0o640)
+    assert stat.S_IMODE((tmp_path / "fresh.md").stat().st_mode) == 0o640

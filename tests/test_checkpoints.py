@@ -47,10 +47,10 @@ def test_crash_mid_write_leaves_previous_checkpoint_intact(
     store.save(1, _state(1.0), PEFT_CFG, {}, {})
     before = {p.name: p.read_bytes() for p in (tmp_path / "checkpoints" / "round-0001").iterdir()}
 
-    def crash(path: Path, obj: object) -> None:  # dies after the weights, before the config
+    def crash(path: Path, obj: object, **kw: object) -> None:  # after the weights, before the config
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(adapters, "_write_json_synced", crash)
+    monkeypatch.setattr(adapters, "atomic_write_json", crash)
     with pytest.raises(OSError, match="simulated"):
         store.save(2, _state(2.0), PEFT_CFG, {}, {})
     monkeypatch.undo()

@@ -71,6 +71,8 @@ class _Server:
         self.thread.start()
 
     def close(self) -> None:
+        if not self.thread.is_alive():
+            return  # already closed by the test
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(timeout=10)

@@ -168,17 +168,22 @@ def test_shared_named_volumes_are_populated_once(bundle: str) -> None:
     shared = {src: users for src, users in mounts.items() if len(users) > 1}
     assert shared, "the state volume is shared by the node and its exporter"
     for source, users in shared.items():
-        writers = [n for n, v in users if not isinstance(v, dict) and not v.endswith(":ro")]
+        writers = [n for n, v in users if not _read_only(v)]
         assert len(writers) == 1, f"{source}: one writer, got {writers}"
         for name, vol in users:
             if name == writers[0]:
                 continue
             assert isinstance(vol, dict), f"{name}: mount {source} in long form to set nocopy"
-            assert vol.get("read_only") is True, f"{name}: {source} must be read-only"
+            assert _read_only(vol), f"{name}: {source} must be read-only"
             assert vol.get("volume", {}).get("nocopy") is True, f"{name}: {source} needs nocopy"
             assert writers[0] in services[name].get("depends_on", []), (
                 f"{name} must depend on {writers[0]}, which populates {source}"
             )
+
+
+def _read_only(mount: dict | str) -> bool:
+    """A compose volume entry, short ("src:dst:ro") or long form, mounts read-only."""
+    return mount.get("read_only") is True if isinstance(mount, dict) else mount.endswith(":ro")
 
 
 def _merge(dst: dict, src: dict) -> None:
