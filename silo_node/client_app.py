@@ -7,13 +7,17 @@ tokens, throughput, memory) and a ConfigRecord (base-model identity, rank). Data
 
 from __future__ import annotations
 
+import functools
 import json
 import zlib
+from collections.abc import Callable
+from logging import ERROR
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.supercore import log
 
 from silo_node.data import load_silo_records, split_train_eval
 from silo_node.memory import MemoryMeter
@@ -31,6 +35,7 @@ from silotune.config import RunConfig, SiloConfig, parse_run_config, parse_silo_
 from silotune.errors import ModelMismatchError
 from silotune.events import EventLog
 from silotune.modeling import load_model, model_identity
+from silotune.silo_failures import classify, reason_for
 
 app = ClientApp()
 
@@ -58,7 +63,31 @@ def _records(run: RunConfig, silo: SiloConfig) -> tuple[list[dict], list[dict]]:
     return split_train_eval(records, silo.eval_fraction, run.train.seed)
 
 
+Handler = Callable[[Message, Context], Message]
+
+
+def reply_with_failure_code(handler: Handler) -> Handler:
+    """Turn any exception into an error reply holding only a code and its fixed text.
+
+    The full exception, with its traceback, goes to this silo's own log (the SuperNode's output):
+    a data error quotes private rows, and Flower's default reply would carry it to the central site.
+    """
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as exc:  # noqa: BLE001 - every failure must leave as a code only
+            code = classify(exc)
+            name = handler.__name__
+            log(ERROR, "SiloTune %s failed (%s, sent as code %d)", name, code.name, code, exc_info=exc)
+            return Message(Error(code=int(code), reason=reason_for(code)), reply_to=msg)
+
+    return wrapped
+
+
 @app.query()
+@reply_with_failure_code
 def handshake(msg: Message, context: Context) -> Message:
     """Who am I: base-model identity, rank, data size; optionally the initial adapter."""
     run, silo = _settings(context)
@@ -104,6 +133,7 @@ def _check_identity(msg_cfg: ConfigRecord, run: RunConfig) -> None:
 
 
 @app.train()
+@reply_with_failure_code
 def train(msg: Message, context: Context) -> Message:
     run, silo = _settings(context)
     cfg = msg.content["config"]
@@ -170,6 +200,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@reply_with_failure_code
 def evaluate(msg: Message, context: Context) -> Message:
     """Response-only loss of the global adapter on this silo's held-out slice (eval-fraction)."""
     run, silo = _settings(context)

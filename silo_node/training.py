@@ -16,6 +16,7 @@ from typing import Any
 
 from silo_node.templates import DomainTemplate
 from silotune.config import PromptStyle, TrainSettings
+from silotune.errors import NoLearningError
 
 IGNORE_INDEX = -100
 
@@ -149,6 +150,7 @@ def train_round(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     losses: list[float] = []
     tokens = 0
+    zero_grad_steps = nonfinite_grad_steps = 0
     start = time.perf_counter()
     for step in range(settings.local_steps):
         opt.zero_grad(set_to_none=True)
@@ -163,8 +165,13 @@ def train_round(
                 loss = loss + (proximal_mu / 2.0) * proximal_term(model, anchor) / settings.grad_accum
             loss.backward()
             step_loss += float(out.loss.detach()) / settings.grad_accum
-        torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-        opt.step()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm))
+        if not math.isfinite(grad_norm):
+            # A step on inf/NaN gradients would write NaN into the adapter: skip it, count it.
+            nonfinite_grad_steps += 1
+        else:
+            zero_grad_steps += grad_norm == 0.0
+            opt.step()
         losses.append(step_loss)
         if progress is not None:
             progress(step + 1, settings.local_steps, step_loss)
@@ -172,6 +179,7 @@ def train_round(
     mean_loss = float(sum(losses) / len(losses))
     if not math.isfinite(mean_loss):
         raise FloatingPointError(f"training loss is {mean_loss}; lower train.lr-max")
+    check_round_learned(model, anchor, settings.local_steps, zero_grad_steps, nonfinite_grad_steps, lr)
     return TrainResult(
         train_loss=mean_loss,
         examples=len(examples),
@@ -180,6 +188,43 @@ def train_round(
         train_seconds=wall,
         steps=settings.local_steps,
     )
+
+
+def check_round_learned(
+    model: Any,
+    before: dict[str, Any],
+    steps: int,
+    zero_grad_steps: int,
+    nonfinite_grad_steps: int,
+    lr: float,
+) -> None:
+    """Raise :class:`NoLearningError` if the round cannot have taught the adapter anything.
+
+    Checked on what actually happened, not on the loss: a broken kernel (see
+    ``silotune.modeling.keep_4bit_layers_trainable``) or a zero learning rate still yields a
+    plausible loss, and the unchanged adapter would go back to the server as if it had trained.
+    """
+    if nonfinite_grad_steps == steps:
+        raise NoLearningError(
+            f"round learned nothing: the gradients were non-finite in all {steps} steps "
+            "(every step was skipped); lower train.lr-max or check the data"
+        )
+    if zero_grad_steps + nonfinite_grad_steps == steps:
+        raise NoLearningError(
+            f"round learned nothing: every gradient was exactly zero in all {steps} steps "
+            f"({nonfinite_grad_steps} non-finite); no gradient reaches the adapter, which points "
+            "to the model's kernels (e.g. a bitsandbytes layer without autograd), not to the data"
+        )
+    changed = any(
+        not bool(p.detach().float().eq(before[name]).all())
+        for name, p in model.named_parameters()
+        if p.requires_grad and name in before
+    )
+    if not changed:
+        raise NoLearningError(
+            f"round learned nothing: no trainable parameter changed in {steps} steps "
+            f"(learning rate {lr:g}); check train.lr-max / train.lr-min"
+        )
 
 
 def evaluate_loss(model: Any, tokenizer: Any, examples: list[Encoded], batch_size: int) -> float:

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_json", "atomic_write_text"]
+__all__ = ["atomic_write_json", "atomic_write_text", "fsync_dir", "fsync_file"]
 
 
 def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
@@ -52,3 +52,22 @@ def atomic_write_json(path: Path, obj: Any, *, sort_keys: bool = True, mode: int
     be written as JSON raises before the target is touched."""
     text = json.dumps(obj, indent=2, sort_keys=sort_keys, default=str) + "\n"
     atomic_write_text(path, text, mode)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file that a library wrote (safetensors' save_file does not fsync) to the disk, so a
+    power loss after the rename that publishes it cannot leave it empty or short."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries: a create, rename or delete inside it is durable only after this."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

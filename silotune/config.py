@@ -24,6 +24,10 @@ PeftMethod = Literal["lora", "dora", "qlora", "ia3"]
 # silo_node/templates.py renders both; "eval" is FlowerTune's finance evaluation prompt.
 PromptStyle = Literal["alpaca", "eval"]
 StrategyName = Literal["fedavg", "fedprox", "fedavgm", "fedadam", "flexlora"]
+# superlink/strategies/robust.py: which silos' updates each module's average uses ("mean": all).
+AggregatorName = Literal["mean", "trimmed-mean", "median", "multi-krum", "consensus"]
+# Upper bound of every wait a run config sets: a week is longer than any sane round.
+MAX_WAIT_SECONDS = 7 * 24 * 3600.0
 
 
 class ConfigError(UserError, ValueError):
@@ -106,15 +110,47 @@ class StrategySettings(_Section):
     fraction_train: float = Field(1.0, gt=0, le=1)
     min_nodes: int = Field(2, ge=1)
     # Seconds the server waits for replies in one round; late silos are dropped for that round.
-    round_timeout: float = Field(1800.0, gt=0)
+    # Finite and at most MAX_WAIT_SECONDS: `inf` (which TOML and --set accept) would wait forever.
+    round_timeout: float = Field(1800.0, gt=0, le=MAX_WAIT_SECONDS, allow_inf_nan=False)
     # Seconds to wait at the start of a round for min-nodes silos to be connected.
-    wait_for_nodes: float = Field(600.0, gt=0)
+    wait_for_nodes: float = Field(600.0, gt=0, le=MAX_WAIT_SECONDS, allow_inf_nan=False)
+    # A round with no reply for this many times the expected round time (median of completed
+    # rounds, else round-timeout) is failed by the watchdog (superlink/watchdog.py).
+    watchdog_factor: float = Field(3.0, ge=1, le=100, allow_inf_nan=False)
     proximal_mu: float = Field(0.0, ge=0)
     server_lr: float = Field(1.0, gt=0)
     server_momentum: float = Field(0.9, ge=0, lt=1)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0)
+    # --- defences against a faulty or malicious silo (docs/security.md) ---
+    # Robust selection layered under any strategy (superlink/strategies/robust.py).
+    aggregator: AggregatorName = "mean"
+    # No silo gets more than this share of a round's aggregation weight.
+    max_weight_share: float = Field(0.5, gt=0, le=1, allow_inf_nan=False)
+    # Fewer valid updates than this: the round leaves the global adapter unchanged.
+    min_answers: int = Field(1, ge=1)
+    # Per-module bound on the Frobenius norm of a silo's effective update; 0 = off.
+    clip_norm: float = Field(0.0, ge=0, allow_inf_nan=False)
+    # Per-module bound as a multiple of the round's median update norm; 0 = off.
+    clip_relative: float = Field(3.0, ge=0, allow_inf_nan=False)
+    # Silos assumed faulty: multi-krum's f, the trimmed mean's trim count.
+    max_byzantine: int = Field(1, ge=0)
+    # consensus: two updates agree when their distance is within this multiple of the median norm.
+    consensus_tolerance: float = Field(1.5, gt=0, allow_inf_nan=False)
+    # A silo is flagged when its distance from the others (or its norm) exceeds this multiple of
+    # the round's median norm; flagged in anomaly-rounds consecutive rounds: excluded (0 = never).
+    anomaly_threshold: float = Field(3.0, gt=1, allow_inf_nan=False)
+    anomaly_rounds: int = Field(3, ge=0)
+    # Largest LoRA rank a silo may declare (FlexLoRA); bounds the memory a handshake can claim.
+    max_rank: int = Field(64, ge=1, le=1024)
+
+    @field_validator("clip_relative")
+    @classmethod
+    def _clip_relative(cls, v: float) -> float:
+        if 0 < v < 1:
+            raise ValueError("must be 0 (off) or at least 1 (below 1 it clips the median silo too)")
+        return v
 
 
 class RunConfig(_Section):
@@ -134,6 +170,10 @@ class RunConfig(_Section):
         if self.peft.method == "qlora" and self.model.quantization != "4bit":
             # QLoRA *is* LoRA on a 4-bit base; make the pairing explicit rather than silent.
             object.__setattr__(self, "model", self.model.model_copy(update={"quantization": "4bit"}))
+        if self.peft.rank > self.strategy.max_rank:
+            raise ValueError(
+                f"peft.rank={self.peft.rank} exceeds strategy.max-rank={self.strategy.max_rank}"
+            )
         if self.strategy.name == "flexlora" and self.peft.method not in ("lora", "qlora"):
             raise ValueError(
                 f"strategy.name=flexlora needs peft.method lora or qlora (got {self.peft.method!r})"

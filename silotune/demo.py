@@ -4,27 +4,53 @@ CA + server certificate + three silo keys, a TLS SuperLink with node authenticat
 SuperNodes as separate OS processes on loopback, each silo with its own partition of a finance
 sentiment set, a few FedAvg rounds of LoRA on the embedded SmolLM2-135M-Instruct, accuracy on
 held-out data before and after, and a summary of what every round cost.
+
+The workspace (CA, keys, SuperLink state, logs, the silos' FLWR_HOMEs with the app copies Flower
+unpacks there, the adapter) lives outside the source checkout by default, in
+``$XDG_STATE_HOME/silotune/demo`` (``~/.local/state/silotune/demo``), so that linters, test
+collection and ``git status`` of a checkout never see it; ``--workspace`` picks another one.
+
+The before/after accuracy is measured on held-out items of the data the demo trained on (offline:
+SiloTune's own authored headlines). It shows that the federation trains; it is not a benchmark
+(``silotune eval`` is).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import socket
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from silotune.config import ModelConfig, parse_run_config
 from silotune.errors import UserError
 from silotune.events import read_events
 
 HUB_DATASET = "FinGPT/fingpt-sentiment-train"  # FlowerTune's finance training set
+AUTHORED_SOURCE = "SiloTune's own authored headline sample"
+HUB_PROBE_TIMEOUT = 1.5  # seconds for the one TCP connect that decides "offline"
+# What the demo's adapter scores on FlowerTune's whole finance suite (FPB, FiQA, TFNS average),
+# against the base model: the demo's before/after accuracy does not carry over to real benchmarks.
+SUITE_SCORE_ADAPTER, SUITE_SCORE_BASE = 35.24, 35.26
+
+
+def default_workspace() -> Path:
+    """``$XDG_STATE_HOME/silotune/demo``, else ``~/.local/state/silotune/demo``: outside any checkout."""
+    base = os.environ.get("XDG_STATE_HOME", "")
+    root = Path(base) if base and Path(base).is_absolute() else Path.home() / ".local" / "state"
+    return root / "silotune" / "demo"
 
 
 @dataclass
 class DemoOptions:
-    workspace: Path
+    workspace: Path = field(default_factory=default_workspace)
     data: Path | None = None
     columns: str = ""
     label_map: str = ""
@@ -58,6 +84,56 @@ def _say(msg: str) -> None:
 
 
 # -- data ----------------------------------------------------------------------------------------
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def hub_address() -> tuple[str, int]:
+    """HOST, PORT to probe: the hub ($HF_ENDPOINT, default huggingface.co:443), or the HTTPS proxy
+    when one is set (then the proxy is what a request reaches first)."""
+    url = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or ""
+    if not url:
+        url = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    return parts.hostname or "huggingface.co", parts.port or (80 if parts.scheme == "http" else 443)
+
+
+def hub_offline_reason(
+    host: str | None = None, port: int | None = None, timeout: float = HUB_PROBE_TIMEOUT
+) -> str | None:
+    """Why the Hugging Face hub is out of reach, or None when it answers.
+
+    HF_HUB_OFFLINE / HF_DATASETS_OFFLINE decide without any network access; otherwise one TCP
+    connect to ``host:port`` (default: ``hub_address()``), name resolution included, bounded by
+    ``timeout`` seconds in all (a daemon thread, since getaddrinfo ignores socket timeouts). No
+    retries, nothing printed: offline is known within ``timeout`` instead of after the ~25 s of
+    retries ``datasets.load_dataset`` spends on an unreachable hub.
+    """
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if _env_flag(name):
+            return f"{name} is set"
+    if host is None or port is None:
+        default_host, default_port = hub_address()
+        host, port = host or default_host, port or default_port
+    result: dict[str, Any] = {}
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result["ok"] = True
+        except OSError as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=probe, name="hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if result.get("ok"):
+        return None
+    if "error" in result:
+        return f"{host}:{port} is not reachable ({result['error'].__class__.__name__}: {result['error']})"
+    return f"{host}:{port} did not answer within {timeout:.1f} s"
+
+
 def _rows_from_hub(n: int, seed: int) -> list[dict[str, str]] | None:
     """FlowerTune's finance data from the hub, or None when the hub cannot be reached (offline)."""
     try:
@@ -86,18 +162,19 @@ def prepare_data(opts: DemoOptions, out_dir: Path) -> tuple[list[Path], list[dic
         records = load_silo_records(silo, "finance")
         source = f"local file {opts.data}"
     else:
-        records = None if opts.offline else _rows_from_hub(n_total, seed=0)
+        reason = "--offline" if opts.offline else hub_offline_reason()
+        if reason is not None:
+            # Nothing in this process or the silos it starts should try the hub again (retries).
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+            records = None
+        else:
+            records = _rows_from_hub(n_total, seed=0)
+            reason = f"the hub dataset {HUB_DATASET} could not be loaded"
         if records is None:
             paths, held = write_demo_data(out_dir, 3, opts.per_silo, opts.eval_limit)
             held_rows = [json.loads(x) for x in held.read_text().splitlines()]
-            return (
-                paths,
-                held_rows,
-                (
-                    "SiloTune's own authored headline sample (offline: the hub "
-                    f"dataset {HUB_DATASET} is not reachable)"
-                ),
-            )
+            return (paths, held_rows, f"{AUTHORED_SOURCE} (offline: {reason})")
         source = f"Hugging Face hub dataset {HUB_DATASET} (random sample)"
     rng = random.Random(0)
     rng.shuffle(records)
@@ -133,6 +210,10 @@ def sentiment_accuracy(model: Any, tokenizer: Any, records: list[dict[str, str]]
 
 # -- the demo -----------------------------------------------------------------------------------
 def run_demo(opts: DemoOptions) -> DemoReport:
+    from silotune.quiet_libraries import quiet_for
+
+    # Before anything imports peft (and with it bitsandbytes); the env it sets reaches the silos.
+    quiet_for(sys.stderr)
     from silo_node.data import load_silo_records  # noqa: F401  (fail early if the install is broken)
     from silotune.local_federation import LocalFederation, SiloSpec
     from silotune.modeling import load_model
@@ -140,7 +221,7 @@ def run_demo(opts: DemoOptions) -> DemoReport:
     report = DemoReport()
     ws = opts.workspace.resolve()
     t0 = time.monotonic()
-    _say(f"workspace: {ws}")
+    _say(f"workspace: {ws} (choose another with --workspace)")
     paths, held, report.data_source = prepare_data(opts, ws / "data")
     _say(f"data: {report.data_source}; {len(held)} held-out items")
 
@@ -210,8 +291,18 @@ def run_demo(opts: DemoOptions) -> DemoReport:
 def _submit_with_progress(fed: Any, run_cfg: dict[str, Any], opts: DemoOptions) -> Any:
     from silotune.submit import round_progress
 
+    if not sys.stdout.isatty():  # a log file: one plain line per round, no progress bar
+        return fed.submit(run_cfg, timeout=opts.timeout, on_round=_print_round)
     with round_progress(opts.rounds) as on_round:
         return fed.submit(run_cfg, timeout=opts.timeout, on_round=on_round)
+
+
+def _print_round(info: dict[str, Any]) -> None:
+    loss = info.get("train_loss")
+    _say(
+        f"round {info['round']}: {info['answered']}/{info['sampled']} silos answered, loss "
+        + (f"{loss:.4f}" if loss is not None else "- (no valid update)")
+    )
 
 
 def _collect_events(path: Path, report: DemoReport) -> None:
@@ -239,6 +330,22 @@ def _collect_events(path: Path, report: DemoReport) -> None:
                 peaks[k] = max(peaks.get(k, 0), int(e.get(k) or 0))
 
 
+def accuracy_caveat(data_source: str) -> list[str]:
+    """What the before/after accuracy measures, and what it does not."""
+    sample = (
+        "SiloTune's own authored headlines"
+        if data_source.startswith(AUTHORED_SOURCE)
+        else "the demo's own data sample"
+    )
+    return [
+        f"  (held-out items of {sample}, like those the silos trained on:",
+        "  it shows that the federation learns, not how the model does on real data. On FlowerTune's",
+        f"  full finance suite (FPB, FiQA, TFNS) the default demo's adapter scored {SUITE_SCORE_ADAPTER:.2f}",
+        f"  against the base model's {SUITE_SCORE_BASE:.2f}. Measure yours: "
+        "`silotune eval --suite finance --adapter DIR`.)",
+    ]
+
+
 def format_summary(r: DemoReport) -> str:
     mib = 1024 * 1024
     lines = [
@@ -262,6 +369,7 @@ def format_summary(r: DemoReport) -> str:
         "silo sends one adapter up and receives one down",
         "",
         f"accuracy on held-out data: before {r.accuracy_before:.1%}  ->  after {r.accuracy_after:.1%}",
+        *accuracy_caveat(r.data_source),
         "",
         "peak memory per silo (per round maximum):",
     ]

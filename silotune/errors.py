@@ -11,3 +11,11 @@ class DataError(UserError, ValueError):
 
 class ModelMismatchError(UserError):
     """A silo runs a different base model than the federation."""
+
+
+class NoLearningError(RuntimeError):
+    """A silo's round changed no trainable parameter, or every gradient was zero or non-finite.
+
+    Such a round must never be sent back as an update: an unchanged adapter looks exactly like a
+    trained one to the server, and silently averages the federation toward doing nothing.
+    """

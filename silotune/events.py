@@ -12,17 +12,29 @@ Where events go:
   what ``silotune superlink start`` / ``silotune silo start`` do for the exporters.
 
 Event kinds and fields (all carry ``ts`` (unix seconds), ``kind`` and ``role``):
-  run_start      run_id, num_rounds, strategy, peft_method, comm_budget_bytes, base_model
-  round_start    round, connected, sampled (list of node ids)
+  run_start      run_id, num_rounds, strategy, peft_method, comm_budget_bytes, base_model,
+                 progress_timeout_seconds (the longest silence a healthy run has)
+  round_start    round, connected, sampled (list of node ids), progress_timeout_seconds
+  silo_reply     round, node_id, phase (query/train/evaluate), reply_seconds: one per pulled reply
   silo_result    round, node_id, silo, uplink_bytes, downlink_bytes, train_loss, examples, tokens,
                  tokens_per_second, train_seconds, peak_gpu_allocated_bytes,
-                 peak_gpu_reserved_bytes, nvml_used_bytes, peak_rss_bytes, lora_rank
-  silo_failed    round, node_id, reason
-  update_rejected round, node_id, reason
+                 peak_gpu_reserved_bytes, nvml_used_bytes, peak_rss_bytes, lora_rank,
+                 reply_seconds (push to reply)
+  silo_failed    round, node_id, reason (handshake failures: retry_round, when it is asked again)
+  update_rejected round, node_id, silo, phase (handshake|init|train|evaluate), code (a reason code
+                 of silotune/protocol.py), reason (detail for people)
+  anomaly_score  round, node_id, silo, norm, norm_ratio, distance, flagged, streak, weight_share,
+                 clip_factor, modules_used, aggregator (superlink/defences.py)
+  silo_excluded  round, node_id, silo, code, reason (flagged in strategy.anomaly-rounds rounds)
+  quorum_missed  round, valid_updates, min_answers (the global adapter stayed unchanged)
   round_end      round, duration_seconds, aggregation_seconds, sampled, answered, failed,
-                 uplink_bytes, downlink_bytes, cumulative_bytes, train_loss, checkpoint
+                 uplink_bytes, downlink_bytes, cumulative_bytes, train_loss, checkpoint,
+                 quorum_met, adapter_updated
   evaluation     round, metrics (dict name -> value)
-  run_end        status ("completed" | "failed"), rounds_completed, adapter_dir
+  round_stalled  round, reason: the watchdog failed the round (no progress); no round_end follows
+  run_end        status ("completed" | "budget_exceeded" | "stalled" | "failed" | "stopped"),
+                 rounds_completed (the last round that produced a new adapter, whatever the
+                 status), adapter_dir, reason (when not completed normally)
   local_train    (silo side) round, silo, train_loss, examples, tokens, tokens_per_second,
                  train_seconds, peak_* as above, uplink_bytes, downlink_bytes
 """

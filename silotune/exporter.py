@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from silotune import metrics as m
 from silotune.events import finite_number
+from silotune.silo_failures import SiloFailure
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +135,17 @@ _SILO_GAUGES: dict[str, m.MetricDef] = {
     "gpu_total_bytes": m.SILO_GPU_CAPACITY,
     "peak_rss_bytes": m.SILO_PEAK_RSS,
     "lora_rank": m.SILO_LORA_RANK,
+    "reply_seconds": m.SILO_REPLY_SECONDS,
 }
 _GPU_FIELDS = frozenset(
     {"peak_gpu_allocated_bytes", "peak_gpu_reserved_bytes", "nvml_used_bytes", "gpu_total_bytes"}
 )
+# Server events that mean the run moved; their time is silotune_last_progress_timestamp_seconds,
+# so a ServerApp that is killed or hangs stops moving it and SiloTuneNoProgress fires.
+_PROGRESS_KINDS = frozenset(
+    {"run_start", "round_start", "silo_reply", "silo_result", "silo_failed", "update_rejected",
+     "round_end", "evaluation"}
+)  # fmt: skip
 _SILO_COUNTERS: dict[str, m.MetricDef] = {
     "uplink_bytes": m.UPLINK_BYTES,
     "downlink_bytes": m.DOWNLINK_BYTES,
@@ -184,12 +192,17 @@ class FederationState:
         if ts is not None:
             prev = self.gauges.get(m.LAST_EVENT_TS.name, {}).get((), 0.0)
             self._set(m.LAST_EVENT_TS, max(prev, ts))
+            if kind in _PROGRESS_KINDS:
+                prev = self.gauges.get(m.LAST_PROGRESS_TS.name, {}).get((), 0.0)
+                self._set(m.LAST_PROGRESS_TS, max(prev, ts))
+        self._set(m.PROGRESS_TIMEOUT, finite_number(event.get("progress_timeout_seconds")))
         handler = getattr(self, f"_on_{kind}", None)
         if handler is not None:
             handler(event)
 
     def _on_run_start(self, e: dict[str, Any]) -> None:
         self._inc(m.RUNS_STARTED, 1)
+        self._inc(m.ROUNDS_STALLED, 0)  # present from the start: the first stall is an increase
         for d in (m.ROUND, m.ROUNDS_COMPLETED, m.ROUND_IN_PROGRESS, m.COMM_BYTES):
             self._set(d, 0.0)
         self.gauges.pop(m.EVALUATION.name, None)
@@ -228,6 +241,10 @@ class FederationState:
             cumulative = prev + (up or 0.0) + (down or 0.0)
         self._set(m.COMM_BYTES, cumulative)
 
+    def _on_round_stalled(self, e: dict[str, Any]) -> None:
+        self._set(m.ROUND_IN_PROGRESS, 0.0)
+        self._inc(m.ROUNDS_STALLED, 1)
+
     def _on_evaluation(self, e: dict[str, Any]) -> None:
         values = e.get("metrics")
         if not isinstance(values, dict):
@@ -247,6 +264,7 @@ class FederationState:
             # Start failure counters at 0 so the first failure is an increase alerts can see.
             self._inc(m.SILO_FAILURES, 0, labels)
             self._inc(m.UPDATES_REJECTED, 0, labels)
+            self._inc(m.SILO_ROUNDS_LEARNED_NOTHING, 0, labels)
         self._inc(m.SILO_ROUNDS, 1, labels)
         self._set(m.SILO_LAST_RESULT_TS, finite_number(e.get("ts")), labels)
         for key, d in _SILO_COUNTERS.items():
@@ -261,9 +279,30 @@ class FederationState:
 
     def _on_silo_failed(self, e: dict[str, Any]) -> None:
         self._inc(m.SILO_FAILURES, 1, (self._silo(e),))
+        if e.get("code") == SiloFailure.NO_LEARNING.name:
+            self._inc(m.SILO_ROUNDS_LEARNED_NOTHING, 1, (self._silo(e),))
 
     def _on_update_rejected(self, e: dict[str, Any]) -> None:
         self._inc(m.UPDATES_REJECTED, 1, (self._silo(e),))
+        # Older writers gave no code; their rejections count under "unspecified".
+        reason = (self._silo(e), str(e.get("code") or "unspecified"), str(e.get("phase") or "train"))
+        self._inc(m.UPDATES_REJECTED_BY_REASON, 1, reason)
+
+    def _on_anomaly_score(self, e: dict[str, Any]) -> None:
+        labels = (self._silo(e),)
+        self._inc(m.SILO_EXCLUSIONS, 0, labels)  # start at 0: the first exclusion is an increase
+        self._set(m.SILO_ANOMALY_DISTANCE, finite_number(e.get("distance")), labels)
+        self._set(m.SILO_NORM_RATIO, finite_number(e.get("norm_ratio")), labels)
+        self._set(m.SILO_ANOMALY_FLAGGED, 1.0 if e.get("flagged") is True else 0.0, labels)
+        self._set(m.SILO_ANOMALY_STREAK, finite_number(e.get("streak")), labels)
+        self._set(m.SILO_WEIGHT_SHARE, finite_number(e.get("weight_share")), labels)
+        self._set(m.SILO_CLIP_FACTOR, finite_number(e.get("clip_factor")), labels)
+
+    def _on_silo_excluded(self, e: dict[str, Any]) -> None:
+        self._inc(m.SILO_EXCLUSIONS, 1, (self._silo(e),))
+
+    def _on_quorum_missed(self, e: dict[str, Any]) -> None:
+        self._inc(m.QUORUM_MISSED, 1)
 
 
 def _count(value: Any) -> float | None:

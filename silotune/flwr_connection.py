@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,25 @@ def read_connection(flwr_home: Path, name: str | None = None) -> Connection:
     return Connection(name, conn["address"], Path(root) if root else None, bool(conn.get("insecure")))
 
 
+def interpreter_bin() -> Path:
+    """The folder of the running interpreter: where pip put flower-superlink, flwr-serverapp, ...
+
+    Not resolved: a virtual environment's ``bin/python`` is a symlink to the base interpreter, and
+    the scripts live beside the link, not beside its target.
+    """
+    return Path(sys.executable).parent
+
+
+def path_with_interpreter_bin(path: str) -> str:
+    """``PATH`` with :func:`interpreter_bin` first, so every Flower program we start (and the
+    ``flwr-serverapp`` / ``flwr-clientapp`` that Flower itself starts by name) is the one installed
+    beside this SiloTune, also when the environment was never activated (systemd, cron, a
+    container entrypoint calling ``/opt/venv/bin/silotune``)."""
+    first = str(interpreter_bin())
+    rest = [p for p in path.split(os.pathsep) if p and p != first]
+    return os.pathsep.join([first, *rest])
+
+
 def flower_env(
     flwr_home: Path | None = None,
     events_dir: Path | None = None,
@@ -114,6 +134,7 @@ def flower_env(
     from silotune.events import EVENTS_DIR_ENV
 
     env = dict(os.environ if base is None else base)
+    env["PATH"] = path_with_interpreter_bin(env.get("PATH", ""))
     env["FLWR_TELEMETRY_ENABLED"] = "0"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     if flwr_home is not None:

@@ -87,11 +87,23 @@ SILO_PEAK_RSS = MetricDef(
 SILO_LORA_RANK = MetricDef(
     "silotune_silo_lora_rank", "gauge", "Adapter rank the silo trained in the last round.", _S
 )
+SILO_REPLY_SECONDS = MetricDef(
+    "silotune_silo_reply_seconds",
+    "gauge",
+    "Seconds from sending the silo its training message to its reply, last round.",
+    _S,
+)
 SILO_FAILURES = MetricDef(
     "silotune_silo_failures_total", "counter", "Rounds in which a sampled silo failed.", _S
 )
 UPDATES_REJECTED = MetricDef(
     "silotune_updates_rejected_total", "counter", "Silo updates refused by validation.", _S
+)
+SILO_ROUNDS_LEARNED_NOTHING = MetricDef(
+    "silotune_silo_rounds_learned_nothing_total",
+    "counter",
+    "Rounds a silo refused to send back because training changed nothing (code NO_LEARNING).",
+    _S,
 )
 
 # --- federation (server only) ---
@@ -117,6 +129,19 @@ ROUND_STARTED_TS = MetricDef(
 ROUNDS_COMPLETED = MetricDef("silotune_rounds_completed", "gauge", "Rounds completed in the current run.")
 ROUNDS_COMPLETED_TOTAL = MetricDef(
     "silotune_rounds_completed_total", "counter", "Rounds completed over all runs."
+)
+ROUNDS_STALLED = MetricDef(
+    "silotune_rounds_stalled_total", "counter", "Rounds the watchdog failed for making no progress."
+)
+LAST_PROGRESS_TS = MetricDef(
+    "silotune_last_progress_timestamp_seconds",
+    "gauge",
+    "Unix time of the run's last progress event (round start or end, a silo's reply, a result).",
+)
+PROGRESS_TIMEOUT = MetricDef(
+    "silotune_progress_timeout_seconds",
+    "gauge",
+    "Seconds the run may go without progress before it counts as stalled (from the watchdog).",
 )
 SILOS_CONNECTED = MetricDef(
     "silotune_silos_connected", "gauge", "Silos connected at the start of the last round."
@@ -153,6 +178,52 @@ COMM_BUDGET = MetricDef(
 )
 EVALUATION = MetricDef("silotune_evaluation_value", "gauge", "Latest global evaluation metric.", ("metric",))
 EVALUATION_ROUND = MetricDef("silotune_evaluation_round", "gauge", "Round of the latest global evaluation.")
+
+# --- defences against a faulty or malicious silo (server only; superlink/defences.py) ---
+UPDATES_REJECTED_BY_REASON = MetricDef(
+    "silotune_updates_rejected_by_reason_total",
+    "counter",
+    "Silo replies refused by validation, by reason code (silotune/protocol.py) and phase.",
+    ("silo", "reason", "phase"),
+)
+SILO_ANOMALY_DISTANCE = MetricDef(
+    "silotune_silo_anomaly_distance",
+    "gauge",
+    "Lower-median distance of the silo's last update from the others', in the round's median norms.",
+    _S,
+)
+SILO_NORM_RATIO = MetricDef(
+    "silotune_silo_update_norm_ratio",
+    "gauge",
+    "Norm of the silo's last update over the median norm of the others' updates.",
+    _S,
+)
+SILO_ANOMALY_FLAGGED = MetricDef(
+    "silotune_silo_anomaly_flagged", "gauge", "1 if the silo's last update was flagged as anomalous.", _S
+)
+SILO_ANOMALY_STREAK = MetricDef(
+    "silotune_silo_anomaly_streak", "gauge", "Consecutive rounds the silo's update was flagged.", _S
+)
+SILO_WEIGHT_SHARE = MetricDef(
+    "silotune_silo_weight_share", "gauge", "The silo's capped share of the last round's weight.", _S
+)
+SILO_CLIP_FACTOR = MetricDef(
+    "silotune_silo_clip_factor",
+    "gauge",
+    "Smallest factor the silo's last update was clipped by over its modules (1: not clipped).",
+    _S,
+)
+SILO_EXCLUSIONS = MetricDef(
+    "silotune_silo_exclusions_total",
+    "counter",
+    "Times a silo was excluded from a run for anomalous updates in consecutive rounds.",
+    _S,
+)
+QUORUM_MISSED = MetricDef(
+    "silotune_rounds_quorum_missed_total",
+    "counter",
+    "Rounds with fewer valid updates than strategy.min-answers (global adapter unchanged).",
+)
 
 # --- Flower's own traffic accounting (central exporter, optional `flwr ls` poller) ---
 WIRE_IN = MetricDef(

@@ -215,6 +215,38 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     return tok
 
 
+def keep_4bit_layers_trainable(model: Any) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; undo any repacking done.
+
+    bitsandbytes >= 0.49 repacks a ``Linear4bit``'s weight in place into an AVX512-BF16 inference
+    layout the first time the layer runs on CPU in eval mode without grad (an evaluation pass). It
+    never packs it back: every later forward goes through ``gemv_4bit``, which has no autograd
+    kernel, so no gradient flows through any 4-bit layer and every LoRA gradient is exactly zero
+    while the loss still looks normal. One model here evaluates and trains, so the repacking is
+    switched off per layer; evaluation then runs the same kernels as training. Returns the number
+    of 4-bit layers seen.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    layers = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        layers += 1
+        module.support_avx512bf16_for_cpu = False
+        state = getattr(module.weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            # Already repacked (a model evaluated before this call): bitsandbytes' own inverse.
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                module.weight.data, state
+            )
+    return layers
+
+
 def load_model(cfg: ModelConfig, for_training: bool = True) -> LoadedModel:
     """Load base model + tokenizer as configured (dtype, 4/8-bit, gradient checkpointing)."""
     import torch
@@ -245,6 +277,8 @@ def load_model(cfg: ModelConfig, for_training: bool = True) -> LoadedModel:
         raise UserError(f"model.name={cfg.name}: cannot load ({exc})") from None
     if cfg.quantization == "none":
         model.to(device)
+    elif cfg.quantization == "4bit":
+        keep_4bit_layers_trainable(model)
     tokenizer = load_tokenizer(cfg)
     if for_training:
         if cfg.quantization != "none":

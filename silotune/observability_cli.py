@@ -49,6 +49,11 @@ def register(sub: Any) -> None:
         help="FLWR_HOME holding that connection (default: $FLWR_HOME, else ~/.flwr)",
     )
     p.add_argument("--flwr-poll-seconds", type=float, default=15.0)
+    p.add_argument(
+        "--flwr-command",
+        default="flwr",
+        help="the `flwr` program the poller runs (default: the one installed beside this SiloTune)",
+    )
     p.set_defaults(func=run_exporter)
 
     r = sub.add_parser(
@@ -150,7 +155,10 @@ def run_exporter(args: argparse.Namespace) -> int:
         if args.role != "server":
             raise UserError("--flwr-connection: only the central (--role server) exporter polls")
         poller = FlowerTrafficPoller(
-            args.flwr_connection, interval_s=args.flwr_poll_seconds, flwr_home=args.flwr_home
+            args.flwr_connection,
+            interval_s=args.flwr_poll_seconds,
+            flwr=args.flwr_command,
+            flwr_home=args.flwr_home,
         )
     events_file = args.events_dir / f"{args.role}.jsonl"
     registry, _ = build_registry(

@@ -39,11 +39,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.set_defaults(func=_run)
 
     demo = sub.add_parser("demo", help="a real TLS federation of 3 silos on this machine, end to end")
-    demo.add_argument("--workspace", type=Path, default=Path("silotune-demo"))
+    demo.add_argument(
+        "--workspace",
+        type=Path,
+        default=None,
+        help="where the demo keeps its CA, keys, logs, state and adapter (default "
+        "$XDG_STATE_HOME/silotune/demo, i.e. ~/.local/state/silotune/demo: outside the checkout)",
+    )
     demo.add_argument("--data", type=Path, help="local finance data file (JSON/JSONL/CSV/Parquet)")
     demo.add_argument("--columns", default="", help="column mapping for --data, e.g. input=text,output=label")
     demo.add_argument("--label-map", default="", help="label mapping for --data, e.g. 0=negative,1=positive")
-    demo.add_argument("--offline", action="store_true", help="do not try the Hugging Face hub")
+    demo.add_argument(
+        "--offline",
+        action="store_true",
+        help="do not try the Hugging Face hub (without it: one TCP probe of at most 1.5 s decides; "
+        "HF_HUB_OFFLINE=1 decides without one)",
+    )
     demo.add_argument("--model", default="embedded:smollm2-135m-instruct")
     demo.add_argument("--rounds", type=int, default=3)
     demo.add_argument("--local-steps", type=int, default=4)
@@ -91,10 +102,10 @@ def _run(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from silotune.demo import DemoOptions, format_summary, run_demo
+    from silotune.demo import DemoOptions, default_workspace, format_summary, run_demo
 
     opts = DemoOptions(
-        workspace=args.workspace,
+        workspace=args.workspace or default_workspace(),
         data=args.data,
         columns=args.columns,
         label_map=args.label_map,

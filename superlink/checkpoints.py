@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from silotune.adapters import load_adapter_dir, save_adapter_dir
-from silotune.atomic_files import atomic_write_json, atomic_write_text
+from silotune.atomic_files import atomic_write_json, atomic_write_text, fsync_dir, fsync_file
 
 MANIFEST = "manifest.json"
 STRATEGY_STATE = "strategy_state.safetensors"
@@ -47,14 +47,6 @@ class Checkpoint:
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class CheckpointStore:
@@ -76,7 +68,9 @@ class CheckpointStore:
     ) -> Path:
         from safetensors.numpy import save_file
 
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if not self.dir.is_dir():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fsync_dir(self.run_dir)  # the new checkpoints/ entry itself must survive a power loss
         self._remove_leftovers()
         final = self.round_dir(server_round)
         tmp = Path(tempfile.mkdtemp(dir=self.dir, prefix=f".tmp-round-{server_round:04d}-"))
@@ -84,16 +78,17 @@ class CheckpointStore:
             save_adapter_dir(tmp, adapter, peft_config)
             state = {k: np.ascontiguousarray(v) for k, v in strategy_state.items()}
             save_file(state, str(tmp / STRATEGY_STATE))
+            fsync_file(tmp / STRATEGY_STATE)  # save_file does not fsync: the optimizer state would be lost
             atomic_write_json(
                 tmp / MANIFEST, {**manifest, "round": server_round, "format_version": FORMAT_VERSION}
             )
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             if final.exists():  # re-running a round after resume: replace the old one
                 old = self.dir / f".old-{final.name}"
                 os.replace(final, old)
                 shutil.rmtree(old, ignore_errors=True)
             os.replace(tmp, final)
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -108,7 +103,7 @@ class CheckpointStore:
             link_tmp.unlink()
         os.symlink(Path("checkpoints") / name, link_tmp)
         os.replace(link_tmp, self.run_dir / "adapter")
-        _fsync_dir(self.run_dir)
+        fsync_dir(self.run_dir)  # LATEST's and the link's new entries
 
     def _remove_leftovers(self) -> None:
         for p in self.dir.glob(".tmp-round-*"):
@@ -120,6 +115,8 @@ class CheckpointStore:
         rounds = sorted(self.dir.glob("round-*"))
         for p in rounds[: -self.keep]:
             shutil.rmtree(p, ignore_errors=True)
+        if rounds[: -self.keep]:
+            fsync_dir(self.dir)
 
     def load(self, path: Path) -> Checkpoint:
         try:

@@ -18,19 +18,34 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from silotune.adapters import check_state_matches, from_array_record, to_array_record
+from silotune import protocol as p
+from silotune.adapters import to_array_record
 from silotune.config import RunConfig, flatten_run_config, lr_for_round
 from silotune.events import EventLog
 from silotune.metrics import BYTES_PER_MB
+from silotune.silo_failures import describe_error, failure_code
 from silotune.submit import PROGRESS_PREFIX  # `silotune run` parses these lines
 from superlink.checkpoints import CheckpointStore
+from superlink.defences import Defence, DefenceReport
+from superlink.grid_calls import GridCalls, GridUnavailable
+from superlink.handshake_backoff import HandshakeBackoff
+from superlink.reply_checks import (
+    ReplyRejected,
+    check_eval_reply,
+    check_handshake,
+    check_init_reply,
+    check_train_reply,
+)
+from superlink.run_lock import RunLock
 from superlink.strategies import SiloUpdate, Strategy, get_strategy
+from superlink.watchdog import MAX_CONSECUTIVE_STALLS, RoundStalled, Watchdog, progress_timeout
 
-TRANSIENT_RETRIES = 10  # consecutive SuperLink errors tolerated before a round gives up
+# get_node_ids keeps retrying a busy SuperLink at least this long, even at the end of a wait.
+GRID_RETRY_MIN_SECONDS = 30.0
 
 # Config keys whose change makes an old checkpoint meaningless for this run.
 RESUME_MUST_MATCH = (
@@ -70,6 +85,20 @@ class RoundOutcome:
     per_silo: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _array_bytes(content: Any) -> int:
+    """Bytes of a reply's adapter tensors, whatever else the reply holds (0 if none)."""
+    try:
+        rec = content[p.REC_ARRAYS] if p.REC_ARRAYS in content else None
+    except Exception:  # noqa: BLE001 - a malformed reply is counted as 0 and rejected later
+        return 0
+    return int(rec.count_bytes()) if isinstance(rec, ArrayRecord) else 0
+
+
+def _finite_or_none(x: float) -> float | None:
+    """Events are JSON: an infinite ratio (a silo moving where the others stand still) is null."""
+    return x if math.isfinite(x) else None
+
+
 def sample_nodes(node_ids: list[int], fraction: float, min_nodes: int, rng: random.Random) -> list[int]:
     """FlowerTune's sampling: a fraction of the connected silos, but at least min-nodes."""
     k = min(len(node_ids), max(min_nodes, math.ceil(fraction * len(node_ids))))
@@ -86,6 +115,7 @@ class Federation:
         run_dir: Path,
         run_id: str = "",
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.grid, self.cfg, self.run_dir = grid, cfg, run_dir
         self.run_id = run_id  # a string: Flower's uint64 run ids lose precision as floats
@@ -97,7 +127,16 @@ class Federation:
         self.peft_config: dict[str, Any] = {}
         self.global_state: dict[str, np.ndarray] = {}
         self.cumulative_bytes = 0
-        self.sleep = sleep
+        self.sleep, self.clock = sleep, clock  # injectable: tests run hour-long waits in no time
+        self.grid_calls = GridCalls(sleep, clock)
+        self.watchdog = Watchdog(cfg.strategy.watchdog_factor, cfg.strategy.round_timeout, clock)
+        self.backoff = HandshakeBackoff()
+        # Bounded influence (superlink/defences.py) and each silo's run of flagged rounds.
+        self.defence = Defence(cfg.strategy, cfg.peft.alpha)
+        self.anomaly_streak: dict[int, int] = {}
+        self.current_round = 0  # 0 = the run's start; handshake backoff counts in rounds
+        self.rounds_completed = 0  # last round that produced a new global adapter (run_end)
+        self.reply_seconds: dict[int, float] = {}  # node -> push-to-reply seconds, last exchange
 
     # -- messages -------------------------------------------------------------------------
     def _send(
@@ -109,55 +148,89 @@ class Federation:
         ]
         replies: dict[int, Message] = {}
         errors: dict[int, str] = {}
-        for reply in self._push_and_pull(messages, timeout):
+        pulled, missing = self._push_and_pull(messages, timeout)
+        for reply in pulled:
             nid = reply.metadata.src_node_id
             if reply.has_error():
-                errors[nid] = reply.error.reason or f"error code {reply.error.code}"
+                # Only a code and a fixed text are recorded: the silo's wording stays at the silo.
+                errors[nid] = describe_error(reply.error.code, reply.error.reason)
             else:
                 replies[nid] = reply
         for nid in contents:
             if nid not in replies and nid not in errors:
-                errors[nid] = f"no reply within {timeout:.0f} s (strategy.round-timeout)"
+                errors[nid] = missing or f"no reply within {timeout:.0f} s (strategy.round-timeout)"
         return replies, errors
 
-    def _push_and_pull(self, messages: list[Message], timeout: float) -> list[Message]:
-        """Grid.send_and_receive, but a transient SuperLink error (e.g. its SQLite state being
-        busy under load: HTTP 500 "database is locked") is retried instead of ending the run."""
-        deadline = time.monotonic() + timeout
-        pending: set[str] = set()
-        for attempt in range(TRANSIENT_RETRIES):
-            try:
-                pending = set(self.grid.push_messages(messages))
-                break
-            except Exception as exc:  # noqa: BLE001 - anything the transport raises
-                if attempt == TRANSIENT_RETRIES - 1 or time.monotonic() > deadline:
-                    raise
-                log(WARNING, "pushing messages failed (%s); retrying", exc)
-                self.sleep(2.0)
+    def _push_and_pull(self, messages: list[Message], timeout: float) -> tuple[list[Message], str]:
+        """Push, then pull replies until all came or ``timeout`` passed. Every Grid call is retried on
+        transient SuperLink errors (e.g. its SQLite state busy: HTTP 500 "database is locked") until
+        that deadline (grid_calls.py), and the watchdog may end the wait (RoundStalled), so no wait
+        here is unbounded. Returns the replies and, if the SuperLink itself failed, why the rest
+        are missing ("" when they simply did not answer in time)."""
+        if not messages:
+            return [], ""
+        deadline = self.clock() + timeout
+        # Handshakes are not watched: a silent new silo must not fail the round (see watchdog.py).
+        watched = messages[0].metadata.message_type != MessageType.QUERY
+        check = self.watchdog.check if watched else None
+        self.watchdog.progress()  # a new exchange starts: the server moved on
+        self.reply_seconds = {}
+        try:
+            ids = list(
+                self.grid_calls.call(
+                    "push_messages", lambda: self.grid.push_messages(messages), deadline, check
+                )
+            )
+        except GridUnavailable as exc:
+            return [], str(exc)
+        pushed_at = self.clock()
+        node_of = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages, strict=False) if mid}
+        pending = set(node_of)
+        rnd = int(messages[0].metadata.group_id or 0)
+        phase = messages[0].metadata.message_type
         got: list[Message] = []
-        failures = 0
-        while pending and time.monotonic() < deadline:
+        while pending and self.clock() < deadline:
             try:
-                batch = list(self.grid.pull_messages(pending))
-                failures = 0
-            except Exception as exc:  # noqa: BLE001
-                failures += 1
-                if failures >= TRANSIENT_RETRIES:
-                    raise
-                log(WARNING, "pulling replies failed (%s); retrying", exc)
-                batch = []
+                batch = list(
+                    self.grid_calls.call(
+                        "pull_messages", lambda: self.grid.pull_messages(pending), deadline, check
+                    )
+                )
+            except GridUnavailable as exc:
+                return got, str(exc)
+            except RoundStalled as exc:  # while retrying a busy SuperLink
+                if got:
+                    return got, str(exc)
+                raise
+            for reply in batch:
+                mid = reply.metadata.reply_to_message_id
+                pending.discard(mid)
+                nid = node_of.get(mid, reply.metadata.src_node_id)
+                self.reply_seconds[nid] = seconds = self.clock() - pushed_at
+                # One line per reply: the exporter's progress signal while a round is under way.
+                self.events.emit("silo_reply", round=rnd, node_id=nid, phase=phase, reply_seconds=seconds)
             got.extend(batch)
-            pending.difference_update(m.metadata.reply_to_message_id for m in batch)
+            if batch:
+                self.watchdog.progress()
             if pending:
+                late = self.watchdog.overdue() if watched else ""
+                if late and not got:
+                    raise RoundStalled(late)  # nothing at all came back: the round has failed
+                if late:
+                    return got, late  # the rest are dropped; the round goes on with what came
                 self.sleep(1.0)
-        return got
+        return got, ""
 
     def _wait_for_nodes(self, needed: int) -> list[int]:
-        deadline = time.monotonic() + self.cfg.strategy.wait_for_nodes
+        deadline = self.clock() + self.cfg.strategy.wait_for_nodes
         while True:
-            nodes = sorted(self.grid.get_node_ids())
+            nodes = self.grid_calls.call(
+                "get_node_ids",
+                lambda: sorted(self.grid.get_node_ids()),
+                max(deadline, self.clock() + GRID_RETRY_MIN_SECONDS),
+            )
             usable = [n for n in nodes if not self.silos.get(n, SiloInfo(n)).refused]
-            if len(usable) >= needed or time.monotonic() > deadline:
+            if len(usable) >= needed or self.clock() > deadline:
                 return usable
             log(INFO, "waiting for silos: %d connected, %d needed", len(usable), needed)
             self.sleep(2.0)
@@ -165,7 +238,8 @@ class Federation:
     # -- handshake ----------------------------------------------------------------------------
     def handshake(self, node_ids: list[int]) -> None:
         """Learn every new silo's base model, rank and data size; refuse mismatched ones."""
-        new = [n for n in node_ids if n not in self.silos]
+        # A silo whose handshake failed is asked again only after its backoff (handshake_backoff.py).
+        new = [n for n in node_ids if n not in self.silos and self.backoff.due(n, self.current_round)]
         if not new:
             return
         cfg_rec = ConfigRecord({"want-init": False})
@@ -176,19 +250,24 @@ class Federation:
             self.cfg.strategy.round_timeout,
         )
         for nid, reply in replies.items():
-            info, metrics = reply.content["info"], reply.content["metrics"]
+            try:
+                hs = check_handshake(reply.content, self.cfg.strategy.max_rank)
+            except ReplyRejected as exc:
+                # Like a failed handshake: not refused for good, asked again after its backoff.
+                again = self.backoff.failed(nid, self.current_round)
+                self._reject(0, nid, "", exc, "handshake")
+                log(WARNING, "silo node %d: handshake asked again in round %d", nid, again)
+                continue
             self.silos[nid] = SiloInfo(
-                nid,
-                str(info["silo"]),
-                int(metrics["lora-rank"]),
-                str(info["model-sha256"]),
-                int(metrics["num-examples"]),
-                int(metrics["num-eval-examples"]),
+                nid, hs.silo, hs.rank, hs.model_sha256, hs.num_examples, hs.num_eval_examples
             )
         for nid, reason in errors.items():
             # Not refused for good: a silo whose data check failed may be fixed and come back.
-            log(WARNING, "silo node %d failed its handshake: %s", nid, reason)
-            self.events.emit("silo_failed", round=0, node_id=nid, reason=f"handshake: {reason}")
+            again = self.backoff.failed(nid, self.current_round)
+            log(WARNING, "silo node %d failed its handshake: %s (asked again: round %d)", nid, reason, again)
+            self.events.emit(
+                "silo_failed", round=0, node_id=nid, reason=f"handshake: {reason}", retry_round=again
+            )
         if not self.reference_sha:
             self._choose_reference()
         for nid in new:
@@ -199,7 +278,15 @@ class Federation:
                     f"{self.reference_sha[:12]}"
                 )
                 log(WARNING, "refusing silo %s (node %d): %s", silo.name, nid, silo.refused)
-                self.events.emit("update_rejected", round=0, node_id=nid, silo=silo.name, reason=silo.refused)
+                self.events.emit(
+                    p.EV_UPDATE_REJECTED,
+                    round=0,
+                    node_id=nid,
+                    silo=silo.name,
+                    phase="handshake",
+                    code=p.R_MODEL,
+                    reason=silo.refused,
+                )
 
     def _choose_reference(self) -> None:
         """The base model most silos run is the federation's (ties: lowest node id)."""
@@ -218,8 +305,12 @@ class Federation:
                 MessageType.QUERY, {nid: content}, 0, self.cfg.strategy.round_timeout
             )
             if nid in replies:
-                self.global_state = dict(from_array_record(replies[nid].content["arrays"]))
-                self.peft_config = json.loads(str(replies[nid].content["info"]["peft-config"]))
+                try:
+                    state, self.peft_config = check_init_reply(replies[nid].content)
+                except ReplyRejected as exc:
+                    self._reject(0, nid, self.silos[nid].name, exc, "init")
+                    continue
+                self.global_state = dict(state)
                 self.peft_config["base_model_name_or_path"] = self.cfg.model.name
                 return
             log(WARNING, "silo node %d could not provide the initial adapter: %s", nid, errors.get(nid))
@@ -251,8 +342,25 @@ class Federation:
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> Path | None:
+        """The whole job. Holds the run-dir lock throughout; whatever ends the run, its run_end event
+        says how (status, reason) and how many rounds were completed."""
+        with RunLock(self.run_dir, self.run_id):  # refused before any event: the holder's log stays clean
+            try:
+                return self._run()
+            except BaseException as exc:
+                self.events.emit(
+                    "run_end",
+                    status="failed" if isinstance(exc, Exception) else "stopped",
+                    rounds_completed=self.rounds_completed,
+                    reason=f"{type(exc).__name__}: {exc}",
+                    adapter_dir=str(self.run_dir / "adapter") if self.rounds_completed else "",
+                )
+                raise
+
+    def _run(self) -> Path | None:
         cfg = self.cfg
         start_round = self._resume()
+        self.rounds_completed = self.current_round = start_round
         nodes = self._wait_for_nodes(cfg.strategy.min_nodes)
         self.handshake(nodes)
         if not self.global_state:
@@ -267,13 +375,26 @@ class Federation:
             run_id=self.run_id,
             base_model={"name": cfg.model.name, "sha256": self.reference_sha},
             adapter_parameters=int(sum(v.size for v in self.global_state.values())),
+            progress_timeout_seconds=self._progress_timeout(),
         )
         last_ckpt: Path | None = None
-        completed = start_round
-        status = "completed"
+        status, reason = "completed", ""
+        stalls = 0
         for rnd in range(start_round + 1, cfg.num_rounds + 1):
-            outcome = self.run_round(rnd)
-            completed = rnd if outcome.answered else completed
+            try:
+                outcome = self.run_round(rnd)
+            except RoundStalled as exc:
+                stalls += 1
+                log(WARNING, "round %d failed: %s", rnd, exc)
+                self.events.emit("round_stalled", round=rnd, reason=str(exc))
+                if stalls >= MAX_CONSECUTIVE_STALLS:
+                    status, reason = "stalled", f"{stalls} rounds in a row made no progress; last: {exc}"
+                    log(WARNING, "ending the run: %s", reason)
+                    break
+                continue
+            stalls = 0
+            # Completed = produced (and checkpointed) a new global adapter; a round nobody answered did not.
+            self.rounds_completed = rnd if outcome.checkpoint else self.rounds_completed
             last_ckpt = Path(outcome.checkpoint) if outcome.checkpoint else last_ckpt
             budget = cfg.comm_budget_mb * BYTES_PER_MB
             if budget and self.cumulative_bytes > budget:
@@ -286,14 +407,23 @@ class Federation:
                 status = "budget_exceeded"
                 break
         self.events.emit(
-            "run_end", status=status, rounds_completed=completed, adapter_dir=str(self.run_dir / "adapter")
+            "run_end",
+            status=status,
+            rounds_completed=self.rounds_completed,
+            adapter_dir=str(self.run_dir / "adapter"),
+            **({"reason": reason} if reason else {}),
         )
         return last_ckpt
 
+    def _progress_timeout(self) -> float:
+        return progress_timeout(self.cfg.strategy.wait_for_nodes, self.cfg.strategy.round_timeout)
+
     def run_round(self, rnd: int) -> RoundOutcome:
         cfg = self.cfg
-        t0 = time.monotonic()
+        t0 = self.clock()
+        self.current_round = rnd
         nodes = self._wait_for_nodes(cfg.strategy.min_nodes)
+        self.watchdog.progress()  # the watchdog watches the round's exchanges, not the wait for silos
         self.handshake(nodes)
         usable = [n for n in nodes if n in self.silos and not self.silos[n].refused]
         if not usable:
@@ -307,7 +437,13 @@ class Federation:
             cfg.strategy.min_nodes,
             random.Random(cfg.train.seed * 7919 + rnd),
         )
-        self.events.emit("round_start", round=rnd, connected=len(nodes), sampled=sampled)
+        self.events.emit(
+            "round_start",
+            round=rnd,
+            connected=len(nodes),
+            sampled=sampled,
+            progress_timeout_seconds=self._progress_timeout(),
+        )
         lr = lr_for_round(cfg.train, rnd - 1, cfg.num_rounds)
         base_cfg = {
             "server-round": rnd,
@@ -317,26 +453,33 @@ class Federation:
             "model-name": cfg.model.name,
             **self.strategy.silo_config(),
         }
-        contents, down = {}, {}
+        contents, down, sent = {}, {}, {}
         for nid in sampled:
             payload = self.strategy.payload_for(self.global_state, self.silos[nid].rank, rnd)
+            sent[nid] = payload  # the reference each silo's update is measured against (defences.py)
             arrays = to_array_record(payload)
             down[nid] = arrays.count_bytes()
             contents[nid] = RecordDict({"arrays": arrays, "config": ConfigRecord(base_cfg)})
         replies, errors = self._send(MessageType.TRAIN, contents, rnd, cfg.strategy.round_timeout)
         updates, per_silo, uplink = [], [], 0
         for nid, reason in sorted(errors.items()):
-            self.events.emit("silo_failed", round=rnd, node_id=nid, silo=self.silos[nid].name, reason=reason)
+            self.events.emit(
+                "silo_failed",
+                round=rnd,
+                node_id=nid,
+                silo=self.silos[nid].name,
+                code=failure_code(reason),
+                reason=reason,
+            )
             log(WARNING, "round %d: silo %s (node %d) failed: %s", rnd, self.silos[nid].name, nid, reason)
         for nid, reply in sorted(replies.items()):
             silo = self.silos[nid]
-            up = reply.content["arrays"].count_bytes() if "arrays" in reply.content else 0
+            up = _array_bytes(reply.content)
             uplink += up
             try:
                 update = self._validate(nid, reply, rnd)
-            except ValueError as exc:
-                self.events.emit("update_rejected", round=rnd, node_id=nid, silo=silo.name, reason=str(exc))
-                log(WARNING, "round %d: rejected update of silo %s: %s", rnd, silo.name, exc)
+            except ReplyRejected as exc:
+                self._reject(rnd, nid, silo.name, exc, "train")
                 continue
             updates.append(update)
             m = update.metrics
@@ -352,6 +495,7 @@ class Federation:
                 "tokens_per_second": m.get("tokens-per-second"),
                 "train_seconds": m.get("train-seconds"),
                 "lora_rank": update.rank,
+                "reply_seconds": self.reply_seconds.get(nid),  # push to reply: slow silos show here
                 **{
                     k.replace("-", "_"): m.get(k)
                     for k in (
@@ -368,8 +512,27 @@ class Federation:
         downlink = sum(down.values())
         self.cumulative_bytes += uplink + downlink
         agg_seconds, ckpt_path, loss = 0.0, "", None
-        if updates:
+        quorum = len(updates) >= cfg.strategy.min_answers
+        if updates and not quorum:
+            log(
+                WARNING,
+                "round %d: %d valid update(s), fewer than strategy.min-answers=%d; "
+                "the global adapter is unchanged",
+                rnd,
+                len(updates),
+                cfg.strategy.min_answers,
+            )
+            self.events.emit(
+                p.EV_QUORUM_MISSED,
+                round=rnd,
+                valid_updates=len(updates),
+                min_answers=cfg.strategy.min_answers,
+            )
+        elif updates:
             t_agg = time.monotonic()
+            # Caps, scores, robust selection and clipping, then the strategy's own average.
+            report = self.defence.apply(updates, [sent[u.node_id] for u in updates])
+            self._report_anomalies(rnd, report)
             self.global_state = dict(self.strategy.aggregate(self.global_state, updates))
             agg_seconds = time.monotonic() - t_agg
             total = sum(u.num_examples for u in updates)
@@ -386,11 +549,13 @@ class Federation:
             loss,
             uplink,
             downlink,
-            time.monotonic() - t0,
+            self.clock() - t0,
             agg_seconds,
             ckpt_path,
             per_silo,
         )
+        if outcome.answered:
+            self.watchdog.round_completed(outcome.duration_seconds)
         self.events.emit(
             "round_end",
             round=rnd,
@@ -404,6 +569,9 @@ class Federation:
             cumulative_bytes=self.cumulative_bytes,
             train_loss=loss,
             checkpoint=ckpt_path,
+            # The quorum (strategy.min-answers): when missed, the global adapter stayed as it was.
+            quorum_met=quorum,
+            adapter_updated=bool(ckpt_path),
         )
         log(
             INFO,
@@ -424,23 +592,82 @@ class Federation:
         return outcome
 
     def _validate(self, nid: int, reply: Message, rnd: int) -> SiloUpdate:
+        """Every field checked in superlink/reply_checks.py; raises ReplyRejected(code, detail).
+
+        The example count is bounded by the one the silo declared at its handshake, so a silo
+        cannot grow its weight mid-run."""
         silo = self.silos[nid]
-        content = reply.content
-        if "arrays" not in content or "metrics" not in content:
-            raise ValueError("reply lacks adapter arrays or metrics")
-        sha = str(content["info"].get("model-sha256", "")) if "info" in content else ""
-        if sha != self.reference_sha:
-            raise ValueError(f"trained on base model {sha[:12]}, expected {self.reference_sha[:12]}")
-        state = dict(from_array_record(content["arrays"]))
-        expected = self.strategy.expected_shapes(self.global_state, silo.rank)
-        check_state_matches(expected, state, f"silo {silo.name}")
-        metrics = {k: float(v) for k, v in content["metrics"].items() if isinstance(v, (int, float))}
-        n = int(metrics.get("num-examples", 0))
-        if n <= 0:
-            raise ValueError("reported no training examples")
-        if not math.isfinite(metrics.get("train-loss", float("nan"))):
-            raise ValueError("reported a non-finite training loss")
-        return SiloUpdate(nid, state, n, silo.rank, metrics)
+        checked = check_train_reply(
+            reply.content,
+            self.strategy.expected_shapes(self.global_state, silo.rank),
+            self.reference_sha,
+            silo.num_examples,
+            silo.rank,
+        )
+        return SiloUpdate(nid, dict(checked.state), checked.num_examples, silo.rank, checked.metrics)
+
+    def _reject(self, rnd: int, nid: int, name: str, exc: ReplyRejected, phase: str) -> None:
+        """A bad reply costs the silo this exchange, never the run: an event and a log line."""
+        self.events.emit(
+            p.EV_UPDATE_REJECTED,
+            round=rnd,
+            node_id=nid,
+            silo=name,
+            phase=phase,
+            code=exc.code,
+            reason=exc.detail,
+        )
+        log(WARNING, "round %d: rejected %s reply of silo %s (node %d): %s", rnd, phase, name, nid, exc)
+
+    def _report_anomalies(self, rnd: int, report: DefenceReport) -> None:
+        """One anomaly_score event per silo; a silo flagged in strategy.anomaly-rounds consecutive
+        rounds is excluded from the rest of the run, with the reason in an event and the log."""
+        k = self.cfg.strategy.anomaly_rounds
+        for sc in report.scores:
+            silo = self.silos[sc.node_id]
+            streak = self.anomaly_streak.get(sc.node_id, 0) + 1 if sc.flagged else 0
+            self.anomaly_streak[sc.node_id] = streak
+            self.events.emit(
+                p.EV_ANOMALY,
+                round=rnd,
+                node_id=sc.node_id,
+                silo=silo.name,
+                norm=_finite_or_none(sc.norm),
+                norm_ratio=_finite_or_none(sc.norm_ratio),
+                distance=_finite_or_none(sc.distance),
+                flagged=sc.flagged,
+                streak=streak,
+                weight_share=sc.weight_share,
+                clip_factor=sc.clip_factor,
+                modules_used=sc.modules_used,
+                aggregator=report.aggregator,
+            )
+            if sc.flagged:
+                log(
+                    WARNING,
+                    "round %d: silo %s flagged as anomalous (distance %.3g, norm %.3g x the others' median; "
+                    "%d consecutive round(s))",
+                    rnd,
+                    silo.name,
+                    sc.distance,
+                    sc.norm_ratio,
+                    streak,
+                )
+            if k and streak >= k and not silo.refused:
+                silo.refused = (
+                    f"update anomalous in {streak} consecutive rounds (distance {sc.distance:.3g}, norm "
+                    f"{sc.norm_ratio:.3g} x the others' median; strategy.anomaly-threshold="
+                    f"{self.cfg.strategy.anomaly_threshold:g})"
+                )
+                log(WARNING, "excluding silo %s (node %d): %s", silo.name, sc.node_id, silo.refused)
+                self.events.emit(
+                    p.EV_SILO_EXCLUDED,
+                    round=rnd,
+                    node_id=sc.node_id,
+                    silo=silo.name,
+                    code=p.R_ANOMALY_EXCLUDED,
+                    reason=silo.refused,
+                )
 
     def _checkpoint(self, rnd: int, loss: float, per_silo: list[dict[str, Any]]) -> Path:
         adapter, rank = self.strategy.checkpoint_adapter(self.global_state)
@@ -476,11 +703,14 @@ class Federation:
             for n in targets
         }
         replies, _ = self._send(MessageType.EVALUATE, contents, rnd, self.cfg.strategy.round_timeout)
-        pairs = [
-            (float(r.content["metrics"]["eval-loss"]), int(r.content["metrics"]["num-examples"]))
-            for r in replies.values()
-            if "eval-loss" in r.content["metrics"]
-        ]
+        pairs = []
+        for nid, r in sorted(replies.items()):
+            try:
+                checked = check_eval_reply(r.content, self.silos[nid].num_eval_examples)
+            except ReplyRejected as exc:
+                self._reject(rnd, nid, self.silos[nid].name, exc, "evaluate")
+                continue
+            pairs.append((checked.loss, checked.num_examples))
         if pairs:
             total = sum(n for _, n in pairs)
             loss = sum(v * n for v, n in pairs) / total

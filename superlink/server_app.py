@@ -42,9 +42,10 @@ def main(grid: Grid, context: Context) -> None:
     )
     federation = Federation(grid, cfg, run_dir, run_id=str(context.run_id))
     try:
+        # Federation.run holds the run-dir lock and writes run_end (with the true round count and
+        # the reason) however the run ends; a run refused by the lock writes no event at all.
         final = federation.run()
     except Exception as exc:
-        federation.events.emit("run_end", status="failed", error=str(exc), rounds_completed=0, adapter_dir="")
         log(ERROR, FAILED_MARK + ": %s", exc)
         raise
     log(INFO, DONE_PREFIX + "adapter=%s", final or "")

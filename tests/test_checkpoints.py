@@ -115,3 +115,31 @@ def test_checkpoint_loads_with_peft(tmp_path: Path) -> None:
         after = loaded(input_ids=ids).logits
     assert not torch.allclose(before, after)
     np.testing.assert_allclose(adapter_state(loaded)[next(iter(state))], state[next(iter(state))])
+
+
+def test_every_checkpoint_file_and_directory_entry_is_fsynced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    CheckpointStore(run_dir).save(1, _state(1.0), PEFT_CFG, {"momentum/x": np.ones(3)}, {})
+    # Files are synced inside the temporary directory, before the rename publishes them.
+    names = {Path(p).name for p in synced}
+    for name in ("adapter_model.safetensors", "strategy_state.safetensors"):
+        assert name in names, f"{name} was never fsynced"
+    for name in ("adapter_config.json", "manifest.json", "LATEST"):  # atomic_write_*'s temp files
+        assert any(n.startswith(f".{name}.") for n in names), f"{name} was never fsynced"
+    dirs = set(synced)
+    assert str(run_dir) in dirs  # checkpoints/ created, LATEST and the adapter link replaced
+    assert str(run_dir / "checkpoints") in dirs  # the round directory renamed into place
+    assert any(Path(p).name.startswith(".tmp-round-0001-") for p in dirs)  # the files' entries

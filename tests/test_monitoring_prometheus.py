@@ -169,10 +169,11 @@ def test_prometheus_scrapes_synthetic_exporters(tmp_path: Path) -> None:
     flwr_dir = tmp_path / "bin"
     flwr_dir.mkdir()
     fake_flwr(flwr_dir, FLWR_LS_JSON)
-    env = {"PATH": f"{flwr_dir}{os.pathsep}{os.environ['PATH']}"}
+    fake = str(flwr_dir / "flwr")
     with (
         exporter(tmp_path / "central", "server", tmp_path / "central.log",
-                 ("--flwr-connection", "lab", "--flwr-poll-seconds", "1"), env) as central,
+                 ("--flwr-connection", "lab", "--flwr-poll-seconds", "1", "--flwr-command", fake)
+                 ) as central,
         exporter(silo_dirs["hospital-a"], "silo", tmp_path / "a.log") as silo_a,
         exporter(silo_dirs["hospital-b"], "silo", tmp_path / "b.log") as silo_b,
         prometheus(tmp_path / "prom", central, [silo_a, silo_b]) as prom,

@@ -26,6 +26,17 @@ class SiloUpdate:
     num_examples: int
     rank: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    # Aggregation weight after the defences' caps (superlink/defences.py); None: num_examples.
+    weight: float | None = None
+    # Per state key, the weight that key's average uses, set by the defences after robust
+    # selection and capping (0: this silo is left out of that key; the keys of one LoRA module
+    # always share it). A key missing here falls back to ``weight``.
+    key_weights: dict[str, float] = field(default_factory=dict)
+
+    def weight_for(self, key: str) -> float:
+        if key in self.key_weights:
+            return float(self.key_weights[key])
+        return float(self.num_examples if self.weight is None else self.weight)
 
 
 def weighted_average(states: list[dict[str, np.ndarray]], weights: list[float]) -> OrderedDict:
@@ -41,6 +52,21 @@ def weighted_average(states: list[dict[str, np.ndarray]], weights: list[float]) 
         for s, w in zip(states, weights, strict=True):
             acc += s[key].astype(np.float64) * (w / total)
         out[key] = acc.astype(np.float32)
+    return out
+
+
+def average_updates(updates: list[SiloUpdate], keys: list[str] | None = None) -> OrderedDict:
+    """FedAvg of ``updates`` honouring each one's capped weight and per-key robust selection.
+
+    With no defences applied (weight None, key_weights empty) this is ``weighted_average`` by
+    examples, bit for bit: the per-key weights are then the same list for every key.
+    """
+    if not updates:
+        raise ValueError("nothing to average")
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    for key in keys if keys is not None else list(updates[0].state):
+        weights = [u.weight_for(key) for u in updates]
+        out.update(weighted_average([{key: u.state[key]} for u in updates], weights))
     return out
 
 

@@ -10,14 +10,14 @@ from collections import OrderedDict
 
 import numpy as np
 
-from superlink.strategies.base import SiloUpdate, Strategy, weighted_average
+from superlink.strategies.base import SiloUpdate, Strategy, average_updates
 
 
 class FedAvg(Strategy):
     name = "fedavg"
 
     def aggregate(self, global_state: dict[str, np.ndarray], updates: list[SiloUpdate]) -> OrderedDict:
-        return weighted_average([u.state for u in updates], [u.num_examples for u in updates])
+        return average_updates(updates)
 
 
 class FedProx(FedAvg):

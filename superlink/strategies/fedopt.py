@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from superlink.strategies.base import SiloUpdate, Strategy, weighted_average
+from superlink.strategies.base import SiloUpdate, Strategy, average_updates
 
 
 class _ServerOptimizer(Strategy):
@@ -41,7 +41,7 @@ class FedAvgM(_ServerOptimizer):
     _slots = ("momentum",)
 
     def aggregate(self, global_state: dict[str, np.ndarray], updates: list[SiloUpdate]) -> OrderedDict:
-        avg = weighted_average([u.state for u in updates], [u.num_examples for u in updates])
+        avg = average_updates(updates)
         beta, lr = self.settings.server_momentum, self.settings.server_lr
         out: OrderedDict[str, np.ndarray] = OrderedDict()
         for k, x in global_state.items():
@@ -57,7 +57,7 @@ class FedAdam(_ServerOptimizer):
     _slots = ("m", "v")
 
     def aggregate(self, global_state: dict[str, np.ndarray], updates: list[SiloUpdate]) -> OrderedDict:
-        avg = weighted_average([u.state for u in updates], [u.num_examples for u in updates])
+        avg = average_updates(updates)
         s = self.settings
         out: OrderedDict[str, np.ndarray] = OrderedDict()
         for k, x in global_state.items():

@@ -20,7 +20,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from superlink.strategies.base import SiloUpdate, Strategy, weighted_average
+from superlink.strategies.base import SiloUpdate, Strategy, average_updates
 
 A_SUFFIX = ".lora_A.weight"
 B_SUFFIX = ".lora_B.weight"
@@ -105,19 +105,17 @@ class FlexLoRA(Strategy):
         return shapes
 
     def aggregate(self, global_state: dict[str, np.ndarray], updates: list[SiloUpdate]) -> OrderedDict:
-        weights = np.array([u.num_examples for u in updates], dtype=np.float64)
-        weights /= weights.sum()
         ranks = [u.rank or self._rank_of(u.state) for u in updates]
         target = max(ranks)
         out: OrderedDict[str, np.ndarray] = OrderedDict()
         others = [k for k in updates[0].state if not k.endswith((A_SUFFIX, B_SUFFIX))]
         if others:  # e.g. a trained bias: plain FedAvg
-            avg = weighted_average(
-                [{k: u.state[k] for k in others} for u in updates], [u.num_examples for u in updates]
-            )
-            out.update(avg)
+            out.update(average_updates(updates, others))
         rng = np.random.default_rng(0)
         for mod in lora_modules(updates[0].state):
+            # Capped weights and robust per-module selection (superlink/defences.py) live here.
+            weights = np.array([u.weight_for(mod + A_SUFFIX) for u in updates], dtype=np.float64)
+            weights /= weights.sum()
             b_cat = np.hstack(
                 [
                     w * self._scale(r) * u.state[mod + B_SUFFIX].astype(np.float64)

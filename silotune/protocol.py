@@ -1,0 +1,82 @@
+"""The one home of the round protocol's names: message keys, reason codes, event kinds.
+
+The server (superlink/rounds.py, superlink/reply_checks.py) and the silo (silo_node/client_app.py)
+must spell every key the same way; a typo on one side would be a silent ``KeyError`` on the other,
+so both import them from here. Reason codes are the stable, machine-readable half of every
+``update_rejected`` event (the ``detail`` beside them is for people) and a Prometheus label.
+"""
+
+from __future__ import annotations
+
+# --- records inside a message's RecordDict ---------------------------------------------------
+REC_CONFIG = "config"  # ConfigRecord, server -> silo
+REC_ARRAYS = "arrays"  # ArrayRecord, the adapter tensors (both ways)
+REC_METRICS = "metrics"  # MetricRecord, silo -> server
+REC_INFO = "info"  # ConfigRecord, silo -> server (identity, strings)
+
+# --- config keys (server -> silo) ---------------------------------------------------------------
+SERVER_ROUND = "server-round"
+NUM_ROUNDS = "num-rounds"
+LR = "lr"
+WANT_INIT = "want-init"
+MODEL_NAME = "model-name"
+MODEL_SHA256 = "model-sha256"
+PROXIMAL_MU = "proximal-mu"
+
+# --- info keys (silo -> server) -----------------------------------------------------------------
+SILO = "silo"
+DOMAIN = "domain"
+PEFT_CONFIG = "peft-config"
+
+# --- metric keys (silo -> server) ---------------------------------------------------------------
+LORA_RANK = "lora-rank"
+NUM_EXAMPLES = "num-examples"
+NUM_EVAL_EXAMPLES = "num-eval-examples"
+TRAIN_LOSS = "train-loss"
+EVAL_LOSS = "eval-loss"
+TOKENS = "tokens"
+TOKENS_PER_SECOND = "tokens-per-second"
+TRAIN_SECONDS = "train-seconds"
+
+# --- reason codes of update_rejected (and silo_failed at the handshake) --------------------------
+R_MISSING_RECORD = "missing_record"  # no arrays / metrics / info record, or the wrong record type
+R_MISSING_KEY = "missing_key"  # a required metric or info key is absent
+R_WRONG_TYPE = "wrong_type"  # a value of the wrong type (a string where a number belongs, a bool)
+R_NOT_FINITE = "not_finite"  # NaN or +-Inf in a metric
+R_OUT_OF_RANGE = "out_of_range"  # a number outside its allowed range (e.g. -0 or negative examples)
+R_EXAMPLES_GREW = "examples_grew"  # more training examples than declared at the handshake
+R_RANK = "rank_out_of_bounds"  # a LoRA rank outside [1, peft.max-rank] or not the handshake's
+R_MODEL = "model_mismatch"  # trained on another base model than the federation's
+R_TENSOR_SET = "tensor_set"  # extra or missing tensors
+R_SHAPE = "shape"  # a tensor's shape differs from what the strategy sent
+R_DTYPE = "dtype"  # a tensor is not float32
+R_OVERSIZED = "oversized"  # a tensor or the whole reply has more bytes than it should
+R_TENSOR_VALUES = "tensor_not_finite"  # NaN or Inf inside a tensor
+R_MALFORMED = "malformed"  # a tensor that cannot be decoded
+R_ANOMALY_EXCLUDED = "anomaly_excluded"  # flagged as anomalous in K consecutive rounds
+
+REASON_CODES = (
+    R_MISSING_RECORD,
+    R_MISSING_KEY,
+    R_WRONG_TYPE,
+    R_NOT_FINITE,
+    R_OUT_OF_RANGE,
+    R_EXAMPLES_GREW,
+    R_RANK,
+    R_MODEL,
+    R_TENSOR_SET,
+    R_SHAPE,
+    R_DTYPE,
+    R_OVERSIZED,
+    R_TENSOR_VALUES,
+    R_MALFORMED,
+    R_ANOMALY_EXCLUDED,
+)
+
+# --- event kinds this protocol adds (silotune/events.py lists every kind and its fields) ----------
+EV_UPDATE_REJECTED = "update_rejected"
+EV_SILO_FAILED = "silo_failed"
+EV_EVAL_REJECTED = "evaluation_rejected"
+EV_ANOMALY = "anomaly_score"
+EV_SILO_EXCLUDED = "silo_excluded"
+EV_QUORUM_MISSED = "quorum_missed"
