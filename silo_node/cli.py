@@ -8,9 +8,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from monitoring.cli import add_exporter_option
 from silotune.errors import UserError
 from silotune.flwr_connection import resolve_workspace
-from silotune.observability_cli import add_exporter_option
 
 # SiloConfig fields offered as options (dashed); anything else goes through --node-config.
 _SILO_OPTIONS = {
@@ -54,9 +54,9 @@ def _fingerprint_of_private(path: Path) -> str | None:
 
 
 def _start(args: argparse.Namespace) -> int:
+    from monitoring.cli import parse_bind, supervise_with_exporter
     from silo_node.clock_check import diagnose_clock
     from silo_node.launch import SiloOptions, start_silo
-    from silotune.observability_cli import parse_bind, supervise_with_exporter
 
     node_config = parse_node_config_text(args.node_config or "")
     for key in _SILO_OPTIONS:

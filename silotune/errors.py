@@ -19,3 +19,14 @@ class NoLearningError(RuntimeError):
     Such a round must never be sent back as an update: an unchanged adapter looks exactly like a
     trained one to the server, and silently averages the federation toward doing nothing.
     """
+
+
+class PolicyRefused(UserError):  # noqa: N818 - a refusal, not a bug
+    """A run asks a silo for more than the silo's own policy allows (silo_node/policy.py).
+
+    The message is the detail, for the silo's log and audit log only; the central site gets the
+    code POLICY_REFUSED and its fixed text."""
+
+
+class ApprovalPending(UserError):  # noqa: N818 - a state, not a bug
+    """A new run waits at a silo for its operator's `silotune silo approve RUN_ID`."""

@@ -2,7 +2,7 @@
 
 ServerApp and ClientApp run in child processes that live for one run (or one message), so they
 cannot serve metrics themselves. They append one JSON object per event to a file; long-lived
-exporters (silotune.exporter) and the run report read those files. Appends of one line below
+exporters (monitoring.exporter) and the run report read those files. Appends of one line below
 PIPE_BUF are atomic on POSIX, so concurrent writers never interleave within a line, and a reader
 that sees a partial last line simply skips it until it is complete.
 

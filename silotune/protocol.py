@@ -80,3 +80,10 @@ EV_EVAL_REJECTED = "evaluation_rejected"
 EV_ANOMALY = "anomaly_score"
 EV_SILO_EXCLUDED = "silo_excluded"
 EV_QUORUM_MISSED = "quorum_missed"
+
+# --- the ServerApp's log lines that `silotune run` (superlink/submit.py) follows ------------------
+# `flwr run --stream` relays the ServerApp's log from wherever the SuperLink runs, so progress
+# crosses machines without an extra port: one PROGRESS line per round, DONE or FAILED at the end.
+PROGRESS_PREFIX = "SILOTUNE-ROUND "
+DONE_PREFIX = "SILOTUNE-DONE "
+FAILED_MARK = "SiloTune run failed"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from monitoring.cli import add_exporter_option
 from silotune.errors import UserError
 from silotune.flwr_connection import (
     DEFAULT_CONNECTION,
@@ -13,7 +14,6 @@ from silotune.flwr_connection import (
     resolve_workspace,
     write_connection,
 )
-from silotune.observability_cli import add_exporter_option
 
 
 def _pick(explicit: str | None, certs_dir: str | None, name: str) -> Path | None:
@@ -23,7 +23,7 @@ def _pick(explicit: str | None, certs_dir: str | None, name: str) -> Path | None
 
 
 def _start(args: argparse.Namespace) -> int:
-    from silotune.observability_cli import parse_bind, supervise_with_exporter
+    from monitoring.cli import parse_bind, supervise_with_exporter
     from superlink.launch import SuperLinkOptions, build_superlink_argv, start_superlink
 
     ws = resolve_workspace(args.workspace)

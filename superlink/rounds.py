@@ -27,8 +27,8 @@ from silotune.adapters import to_array_record
 from silotune.config import RunConfig, flatten_run_config, lr_for_round
 from silotune.events import EventLog
 from silotune.metrics import BYTES_PER_MB
+from silotune.protocol import PROGRESS_PREFIX  # `silotune run` parses these lines
 from silotune.silo_failures import describe_error, failure_code
-from silotune.submit import PROGRESS_PREFIX  # `silotune run` parses these lines
 from superlink.checkpoints import CheckpointStore
 from superlink.defences import Defence, DefenceReport
 from superlink.grid_calls import GridCalls, GridUnavailable

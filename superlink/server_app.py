@@ -11,7 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from silotune.config import parse_run_config
-from silotune.submit import DONE_PREFIX, FAILED_MARK
+from silotune.protocol import DONE_PREFIX, FAILED_MARK
 from superlink.rounds import Federation
 
 app = ServerApp()

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from certs.node_key import check_node_public_key, generate_node_key
 from certs.pki import create_ca, issue_server_cert, rotate_server_cert, verify_server_cert
 from certs.show import show_path
-from silotune.cli import main
+from command_line.main import main
 from silotune.errors import UserError
 
 

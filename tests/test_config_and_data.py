@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from command_line.main import main as cli_main
 from silo_node.data import load_silo_records, read_records
 from silo_node.split import split_file, split_indices
-from silotune.cli import main as cli_main
 from silotune.config import (
     ConfigError,
     flatten_run_config,

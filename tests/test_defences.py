@@ -236,8 +236,8 @@ _DEFENCE_KEYS = {
 
 
 def test_exporter_turns_defence_events_into_series() -> None:
+    from monitoring.exporter import FederationState
     from silotune import metrics as m
-    from silotune.exporter import FederationState
 
     st = FederationState()
     st.apply({"kind": "update_rejected", "node_id": 3, "silo": "c", "code": "shape", "phase": "train"})

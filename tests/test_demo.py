@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from silotune import demo as demo_mod
-from silotune import quiet_libraries
-from silotune.demo import (
+from demo import demo as demo_mod
+from demo.demo import (
     AUTHORED_SOURCE,
     DemoOptions,
     DemoReport,
@@ -29,6 +28,7 @@ from silotune.demo import (
     prepare_data,
     run_demo,
 )
+from silotune import quiet_libraries
 
 REPO = Path(__file__).resolve().parent.parent
 BAD_PY = "import sys\nimport os\nx=1;y = os\n"  # I001 (unsorted imports), E702, F401
@@ -65,7 +65,7 @@ def test_default_workspace_is_outside_the_checkout(monkeypatch: pytest.MonkeyPat
 def test_cli_demo_defaults_to_the_workspace_outside_the_checkout() -> None:
     import argparse
 
-    from silotune import run_cli
+    from demo import cli as run_cli
 
     parser = argparse.ArgumentParser()
     run_cli.register(parser.add_subparsers())
@@ -77,7 +77,7 @@ def test_cli_demo_defaults_to_the_workspace_outside_the_checkout() -> None:
 def _fake_workspace(root: Path) -> list[Path]:
     """What a demo run inside a checkout leaves: Flower's unpacked app copies, with lint errors."""
     files = [
-        root / "silotune-demo/federation/silos/bank-b/flwr-home/apps/silotune.1.0/silotune/demo.py",
+        root / "silotune-demo/federation/silos/bank-b/flwr-home/apps/silotune.1.0/demo/demo.py",
         root / "my-ws/silos/bank-b/flwr-home/apps/silotune.1.0/tests/test_copy.py",
     ]
     for f in files:
@@ -126,9 +126,9 @@ def test_demo_workspace_inside_the_checkout_is_git_ignored() -> None:
 
 def _paths_only(root: Path) -> list[Path]:
     return [
-        root / "silotune-demo/federation/silos/bank-b/flwr-home/apps/silotune.1.0/silotune/demo.py",
+        root / "silotune-demo/federation/silos/bank-b/flwr-home/apps/silotune.1.0/demo/demo.py",
         root / "silotune-demo/data/silo-0.jsonl",
-        root / "my-ws/silos/bank-b/flwr-home/apps/silotune.1.0/silotune/demo.py",
+        root / "my-ws/silos/bank-b/flwr-home/apps/silotune.1.0/demo/demo.py",
     ]
 
 

@@ -255,7 +255,7 @@ def make_sites(tmp_path: Path) -> dict[str, Any]:
     """Federation file, CA, server cert, kits, node keys made in each silo's kit, data, model."""
     from certs.node_key import generate_node_key
     from certs.pki import create_ca, issue_server_cert
-    from silotune.kit import generate
+    from deploy.kit import generate
     from tests.tiny_model import make_tiny_llama
 
     pki = tmp_path / "pki"

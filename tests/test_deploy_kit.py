@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from silotune.cli import main
+from command_line.main import main
+from deploy.kit import MANIFEST, generate, load_federation
 from silotune.errors import UserError
-from silotune.kit import MANIFEST, generate, load_federation
 from tests.test_deploy_static import _env_example, interpolate
 
 ROOT = Path(__file__).resolve().parents[1]

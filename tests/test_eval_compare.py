@@ -18,8 +18,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_model import make_tiny_llama  # noqa: E402
 
+from command_line.main import main  # noqa: E402
 from evaluation.compare import row_slug  # noqa: E402
-from silotune.cli import main  # noqa: E402
 
 ROUNDS, STEPS, SILOS, RANK, FLEX_RANKS = 2, 2, 3, 4, (2, 4, 8)
 WORDS = {"0": "fell weak guidance", "1": "rose strong earnings", "2": "market shares"}

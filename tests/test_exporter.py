@@ -19,10 +19,10 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from monitoring.exporter import build_registry
+from monitoring.flwr_traffic import FlowerTrafficPoller, parse_flwr_ls
 from silotune import metrics as m
 from silotune.events import EventLog
-from silotune.exporter import build_registry
-from silotune.flwr_traffic import FlowerTrafficPoller, parse_flwr_ls
 from tests.test_monitoring_synthetic import ADAPTER_PARAMS, BUDGET_BYTES, ROUNDS, write_synthetic_run
 
 
@@ -244,7 +244,7 @@ def test_cli_exporter_serves_and_passes_promtool(tmp_path: Path) -> None:
     write_synthetic_run(tmp_path / "run", tmp_path / "ev", {})
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "silotune.cli", "exporter", "--events-dir", str(tmp_path / "ev"),
+        [sys.executable, "-m", "command_line.main", "exporter", "--events-dir", str(tmp_path / "ev"),
          "--role", "server", "--bind", f"127.0.0.1:{port}", "--budget-mb", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip

@@ -416,8 +416,8 @@ def test_reply_latency_per_silo_is_recorded(tmp_path: Path) -> None:
 
 
 def test_exporter_shows_latency_progress_and_stalls() -> None:
+    from monitoring.exporter import FederationState
     from silotune import metrics as m
-    from silotune.exporter import FederationState
 
     state = FederationState()
     state.apply({"ts": 100.0, "kind": "run_start", "num_rounds": 3, "progress_timeout_seconds": 2460.0})

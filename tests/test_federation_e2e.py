@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from demo.local_federation import LocalFederation, SiloSpec
 from silotune.events import read_events
-from silotune.local_federation import LocalFederation, SiloSpec
 from tests.tiny_model import make_tiny_llama
 
 pytestmark = pytest.mark.slow

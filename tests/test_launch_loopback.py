@@ -15,8 +15,8 @@ import pytest
 
 from certs.node_key import generate_node_key
 from certs.pki import create_ca, issue_server_cert
+from command_line.main import main
 from silo_node.launch import SiloOptions, diagnose_tls, start_silo
-from silotune.cli import main
 from silotune.errors import UserError
 from silotune.flwr_connection import write_connection
 from silotune.processes import ManagedProcess, ProcessFailed, ProcessGroup, start_process
@@ -159,7 +159,7 @@ def test_cli_superlink_and_refused_silo(tmp_path: Path, capsys: pytest.CaptureFi
     ws = tmp_path / "ws"
     cli = start_process(
         "silotune superlink start",
-        [sys.executable, "-m", "silotune.cli", "superlink", "start", "--certs-dir",
+        [sys.executable, "-m", "command_line.main", "superlink", "start", "--certs-dir",
          str(tmp_path / "certs"), "--host", "127.0.0.1", "--port", str(port),
          "--workspace", str(ws), "--log-file", str(tmp_path / "superlink.log"),
          "--exporter", f"127.0.0.1:{metrics_port}"],
@@ -242,7 +242,7 @@ def _skewed_silo_cli(fed: dict[str, Any], name: str, skew: str) -> tuple[Managed
            "FAKETIME_NO_CACHE": "1"}  # fmt: skip
     node_log = tmp / "logs" / f"{name}-supernode.log"
     argv = [
-        sys.executable, "-m", "silotune.cli", "silo", "start", "--superlink", fed["address"],
+        sys.executable, "-m", "command_line.main", "silo", "start", "--superlink", fed["address"],
         "--ca", str(fed["ca"]), "--node-key", str(key.private_path), "--data-path", str(data),
         "--name", name, "--domain", "finance", "--runtime-port", str(free_port()),
         "--workspace", str(tmp / f"{name}-ws"), "--log-file", str(node_log),

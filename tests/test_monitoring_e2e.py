@@ -56,8 +56,8 @@ def adapter_truth(model_dir: Path) -> tuple[int, int]:
 
 
 def test_prometheus_sees_a_real_federation(tmp_path: Path) -> None:
-    from silotune.local_federation import CONNECTION, LocalFederation, SiloSpec
-    from silotune.report import write_report
+    from demo.local_federation import CONNECTION, LocalFederation, SiloSpec
+    from monitoring.report import write_report
 
     model = make_tiny_llama(tmp_path / "tiny-model")
     params, per_adapter_bytes = adapter_truth(model)

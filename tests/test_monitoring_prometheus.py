@@ -70,7 +70,7 @@ def exporter(
 ) -> Iterator[str]:
     """Run `silotune exporter` on a free loopback port; yield HOST:PORT."""
     addr = f"127.0.0.1:{free_port()}"
-    cmd = [sys.executable, "-m", "silotune.cli", "exporter", "--events-dir", str(events_dir)]
+    cmd = [sys.executable, "-m", "command_line.main", "exporter", "--events-dir", str(events_dir)]
     cmd += ["--role", role, "--bind", addr, *args]
     with open(log, "w") as fh:
         proc = subprocess.Popen(

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from demo.local_federation import LocalFederation, SiloSpec
 from silotune import protocol as p
-from silotune.local_federation import LocalFederation, SiloSpec
 from tests.test_federation_e2e import _events, _run_config, _write_silo_data
 from tests.tiny_model import make_tiny_llama
 

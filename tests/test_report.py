@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from monitoring.report import write_report
 from silotune.errors import UserError
-from silotune.report import write_report
 from tests.test_monitoring_synthetic import write_synthetic_run
 
 CHART_BLUE, CHART_RED = (0x1F, 0x77, 0xB4), (0xD6, 0x27, 0x28)  # first two series colours
@@ -56,7 +56,7 @@ def test_report_cli(tmp_path: Path) -> None:
     write_synthetic_run(tmp_path / "run", tmp_path / "ev", {})
     out = tmp_path / "r.html"
     res = subprocess.run(
-        [sys.executable, "-m", "silotune.cli", "report", str(tmp_path / "run"), "--out", str(out)],
+        [sys.executable, "-m", "command_line.main", "report", str(tmp_path / "run"), "--out", str(out)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr

@@ -1,4 +1,4 @@
-"""`silotune kit`: per-site deployment kits from one federation description (silotune.kit)."""
+"""`silotune kit`: per-site deployment kits from one federation description (deploy.kit)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def _kit(args: argparse.Namespace) -> int:
-    from silotune.kit import DEFAULT_BUNDLES, DEFAULT_MONITORING, generate, load_federation
+    from deploy.kit import DEFAULT_BUNDLES, DEFAULT_MONITORING, generate, load_federation
 
     fed_path = Path(args.federation)
     if args.check:

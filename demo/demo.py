@@ -148,10 +148,10 @@ def _rows_from_hub(n: int, seed: int) -> list[dict[str, str]] | None:
 
 def prepare_data(opts: DemoOptions, out_dir: Path) -> tuple[list[Path], list[dict[str, str]], str]:
     """Three silo files and held-out records. Returns (silo paths, held-out records, source)."""
+    from demo.sample_data import write_demo_data
     from silo_node.data import load_silo_records
     from silo_node.split import split_indices
     from silotune.config import parse_silo_config
-    from silotune.demo_data import write_demo_data
 
     out_dir.mkdir(parents=True, exist_ok=True)
     n_total = 3 * opts.per_silo + opts.eval_limit
@@ -214,8 +214,8 @@ def run_demo(opts: DemoOptions) -> DemoReport:
 
     # Before anything imports peft (and with it bitsandbytes); the env it sets reaches the silos.
     quiet_for(sys.stderr)
+    from demo.local_federation import LocalFederation, SiloSpec
     from silo_node.data import load_silo_records  # noqa: F401  (fail early if the install is broken)
-    from silotune.local_federation import LocalFederation, SiloSpec
     from silotune.modeling import load_model
 
     report = DemoReport()
@@ -289,7 +289,7 @@ def run_demo(opts: DemoOptions) -> DemoReport:
 
 
 def _submit_with_progress(fed: Any, run_cfg: dict[str, Any], opts: DemoOptions) -> Any:
-    from silotune.submit import round_progress
+    from superlink.submit import round_progress
 
     if not sys.stdout.isatty():  # a log file: one plain line per round, no progress bar
         return fed.submit(run_cfg, timeout=opts.timeout, on_round=_print_round)

@@ -95,7 +95,7 @@ def start_exporter(events_dir: Path, role: str, bind: str, log_path: Path) -> Ma
     from silotune.processes import start_process
 
     host, port = parse_bind(bind)
-    argv = [sys.executable, "-m", "silotune.cli", "exporter", "--events-dir", str(events_dir),
+    argv = [sys.executable, "-m", "command_line.main", "exporter", "--events-dir", str(events_dir),
             "--role", role, "--bind", bind]  # fmt: skip
     proc = start_process("exporter", argv, log_path)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}/metrics"
@@ -139,8 +139,8 @@ def parse_bind(bind: str) -> tuple[str, int]:
 def run_exporter(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
-    from silotune.exporter import build_registry
-    from silotune.flwr_traffic import FlowerTrafficPoller
+    from monitoring.exporter import build_registry
+    from monitoring.flwr_traffic import FlowerTrafficPoller
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     host, port = parse_bind(args.bind)
@@ -183,7 +183,7 @@ def run_exporter(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from silotune.report import write_report
+    from monitoring.report import write_report
 
     out = write_report(args.run_dir, args.silo_events, args.out)
     print(out, file=sys.stdout)

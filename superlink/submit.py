@@ -21,10 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from silotune.errors import UserError
-
-PROGRESS_PREFIX = "SILOTUNE-ROUND "
-DONE_PREFIX = "SILOTUNE-DONE "
-FAILED_MARK = "SiloTune run failed"
+from silotune.protocol import DONE_PREFIX, FAILED_MARK, PROGRESS_PREFIX
 
 
 @dataclass

@@ -12,9 +12,10 @@ _COMMAND_MODULES = [
     "silo_node.data_cli",  # data split, data check
     "superlink.cli",  # superlink start, admission (silos admit/list/remove)
     "certs.cli",  # certs ...
-    "silotune.run_cli",  # run, demo
-    "silotune.observability_cli",  # exporter, report
-    "silotune.deploy_cli",  # kit
+    "superlink.run_cli",  # run
+    "monitoring.cli",  # exporter, report
+    "deploy.cli",  # kit
+    "demo.cli",  # demo
     "evaluation.cli",  # eval, compare
 ]
 

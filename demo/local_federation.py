@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from silotune.processes import ProcessGroup
-from silotune.submit import RunResult, submit_run
+from superlink.submit import RunResult, submit_run
 
 CONNECTION = "silotune-local"
 

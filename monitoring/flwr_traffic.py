@@ -1,6 +1,6 @@
 """Flower's own wire-traffic accounting, polled from `flwr ls --format json` (central exporter).
 
-Separate from the event tailer (silotune/exporter.py): it shells out to the flwr CLI on a timer,
+Separate from the event tailer (monitoring/exporter.py): it shells out to the flwr CLI on a timer,
 and without ``--flwr-connection`` it never runs at all.
 """
 

@@ -1,12 +1,10 @@
-"""`silotune run` (submit a run to a federation) and `silotune demo` (everything on one machine)."""
+"""`silotune run`: submit a run to a federation from the central host and follow it round by round."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 from typing import Any
-
-from silotune.atomic_files import atomic_write_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,31 +36,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--timeout", type=float, default=24 * 3600.0)
     run.set_defaults(func=_run)
 
-    demo = sub.add_parser("demo", help="a real TLS federation of 3 silos on this machine, end to end")
-    demo.add_argument(
-        "--workspace",
-        type=Path,
-        default=None,
-        help="where the demo keeps its CA, keys, logs, state and adapter (default "
-        "$XDG_STATE_HOME/silotune/demo, i.e. ~/.local/state/silotune/demo: outside the checkout)",
-    )
-    demo.add_argument("--data", type=Path, help="local finance data file (JSON/JSONL/CSV/Parquet)")
-    demo.add_argument("--columns", default="", help="column mapping for --data, e.g. input=text,output=label")
-    demo.add_argument("--label-map", default="", help="label mapping for --data, e.g. 0=negative,1=positive")
-    demo.add_argument(
-        "--offline",
-        action="store_true",
-        help="do not try the Hugging Face hub (without it: one TCP probe of at most 1.5 s decides; "
-        "HF_HUB_OFFLINE=1 decides without one)",
-    )
-    demo.add_argument("--model", default="embedded:smollm2-135m-instruct")
-    demo.add_argument("--rounds", type=int, default=3)
-    demo.add_argument("--local-steps", type=int, default=4)
-    demo.add_argument("--per-silo", type=int, default=60, help="training rows per silo")
-    demo.add_argument("--eval-limit", type=int, default=60, help="held-out items to evaluate")
-    demo.add_argument("--summary-json", type=Path, help="also write the summary as JSON here")
-    demo.set_defaults(func=_demo)
-
 
 def _parse_value(text: str) -> Any:
     import tomllib
@@ -79,7 +52,7 @@ def _run(args: argparse.Namespace) -> int:
     from silotune.config import flatten_run_config, load_toml_run_config
     from silotune.errors import UserError
     from silotune.flwr_connection import write_connection
-    from silotune.submit import round_progress, submit_run
+    from superlink.submit import round_progress, submit_run
 
     ws = Path(args.workspace or os.environ.get("SILOTUNE_WORKSPACE", ".silotune"))
     flwr_home = ws / "flwr-home"
@@ -96,28 +69,4 @@ def _run(args: argparse.Namespace) -> int:
     with round_progress(int(values.get("num-rounds", 3))) as on_round:
         result = submit_run(flwr_home, args.connection, values, args.timeout, on_round=on_round)
     print(f"global adapter saved at {result.adapter_dir} (on the SuperLink's host)")
-    return 0
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
-    from silotune.demo import DemoOptions, default_workspace, format_summary, run_demo
-
-    opts = DemoOptions(
-        workspace=args.workspace or default_workspace(),
-        data=args.data,
-        columns=args.columns,
-        label_map=args.label_map,
-        model=args.model,
-        rounds=args.rounds,
-        local_steps=args.local_steps,
-        per_silo=args.per_silo,
-        eval_limit=args.eval_limit,
-        offline=args.offline,
-    )
-    report = run_demo(opts)
-    print(format_summary(report))
-    if args.summary_json:
-        atomic_write_json(args.summary_json, asdict(report), sort_keys=False)
     return 0

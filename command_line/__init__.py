@@ -1,0 +1,1 @@
+"""The `silotune` command: every room registers its own subcommands (see main.py)."""

@@ -1,0 +1,197 @@
+"""Silo policy: what this silo will do for a run, decided by the silo's operator, not by the run.
+
+The run config comes from whoever submits the run, and every silo would otherwise obey it, including
+``model.trust-remote-code=true`` with any ``model.name`` (arbitrary code at the silo). So each silo
+checks every message's run against its own policy file BEFORE any model is loaded, and refuses what
+the policy does not allow. The reason goes to this silo's log and audit log; the central site gets
+only the code POLICY_REFUSED with its fixed text (silotune/silo_failures.py).
+
+The file (TOML, ``silotune silo start --policy FILE``; all keys optional)::
+
+    federation-ca-sha256 = "AB:CD:..."     # the federation this silo serves (checked at start)
+    allow-embedded = true                  # embedded:* models shipped inside a Python package
+    allow-local-paths = true               # base models in a local directory of this machine
+    allow-trust-remote-code = false        # never run a model's own Python code unless true
+    max-rounds = 1000
+    max-local-steps = 1000
+    max-seq-length = 4096
+    require-approval = false               # hold each new run until `silotune silo approve RUN_ID`
+    approval-timeout-hours = 72            # then refuse it
+
+    [[models]]                             # hub ids (or pinned local paths) this silo will load
+    name = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    sha256 = "..."                         # optional: the weight files' hash (silotune model id)
+
+Without a file the defaults above apply: embedded and local models only, no hub id, no remote code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from silotune.config import RunConfig, _format_error
+from silotune.errors import ApprovalPending, PolicyRefused, UserError
+
+POLICY_ENV = "SILOTUNE_SILO_POLICY"  # alternative to node config's policy-file
+_HEX_FP = re.compile(r"^[0-9A-F]{64}$")
+__all__ = ["ApprovalPending", "PolicyRefused", "SiloPolicy", "load_policy"]
+
+
+def _dash(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class PolicyError(UserError):
+    """The policy file itself is unreadable or invalid; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", alias_generator=_dash, populate_by_name=True, frozen=True)
+
+
+class AllowedModel(_Strict):
+    name: str
+    sha256: str = ""  # empty: any weights under this name (not recommended for hub ids)
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: str) -> str:
+        if v and not re.fullmatch(r"[0-9a-fA-F]{64}", v):
+            raise ValueError("must be 64 hex digits (the weight files' SHA-256), or absent")
+        return v.lower()
+
+
+class SiloPolicy(_Strict):
+    federation_ca_sha256: str = ""
+    allow_embedded: bool = True
+    allow_local_paths: bool = True
+    allow_trust_remote_code: bool = False
+    max_rounds: int = Field(1000, ge=1)
+    max_local_steps: int = Field(1000, ge=1)
+    max_seq_length: int = Field(4096, ge=8)
+    require_approval: bool = False
+    approval_timeout_hours: float = Field(72.0, gt=0)
+    models: tuple[AllowedModel, ...] = ()
+
+    @field_validator("federation_ca_sha256")
+    @classmethod
+    def _fingerprint(cls, v: str) -> str:
+        norm = normalise_fingerprint(v)
+        if v and not _HEX_FP.match(norm):
+            raise ValueError("must be the CA certificate's SHA-256 (`silotune certs show ca.crt`)")
+        return norm
+
+
+def normalise_fingerprint(text: str) -> str:
+    return text.replace(":", "").replace(" ", "").strip().upper()
+
+
+def load_policy(path: str | Path | None) -> SiloPolicy:
+    """The policy in ``path``; the defaults when ``path`` is empty. Errors name the file and key."""
+    if not path:
+        return SiloPolicy()
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise PolicyError(f"cannot read the silo policy {p}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(f"invalid silo policy {p}: not valid TOML ({exc})") from None
+    try:
+        return SiloPolicy.model_validate(raw)
+    except ValidationError as err:
+        raise PolicyError(_format_error(err, f"silo policy {p}")) from None
+
+
+def ca_fingerprint(ca_file: Path) -> str:
+    """SHA-256 of the CA certificate (DER), 64 upper-case hex digits."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        cert = x509.load_pem_x509_certificate(Path(ca_file).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read the CA certificate {ca_file}: {exc}") from None
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest().upper()
+
+
+def check_federation(policy: SiloPolicy, ca_file: Path | None, policy_path: str | Path = "") -> None:
+    """At `silo start`: refuse to serve a federation other than the one the policy names."""
+    if not policy.federation_ca_sha256:
+        return
+    where = f" ({policy_path})" if policy_path else ""
+    if ca_file is None:
+        raise UserError(
+            f"the silo policy{where} pins federation-ca-sha256, but the silo was started without "
+            "--ca (plaintext): refusing to start"
+        )
+    actual = ca_fingerprint(ca_file)
+    if actual != policy.federation_ca_sha256:
+        raise UserError(
+            f"the CA in {ca_file} (SHA-256 {actual}) is not the federation this silo's policy{where} "
+            f"serves (federation-ca-sha256 {policy.federation_ca_sha256}): refusing to start"
+        )
+
+
+def _is_local_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().is_dir()
+
+
+def check_run(policy: SiloPolicy, run: RunConfig) -> None:
+    """Raise PolicyRefused (detail for this silo's log) if the run asks for more than the policy allows.
+
+    Only cheap checks that load nothing; the model's weight hash is checked by ``check_model_hash``."""
+    name = run.model.name
+    if run.model.trust_remote_code and not policy.allow_trust_remote_code:
+        raise PolicyRefused(
+            f"the run asks for model.trust-remote-code=true (model {name!r}); this silo's policy "
+            "does not allow it (allow-trust-remote-code)"
+        )
+    if _allowed_entry(policy, name) is None:
+        if name.startswith("embedded:"):
+            if not policy.allow_embedded:
+                raise PolicyRefused(f"the run's base model {name!r} is embedded; the policy has allow-embedded = false")
+        elif _is_local_path(name):
+            if not policy.allow_local_paths:
+                raise PolicyRefused(
+                    f"the run's base model {name!r} is a local path; the policy has allow-local-paths = false "
+                    "and does not list it under [[models]]"
+                )
+        else:
+            raise PolicyRefused(
+                f"the run's base model {name!r} is not in this silo's policy ([[models]] name = ...)"
+            )
+    limits = (
+        ("num-rounds", run.num_rounds, policy.max_rounds, "max-rounds"),
+        ("train.local-steps", run.train.local_steps, policy.max_local_steps, "max-local-steps"),
+        ("train.seq-length", run.train.seq_length, policy.max_seq_length, "max-seq-length"),
+    )
+    for key, asked, limit, policy_key in limits:
+        if asked > limit:
+            raise PolicyRefused(f"the run asks for {key}={asked}; this silo's policy allows at most {policy_key}={limit}")
+
+
+def _allowed_entry(policy: SiloPolicy, name: str) -> AllowedModel | None:
+    for entry in policy.models:
+        if entry.name == name:
+            return entry
+    return None
+
+
+def check_model_hash(policy: SiloPolicy, name: str, sha256: str) -> None:
+    """A listed model with a pinned hash must have exactly those weights (hash of the files, unloaded)."""
+    entry = _allowed_entry(policy, name)
+    if entry is not None and entry.sha256 and entry.sha256 != sha256.lower():
+        raise PolicyRefused(
+            f"the base model {name!r} has weights {sha256[:12]}..., the policy pins {entry.sha256[:12]}..."
+        )
+
+
+def pinned_hash(policy: SiloPolicy, name: str) -> str:
+    entry = _allowed_entry(policy, name)
+    return entry.sha256 if entry else ""

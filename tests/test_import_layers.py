@@ -1,0 +1,66 @@
+"""The rooms' import rules (pyproject.toml [tool.importlinter], docs/architecture.md) hold."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from silotune.flwr_connection import interpreter_bin
+
+REPO = Path(__file__).resolve().parents[1]
+LINT_IMPORTS = interpreter_bin() / "lint-imports"
+
+
+def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache"], cwd=root, capture_output=True, text=True, timeout=300,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)},
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tree_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first-party packages and pyproject.toml, so a test can break a rule without touching the repo."""
+    dest = tmp_path_factory.mktemp("tree")
+    shutil.copy2(REPO / "pyproject.toml", dest / "pyproject.toml")
+    for pkg in ("command_line", "demo", "deploy", "evaluation", "superlink", "silo_node", "monitoring",
+                "certs", "silotune"):  # fmt: skip
+        shutil.copytree(REPO / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dest
+
+
+def test_every_contract_is_kept() -> None:
+    res = lint_imports(REPO)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert "0 broken" in res.stdout
+
+
+def test_an_upward_import_breaks_the_contract_even_inside_a_function(tree_copy: Path) -> None:
+    target = tree_copy / "silotune" / "config.py"
+    original = target.read_text()
+    target.write_text(original + textwrap.dedent("""
+
+        def _sneaky() -> None:
+            from monitoring.exporter import FederationState  # noqa: F401 - upward, on purpose
+        """))
+    try:
+        res = lint_imports(tree_copy)
+    finally:
+        target.write_text(original)
+    assert res.returncode != 0
+    assert "silotune.config -> monitoring.exporter" in res.stdout
+
+
+def test_the_roles_never_import_each_other(tree_copy: Path) -> None:
+    target = tree_copy / "silo_node" / "training.py"
+    original = target.read_text()
+    target.write_text(original + "\nimport superlink.rounds  # noqa: E402,F401\n")
+    try:
+        res = lint_imports(tree_copy)
+    finally:
+        target.write_text(original)
+    assert res.returncode != 0 and "silo_node.training -> superlink.rounds" in res.stdout
