@@ -383,7 +383,6 @@ def run_compare(args: argparse.Namespace) -> int:
     from silotune.adapters import peft_config_dict
     from silotune.config import parse_run_config, parse_silo_config
     from silotune.modeling import load_model
-    from superlink.strategies import get_strategy
 
     started = time.monotonic()
     if args.silos < 1:
@@ -577,11 +576,13 @@ def run_compare(args: argparse.Namespace) -> int:
                 flush()
             rows.append(_mean_row(per_silo))
         elif approach in FEDERATED_LABELS:
-            strategy = get_strategy(run.strategy.model_copy(update={"name": approach}), run.peft)
+            approach_run = run.model_copy(
+                update={"strategy": run.strategy.model_copy(update={"name": approach})}
+            )
             fed_silos = (
                 silos if approach == "flexlora" else [Silo(s.name, s.examples, run.peft.rank) for s in silos]
             )
-            o = train_federated(bank, fed_silos, strategy, run.train, rounds, _log)
+            o = train_federated(bank, fed_silos, approach_run, rounds, _log)
             label = FEDERATED_LABELS[approach] + _strategy_note(approach, args)
             row = Row(approach, f"federated {label}", None, [s.rank for s in fed_silos], o.steps_per_silo,
                       o.total_steps, o.uplink_bytes, o.downlink_bytes, train_seconds=o.seconds,

@@ -1,10 +1,11 @@
 """Isolated, federated and centralized PEFT training in one process, for ``silotune compare``.
 
-The federated loop is the round logic of ``superlink/rounds.py`` without Flower: every round each
-silo receives ``strategy.payload_for(global, rank, round)``, loads it into its adapter, trains
-``train.local-steps`` steps with ``silo_node.training.train_round`` at the round's cosine LR, and
-returns ``adapter_state``; the strategy aggregates. Bytes are counted as the float32 nbytes of what
-goes down and up, which is what ``ArrayRecord.count_bytes()`` reports in a real federation.
+The federated loop runs the deployed round's own core (``superlink/round_core.py``: sampling, each
+silo's payload, quorum, weight caps, clipping, robust selection, the strategy's average) and the
+silo's own training (``silo_node.training.train_round`` with ``round_seed``); only the transport
+differs: silos are called directly instead of over Flower. Bytes are counted as the float32 nbytes of
+what goes down and up, which is what ``ArrayRecord.count_bytes()`` reports in a real federation.
+Replies come from this process's own training, so the deployment's reply checks are not re-run.
 
 Every approach is trained in the same *phases*: R phases, phase r at ``lr_for_round(train, r, R)``
 with a fresh AdamW (what a federated round does). Isolated and centralized training therefore differ
@@ -17,7 +18,6 @@ from __future__ import annotations
 import copy
 import sys
 import time
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,10 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from silo_node.training import Encoded, train_round
+from silo_node.training import Encoded, round_seed, train_round
+from silotune import protocol as p
 from silotune.adapters import adapter_state, attach_adapter, load_adapter_state, state_nbytes
-from silotune.config import PeftSettings, TrainSettings, lr_for_round
-from superlink.strategies import SiloUpdate, Strategy
+from silotune.config import PeftSettings, RunConfig, TrainSettings, lr_for_round
+from superlink.defences import Defence
+from superlink.round_core import aggregate_round, build_payloads, sample_round, train_config
+from superlink.strategies import SiloUpdate, get_strategy
 
 Log = Callable[[str], None]
 
@@ -66,8 +69,8 @@ class TrainOutcome:
 
 
 def silo_seed(base_seed: int, name: str, phase: int) -> int:
-    """The ClientApp's per-round seed (silo_node.client_app): distinct silos draw distinct batches."""
-    return base_seed + 1000 * phase + zlib.crc32(name.encode()) % 1000
+    """The ClientApp's per-round seed (``silo_node.training.round_seed``), for every approach."""
+    return round_seed(base_seed, name, phase)
 
 
 class AdapterBank:
@@ -174,42 +177,47 @@ def train_centralized(
 def train_federated(
     bank: AdapterBank,
     silos: list[Silo],
-    strategy: Strategy,
-    train: TrainSettings,
+    run: RunConfig,
     rounds: int,
     log: Log = _stderr,
 ) -> TrainOutcome:
-    """R rounds: payload down, local-steps at each silo, update up, aggregate (rounds.py, no Flower).
+    """R rounds of the deployed round core: sample, payload down, local-steps at each silo, update
+    up, defences and aggregation (``superlink/round_core.py``), with silos called in-process.
 
     As in the real federation, the initial global adapter is a freshly initialised one from a silo
-    (here the first, at its rank); FlexLoRA re-factors it to every silo's rank.
+    (here the first, at its rank); FlexLoRA re-factors it to every silo's rank. Silo ``i`` plays
+    node id ``i``, so sampling draws from the same sorted ids a deployment of as many silos would.
     """
     t0 = time.monotonic()
+    run = run.model_copy(update={"num_rounds": rounds})
+    strategy = get_strategy(run.strategy, run.peft)
+    defence = Defence(run.strategy, run.peft.alpha)
     global_state: dict[str, np.ndarray] = bank.initial_state(silos[0].rank)
-    proximal_mu = float(strategy.silo_config().get("proximal-mu", 0.0))
     up = down = 0
     losses = []
     for rnd in range(1, rounds + 1):
-        lr = lr_for_round(train, rnd - 1, rounds)
+        cfg = train_config(run, strategy, rnd)
+        sampled = sample_round(run, list(range(len(silos))), rnd)
+        sent = build_payloads(strategy, global_state, {i: silos[i].rank for i in sampled}, rnd)
         updates = []
-        for silo in silos:
-            payload = strategy.payload_for(global_state, silo.rank, rnd)
+        for i, payload in sent.items():
+            silo = silos[i]
             down += state_nbytes(payload)
             state, loss = _phase_train(
-                bank, payload, silo.rank, silo.examples, train, train.local_steps, lr,
-                silo_seed(train.seed, silo.name, rnd), proximal_mu,
+                bank, payload, silo.rank, silo.examples, run.train, run.train.local_steps,
+                float(cfg[p.LR]), round_seed(run.train.seed, silo.name, rnd),
+                float(cfg.get(p.PROXIMAL_MU, 0.0)),
             )  # fmt: skip
             up += state_nbytes(state)
-            updates.append(
-                SiloUpdate(len(updates), state, len(silo.examples), silo.rank, {"train-loss": loss})
-            )
-        global_state = dict(strategy.aggregate(global_state, updates))
-        total = sum(u.num_examples for u in updates)
-        loss = sum(u.metrics["train-loss"] * u.num_examples for u in updates) / total
-        losses.append(loss)
-        log(f"  {strategy.name}: round {rnd}/{rounds} loss {loss:.4f} bytes so far {up + down:,}")
+            updates.append(SiloUpdate(i, state, len(silo.examples), silo.rank, {p.TRAIN_LOSS: loss}))
+        agg = aggregate_round(run, strategy, defence, global_state, updates, sent)
+        global_state = agg.global_state
+        if agg.train_loss is not None:
+            losses.append(agg.train_loss)
+        shown = "unchanged (quorum missed)" if agg.train_loss is None else f"{agg.train_loss:.4f}"
+        log(f"  {strategy.name}: round {rnd}/{rounds} loss {shown} bytes so far {up + down:,}")
     final, rank = strategy.checkpoint_adapter(global_state)
-    steps = rounds * train.local_steps
+    steps = rounds * run.train.local_steps
     return TrainOutcome(
         strategy.name,
         OrderedDict(final),

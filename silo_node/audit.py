@@ -62,7 +62,9 @@ def arrays_sha256(arrays: Any) -> str:
     h = hashlib.sha256()
     for key in arrays:
         arr = arrays[key]
-        h.update(key.encode() + b"\0" + str(arr.dtype).encode() + b"\0" + repr(tuple(arr.shape)).encode() + b"\0")
+        h.update(
+            key.encode() + b"\0" + str(arr.dtype).encode() + b"\0" + repr(tuple(arr.shape)).encode() + b"\0"
+        )
         h.update(bytes(arr.data))
     return h.hexdigest()
 

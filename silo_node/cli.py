@@ -63,6 +63,8 @@ def _start(args: argparse.Namespace) -> int:
         value = getattr(args, key.replace("-", "_"))
         if value is not None:
             node_config[key] = value
+    if args.policy:
+        node_config["policy-file"] = args.policy
     ws = resolve_workspace(args.workspace)
     opts = SiloOptions(
         superlink=args.superlink,
@@ -117,4 +119,58 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     st.add_argument("--log-file", help="write the SuperNode's output here instead of the terminal")
     st.add_argument("--workspace", help="SiloTune workspace (default ./.silotune)")
     add_exporter_option(st, "silo")
+    st.add_argument(
+        "--policy",
+        help="this silo's policy file (TOML: allowed base models, limits, approval, federation CA; "
+        "see docs/security.md#silo-policy). Default: embedded and local models only, no remote code",
+    )
     st.set_defaults(func=_start)
+    ap = sub.add_parser("approve", help="approve a run that waits at this silo (policy require-approval)")
+    ap.add_argument("run_id", help="Flower's run id, as shown in the silo's log and `silotune silo audit`")
+    ap.add_argument("--note", default="", help="a note kept in the audit log")
+    _state_options(ap)
+    ap.set_defaults(func=_approve)
+    au = sub.add_parser("audit", help="print this silo's audit log (runs served, payloads sent, refusals)")
+    au.add_argument("--json", action="store_true", help="one JSON object a line, as stored")
+    _state_options(au)
+    au.set_defaults(func=_audit)
+
+
+def _state_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", help="the silo's state dir (default <workspace>/supernode/state)")
+    p.add_argument("--workspace", help="SiloTune workspace (default ./.silotune)")
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    from silo_node.launch import default_state_dir
+
+    if args.state_dir:
+        return Path(args.state_dir)
+    return default_state_dir(resolve_workspace(args.workspace) / "supernode" / "flwr-home")
+
+
+def _approve(args: argparse.Namespace) -> int:
+    from silo_node.audit import approve_run
+
+    path = approve_run(_state_dir(args), args.run_id, args.note)
+    print(f"run {args.run_id} approved at this silo ({path}); it trains at the next round")
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from silo_node.audit import audit_path, read_audit
+
+    state = _state_dir(args)
+    if not audit_path(state).exists():
+        raise UserError(f"no audit log at {audit_path(state)} (wrong --state-dir or --workspace?)")
+    for entry in read_audit(state):
+        if args.json:
+            print(json.dumps(entry, sort_keys=True))
+            continue
+        ts = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(entry.get("ts", 0)))
+        rest = " ".join(f"{k}={v}" for k, v in entry.items() if k not in ("ts", "kind"))
+        print(f"{ts}Z {entry.get('kind', '?'):<8} {rest}")
+    return 0

@@ -8,10 +8,13 @@ tokens, throughput, memory) and a ConfigRecord (base-model identity, rank). Data
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
-import zlib
+import os
+import re
+import time
 from collections.abc import Callable
-from logging import ERROR
+from logging import ERROR, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +22,20 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
+from silo_node.audit import append_audit, arrays_sha256, is_approved, pending_since
 from silo_node.data import load_silo_records, split_train_eval
 from silo_node.memory import MemoryMeter
+from silo_node.policy import (
+    POLICY_ENV,
+    PolicyError,
+    SiloPolicy,
+    check_model_hash,
+    check_run,
+    load_policy,
+    pinned_hash,
+)
 from silo_node.templates import get_template
-from silo_node.training import encode_records, evaluate_loss, train_round
+from silo_node.training import encode_records, evaluate_loss, round_seed, train_round
 from silotune.adapters import (
     adapter_state,
     attach_adapter,
@@ -32,10 +45,10 @@ from silotune.adapters import (
     to_array_record,
 )
 from silotune.config import RunConfig, SiloConfig, parse_run_config, parse_silo_config
-from silotune.errors import ModelMismatchError
+from silotune.errors import ApprovalPending, ModelMismatchError, PolicyRefused, UserError
 from silotune.events import EventLog
 from silotune.modeling import load_model, model_identity
-from silotune.silo_failures import classify, reason_for
+from silotune.silo_failures import SiloFailure, classify, reason_for
 
 app = ClientApp()
 
@@ -51,11 +64,6 @@ def silo_rank(run: RunConfig, silo: SiloConfig) -> int:
     if run.strategy.name == "flexlora" and silo.lora_rank:
         return silo.lora_rank
     return run.peft.rank
-
-
-def _silo_seed(run: RunConfig, silo: SiloConfig, server_round: int) -> int:
-    # Different silos must not draw identical batches; crc32 is stable across processes.
-    return run.train.seed + 1000 * server_round + zlib.crc32(silo.name.encode()) % 1000
 
 
 def _records(run: RunConfig, silo: SiloConfig) -> tuple[list[dict], list[dict]]:
@@ -80,17 +88,153 @@ def reply_with_failure_code(handler: Handler) -> Handler:
         except Exception as exc:  # noqa: BLE001 - every failure must leave as a code only
             code = classify(exc)
             name = handler.__name__
-            log(ERROR, "SiloTune %s failed (%s, sent as code %d)", name, code.name, code, exc_info=exc)
+            if code in (SiloFailure.POLICY_REFUSED, SiloFailure.APPROVAL_PENDING):
+                # The reason is the silo's own decision, not a bug: one line, no traceback.
+                log(WARNING, "SiloTune %s: %s (sent as code %s)", name, exc, code.name)
+            else:
+                log(ERROR, "SiloTune %s failed (%s, sent as code %d)", name, code.name, code, exc_info=exc)
             return Message(Error(code=int(code), reason=reason_for(code)), reply_to=msg)
 
     return wrapped
+
+
+_FAB_DIR = re.compile(r"\.([0-9a-f]{8,64})$")
+
+
+def app_identity() -> dict[str, str]:
+    """What code served the run, as far as the ClientApp can tell.
+
+    Flower 1.41 does not hand the FAB hash to the ClientApp (run_clientapp.py keeps ``Run`` and
+    ``Fab`` to itself), nor who submitted the run. What is reachable: the installed app directory,
+    named ``<publisher>.<app>.<version>.<fab-hash prefix>`` when the code came from a FAB, this
+    module's SHA-256 and the installed silotune version."""
+    here = Path(__file__).resolve()
+    fab_prefix = ""
+    for parent in here.parents:
+        m = _FAB_DIR.search(parent.name)
+        if m and parent.parent.name == "apps":
+            fab_prefix = m.group(1)
+            break
+    try:
+        from importlib.metadata import version
+
+        silotune_version = version("silotune")
+    except Exception:  # noqa: BLE001 - not installed as a distribution
+        silotune_version = "unknown"
+    return {
+        "fab_hash_prefix": fab_prefix,
+        "app_module": str(here),
+        "app_module_sha256": hashlib.sha256(here.read_bytes()).hexdigest(),
+        "silotune_version": silotune_version,
+    }
+
+
+def _run_config_sha256(context: Context) -> str:
+    flat = dict(context.run_config)
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _audit(silo: SiloConfig, kind: str, **fields: Any) -> None:
+    if silo.state_dir:
+        append_audit(silo.state_dir, kind, silo=silo.name, **fields)
+
+
+def _load_policy(silo: SiloConfig) -> SiloPolicy:
+    try:
+        return load_policy(silo.policy_file or os.environ.get(POLICY_ENV, ""))
+    except PolicyError as exc:  # a broken policy refuses everything; the reason names file and key
+        raise PolicyRefused(str(exc)) from None
+
+
+def _first_sight(silo: SiloConfig, run_id: str) -> bool:
+    """True once per run (a marker in the state dir), so the audit log lists each run once."""
+    if not silo.state_dir:
+        return False
+    marker = Path(silo.state_dir) / "runs" / f"{run_id}.seen"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        return False
+    return True
+
+
+def policy_gate(msg: Message, context: Context, phase: str) -> tuple[RunConfig, SiloConfig]:
+    """First thing for every message: the silo's policy decides, before any model is loaded.
+
+    Raises PolicyRefused (-> POLICY_REFUSED), ApprovalPending (-> APPROVAL_PENDING) or ConfigError;
+    every refusal is audited with its full reason, which never leaves the silo."""
+    silo = parse_silo_config(dict(context.node_config))
+    run_id = str(context.run_id)
+    base = {"run_id": run_id, "phase": phase, "round": _round_of(msg)}
+    try:
+        policy = _load_policy(silo)
+        run = parse_run_config(dict(context.run_config))
+        check_run(policy, run)
+        if pinned_hash(policy, run.model.name):
+            check_model_hash(policy, run.model.name, model_identity(run.model.name).sha256)
+        if policy.require_approval:
+            _check_approval(policy, silo, run_id, context, run)
+    except ApprovalPending:
+        raise
+    except UserError as exc:
+        _audit(silo, "refused", reason=str(exc), **base)
+        raise
+    if _first_sight(silo, run_id):
+        _audit(
+            silo,
+            "run",
+            run_id=run_id,
+            node_id=str(context.node_id),
+            model=run.model.name,
+            run_config_sha256=_run_config_sha256(context),
+            submitted_by="not exposed to the ClientApp by Flower 1.41",
+            **app_identity(),
+        )
+    return run, silo
+
+
+def _round_of(msg: Message) -> int:
+    try:
+        return int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
+    except (TypeError, ValueError, KeyError):
+        return 0
+
+
+def _check_approval(
+    policy: SiloPolicy, silo: SiloConfig, run_id: str, context: Context, run: RunConfig
+) -> None:
+    if not silo.state_dir:
+        raise PolicyRefused(
+            "the policy has require-approval = true but the silo has no state-dir to keep approvals in"
+        )
+    if is_approved(silo.state_dir, run_id):
+        return
+    now = time.time()
+    since, first = pending_since(silo.state_dir, run_id, now)
+    if now - since > policy.approval_timeout_hours * 3600:
+        raise PolicyRefused(
+            f"run {run_id} was not approved within approval-timeout-hours={policy.approval_timeout_hours:g}"
+        )
+    if first:
+        _audit(
+            silo,
+            "pending",
+            run_id=run_id,
+            model=run.model.name,
+            run_config_sha256=_run_config_sha256(context),
+            hint=f"silotune silo approve {run_id}",
+        )
+    raise ApprovalPending(
+        f"run {run_id} waits for approval: run `silotune silo approve {run_id}` at this silo"
+    )
 
 
 @app.query()
 @reply_with_failure_code
 def handshake(msg: Message, context: Context) -> Message:
     """Who am I: base-model identity, rank, data size; optionally the initial adapter."""
-    run, silo = _settings(context)
+    run, silo = policy_gate(msg, context, "handshake")
     train_records, eval_records = _records(run, silo)  # validates the data before any round
     identity = model_identity(run.model.name)
     info = ConfigRecord(
@@ -117,8 +261,9 @@ def handshake(msg: Message, context: Context) -> Message:
     if want_init:
         loaded = load_model(run.model)
         peft_model = attach_adapter(loaded.model, run.peft, silo_rank(run, silo), run.train.seed)
-        content["arrays"] = to_array_record(adapter_state(peft_model))
+        content["arrays"] = init_arrays = to_array_record(adapter_state(peft_model))
         info["peft-config"] = json.dumps(peft_config_dict(peft_model))
+        _audit_payload(silo, context, 0, "init", init_arrays)
     return Message(content=content, reply_to=msg)
 
 
@@ -135,7 +280,7 @@ def _check_identity(msg_cfg: ConfigRecord, run: RunConfig) -> None:
 @app.train()
 @reply_with_failure_code
 def train(msg: Message, context: Context) -> Message:
-    run, silo = _settings(context)
+    run, silo = policy_gate(msg, context, "train")
     cfg = msg.content["config"]
     server_round = int(cfg["server-round"])
     _check_identity(cfg, run)
@@ -163,7 +308,7 @@ def train(msg: Message, context: Context) -> Message:
         examples,
         run.train,
         lr=float(cfg["lr"]),
-        seed=_silo_seed(run, silo, server_round),
+        seed=round_seed(run.train.seed, silo.name, server_round),
         proximal_mu=float(cfg.get("proximal-mu", 0.0)),
     )
     peaks = meter.stop()
@@ -179,6 +324,7 @@ def train(msg: Message, context: Context) -> Message:
     }
     uplink = arrays.count_bytes()
     downlink = msg.content["arrays"].count_bytes()
+    _audit_payload(silo, context, server_round, "train", arrays)
     events.emit(
         "local_train",
         round=server_round,
@@ -203,7 +349,7 @@ def train(msg: Message, context: Context) -> Message:
 @reply_with_failure_code
 def evaluate(msg: Message, context: Context) -> Message:
     """Response-only loss of the global adapter on this silo's held-out slice (eval-fraction)."""
-    run, silo = _settings(context)
+    run, silo = policy_gate(msg, context, "evaluate")
     cfg = msg.content["config"]
     _check_identity(cfg, run)
     _, eval_records = _records(run, silo)
@@ -227,4 +373,17 @@ def evaluate(msg: Message, context: Context) -> Message:
     )
 
 
-__all__ = ["app", "silo_rank"]
+def _audit_payload(silo: SiloConfig, context: Context, server_round: int, phase: str, arrays: Any) -> None:
+    """Every adapter that leaves: its bytes (as the central site counts them) and its SHA-256."""
+    _audit(
+        silo,
+        "payload",
+        run_id=str(context.run_id),
+        round=server_round,
+        phase=phase,
+        bytes=int(arrays.count_bytes()),
+        sha256=arrays_sha256(arrays),
+    )
+
+
+__all__ = ["app", "policy_gate", "silo_rank"]

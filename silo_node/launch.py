@@ -7,6 +7,7 @@ with a typo in its data path fails here with a clear message instead of in round
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from silotune.flwr_connection import flower_env
 from silotune.processes import ManagedProcess, python_in_netns, start_process
 
 # Node-config keys that name files: made absolute, since the ClientApp runs in another process.
-_PATH_KEYS = ("data-path", "state-dir")
+_PATH_KEYS = ("data-path", "state-dir", "policy-file")
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,20 @@ def build_supernode_argv(opts: SiloOptions, node_config: dict[str, Any]) -> list
     return argv
 
 
+def default_state_dir(flwr_home: Path) -> Path:
+    """Where a silo keeps its audit log and approvals when no state-dir is given."""
+    return Path(flwr_home).resolve().parent / "state"
+
+
+def check_policy(silo: SiloConfig, opts: SiloOptions) -> None:
+    """Load the silo's policy (a bad file fails here, naming the key) and check the federation's CA."""
+    from silo_node.policy import POLICY_ENV, check_federation, load_policy
+
+    path = silo.policy_file or os.environ.get(POLICY_ENV, "")
+    policy = load_policy(path)
+    check_federation(policy, None if opts.insecure else opts.ca_cert, path)
+
+
 def _check_address(address: str) -> str:
     split_host_port(address, "--superlink", "superlink.example.org:8000")
     return address
@@ -219,7 +234,11 @@ def start_silo(
     node-auth window into one clear error here; the SuperNode itself would only log retries, or
     (clock) exit without a reason.
     """
-    node_config, silo = prepare_node_config(opts.node_config)
+    config = dict(opts.node_config)
+    if not config.get("state-dir") and not config.get("state_dir") and opts.flwr_home is not None:
+        config["state-dir"] = str(default_state_dir(opts.flwr_home))  # audit log and approvals
+    node_config, silo = prepare_node_config(config)
+    check_policy(silo, opts)
     if check:
         check_data(silo, run_domain)
     argv = build_supernode_argv(opts, node_config)

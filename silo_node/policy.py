@@ -155,11 +155,13 @@ def check_run(policy: SiloPolicy, run: RunConfig) -> None:
     if _allowed_entry(policy, name) is None:
         if name.startswith("embedded:"):
             if not policy.allow_embedded:
-                raise PolicyRefused(f"the run's base model {name!r} is embedded; the policy has allow-embedded = false")
+                raise PolicyRefused(
+                    f"the run's base model {name!r} is embedded; the policy has allow-embedded = false"
+                )
         elif _is_local_path(name):
             if not policy.allow_local_paths:
                 raise PolicyRefused(
-                    f"the run's base model {name!r} is a local path; the policy has allow-local-paths = false "
+                    f"the run's base model {name!r} is a local path; the policy has allow-local-paths=false "
                     "and does not list it under [[models]]"
                 )
         else:
@@ -173,7 +175,9 @@ def check_run(policy: SiloPolicy, run: RunConfig) -> None:
     )
     for key, asked, limit, policy_key in limits:
         if asked > limit:
-            raise PolicyRefused(f"the run asks for {key}={asked}; this silo's policy allows at most {policy_key}={limit}")
+            raise PolicyRefused(
+                f"the run asks for {key}={asked}; this silo's policy allows at most {policy_key}={limit}"
+            )
 
 
 def _allowed_entry(policy: SiloPolicy, name: str) -> AllowedModel | None:

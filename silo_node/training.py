@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,6 +189,15 @@ def train_round(
         train_seconds=wall,
         steps=settings.local_steps,
     )
+
+
+def round_seed(base_seed: int, silo_name: str, server_round: int) -> int:
+    """The seed of a silo's round: the ClientApp and compare's in-process federation both use it.
+
+    Different silos must not draw identical batches, and the same silo must draw the same ones when
+    a round is replayed: crc32 of the name is stable across processes (``hash()`` is salted).
+    """
+    return base_seed + 1000 * server_round + zlib.crc32(silo_name.encode()) % 1000
 
 
 def check_round_learned(

@@ -202,6 +202,8 @@ class SiloConfig(_Section):
     max_examples: int = Field(0, ge=0)  # 0 = all
     eval_fraction: float = Field(0.0, ge=0, lt=1)
     state_dir: str = ""  # where the silo writes its metric events ("" = none)
+    # The silo operator's policy file (silo_node/policy.py); "" = $SILOTUNE_SILO_POLICY or the defaults.
+    policy_file: str = ""
 
     def column_mapping(self) -> dict[str, str]:
         return _parse_pairs(self.columns, "columns")

@@ -21,6 +21,10 @@ Event kinds and fields (all carry ``ts`` (unix seconds), ``kind`` and ``role``):
                  peak_gpu_reserved_bytes, nvml_used_bytes, peak_rss_bytes, lora_rank,
                  reply_seconds (push to reply)
   silo_failed    round, node_id, reason (handshake failures: retry_round, when it is asked again)
+  silo_pending   round, node_id, silo, code (APPROVAL_PENDING), reason: the run waits for that
+                 silo operator's approval; not a failure, asked again every round
+  silo_handshake node_id, silo (the name it was admitted under, else node-<id>), claimed_name (only
+                 when the silo calls itself something else), rank, num_examples
   update_rejected round, node_id, silo, phase (handshake|init|train|evaluate), code (a reason code
                  of silotune/protocol.py), reason (detail for people)
   anomaly_score  round, node_id, silo, norm, norm_ratio, distance, flagged, streak, weight_share,

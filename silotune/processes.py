@@ -277,6 +277,8 @@ def supervise(proc: ManagedProcess, poll: float = 1.0) -> int:
             try:
                 return proc.popen.wait(timeout=poll)
             except subprocess.TimeoutExpired:
+                if not proc.running():  # a companion exited (the SuperLink's Fleet proxy)
+                    return 1
                 continue
     except KeyboardInterrupt:
         proc.stop()

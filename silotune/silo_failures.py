@@ -14,7 +14,14 @@ from __future__ import annotations
 import re
 from enum import IntEnum
 
-from silotune.errors import DataError, ModelMismatchError, NoLearningError, UserError
+from silotune.errors import (
+    ApprovalPending,
+    DataError,
+    ModelMismatchError,
+    NoLearningError,
+    PolicyRefused,
+    UserError,
+)
 
 
 class SiloFailure(IntEnum):
@@ -24,6 +31,8 @@ class SiloFailure(IntEnum):
     NONFINITE_LOSS = 1004
     OUT_OF_MEMORY = 1005
     CONFIG_REFUSED = 1006
+    POLICY_REFUSED = 1007  # the run asks for more than the silo's own policy allows
+    APPROVAL_PENDING = 1008  # not a failure: the run waits for the silo operator's approval
     INTERNAL = 1099
 
 
@@ -35,6 +44,8 @@ FIXED_TEXT: dict[SiloFailure, str] = {
     SiloFailure.NONFINITE_LOSS: "the training loss became non-finite; lower train.lr-max",
     SiloFailure.OUT_OF_MEMORY: "the silo ran out of memory; see the silo's log",
     SiloFailure.CONFIG_REFUSED: "the silo refused the run's configuration; see the silo's log",
+    SiloFailure.POLICY_REFUSED: "the silo's policy refused this run; see the silo's log",
+    SiloFailure.APPROVAL_PENDING: "the run waits for the silo operator's approval",
     SiloFailure.INTERNAL: "the silo failed; see the silo's log",
 }
 
@@ -56,6 +67,10 @@ _CODE_PREFIX = re.compile(r"^([A-Z][A-Z0-9_]+): ")
 
 def classify(exc: BaseException) -> SiloFailure:
     """The code for an exception raised while a silo served a message."""
+    if isinstance(exc, PolicyRefused):
+        return SiloFailure.POLICY_REFUSED
+    if isinstance(exc, ApprovalPending):
+        return SiloFailure.APPROVAL_PENDING
     if isinstance(exc, NoLearningError):
         return SiloFailure.NO_LEARNING
     if isinstance(exc, DataError):

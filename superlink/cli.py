@@ -24,7 +24,13 @@ def _pick(explicit: str | None, certs_dir: str | None, name: str) -> Path | None
 
 def _start(args: argparse.Namespace) -> int:
     from monitoring.cli import parse_bind, supervise_with_exporter
-    from superlink.launch import SuperLinkOptions, build_superlink_argv, start_superlink
+    from superlink.launch import (
+        SuperLinkOptions,
+        build_superlink_argv,
+        operator_address,
+        proxy_log_path,
+        start_superlink,
+    )
 
     ws = resolve_workspace(args.workspace)
     opts = SuperLinkOptions(
@@ -33,6 +39,8 @@ def _start(args: argparse.Namespace) -> int:
         server_key=_pick(args.key, args.certs_dir, "server.key"),
         host=args.host,
         port=args.port,
+        internal_port=args.internal_port,
+        proxy=not args.no_proxy,
         database=Path(args.database) if args.database else ws / "superlink" / "state.db",
         events_dir=Path(args.events_dir) if args.events_dir else ws / "events",
         flwr_home=ws / "superlink" / "flwr-home",
@@ -43,12 +51,26 @@ def _start(args: argparse.Namespace) -> int:
         parse_bind(args.exporter)  # a bad address fails before the SuperLink starts
     if args.insecure:
         print("WARNING: --insecure: plaintext HTTP and no node authentication (development only)")
+    if args.no_proxy and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"WARNING: --no-proxy: the Control API (admit/remove silos, run code at every silo) is "
+            f"served unauthenticated on {args.host}:{args.port} (development only)"
+        )
     log = Path(args.log_file) if args.log_file else None
     print("starting:", " ".join(argv))
     proc = start_superlink(opts, log, wait_timeout=args.ready_timeout)
-    print(f"SuperLink ready on {args.host}:{args.port} (state: {opts.database})")
+    operator = operator_address(opts)
+    if opts.proxy:
+        print(f"Fleet API (silos) on {args.host}:{args.port} through the proxy; Control API on "
+              f"{operator} only")  # fmt: skip
+    print(f"SuperLink ready on {operator} (state: {opts.database})")
+    # Operator commands on this host (`silotune silos ...`, `flwr run/ls/log/stop`) use loopback.
+    home = resolve_flwr_home(None, ws)
+    write_connection(home, DEFAULT_CONNECTION, operator, None if args.insecure else opts.ca_cert,
+                     insecure=args.insecure)  # fmt: skip
+    print(f"operator connection '{DEFAULT_CONNECTION}' -> {operator} saved in {home}")
     if log:
-        print(f"log: {log}")
+        print(f"log: {log}" + (f" (proxy: {proxy_log_path(log)})" if opts.proxy else ""))
     rc = supervise_with_exporter(proc, args.exporter, opts.events_dir, "server", ws / "exporter.log")
     return 0 if rc in (0, 130, 3, -15) else rc  # 3 = Flower's graceful SIGTERM exit
 
@@ -100,8 +122,55 @@ def _remove(args: argparse.Namespace) -> int:
     return 0
 
 
+SILOS_DESCRIPTION = """\
+Admit, list and remove silos. Run these on the central host: the SuperLink's public port
+serves the Fleet API (silos) only and answers 403 to these commands; they use the SuperLink's
+loopback address (127.0.0.1:<internal port>, default public port + 1), which
+`silotune superlink start` saves as the workspace's connection.
+
+A remote operator tunnels to that loopback port over SSH, e.g.
+  ssh -N -L 8001:127.0.0.1:8001 operator@central-host
+  silotune silos list --superlink 127.0.0.1:8001 --ca ca.crt
+(the server certificate carries the SAN 127.0.0.1, so TLS verification holds through the tunnel).
+"""
+
+
+def _proxy(args: argparse.Namespace) -> int:
+    from silotune.addresses import split_host_port
+    from silotune.processes import supervise
+    from superlink.launch import start_fleet_proxy
+    from superlink.proxy import ProxyOptions, check_loopback_san
+
+    host, port = split_host_port(args.listen, "--listen", "0.0.0.0:8000")
+    tls = not args.insecure
+    ca, cert, key = (_pick(a, args.certs_dir, n) for a, n in (
+        (args.ca, "ca.crt"), (args.cert, "server.pem"), (args.key, "server.key")))  # fmt: skip
+    if tls:
+        if None in (ca, cert, key):
+            raise UserError("the proxy needs --certs-dir (or --ca, --cert, --key); "
+                            "plaintext only with an explicit --insecure")  # fmt: skip
+        check_loopback_san(cert)  # type: ignore[arg-type]
+    popts = ProxyOptions(listen_host=host, listen_port=port, upstream_port=args.upstream_port,
+                         ca_cert=ca if tls else None, server_cert=cert if tls else None,
+                         server_key=key if tls else None)  # fmt: skip
+    proc, config_dir = start_fleet_proxy(popts, Path(args.log_file) if args.log_file else None)
+    print(f"Fleet proxy on {host}:{port} -> SuperLink 127.0.0.1:{args.upstream_port} "
+          "(only /v1/fleet/* and /health are forwarded)")  # fmt: skip
+    try:
+        rc = supervise(proc)
+    finally:
+        import shutil
+
+        shutil.rmtree(config_dir, ignore_errors=True)
+    return 0 if rc in (0, 130, -15) else rc
+
+
 def _connection_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--superlink", help="SuperLink HOST:PORT (saved for later commands)")
+    p.add_argument(
+        "--superlink",
+        help="the SuperLink's loopback HOST:PORT, e.g. 127.0.0.1:8001 (saved for later commands; "
+        "`superlink start` saves it for you)",
+    )
     p.add_argument("--ca", help="federation CA certificate used to verify the SuperLink")
     p.add_argument("--insecure", action="store_true", help="plaintext (development only)")
     p.add_argument("--workspace", help="SiloTune workspace (default ./.silotune)")
@@ -116,8 +185,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     st.add_argument("--ca", help="CA certificate (overrides --certs-dir)")
     st.add_argument("--cert", help="server certificate (overrides --certs-dir)")
     st.add_argument("--key", help="server private key (overrides --certs-dir)")
-    st.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")
-    st.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    st.add_argument(
+        "--host", default="0.0.0.0", help="public listen address for silos (default 0.0.0.0)"
+    )
+    st.add_argument("--port", type=int, default=8000, help="public (Fleet API) port (default 8000)")
+    st.add_argument(
+        "--internal-port",
+        type=int,
+        help="the SuperLink's own port on 127.0.0.1, for operators (default: --port + 1)",
+    )
+    st.add_argument(
+        "--no-proxy",
+        action="store_true",
+        help="no Fleet proxy: the SuperLink binds --host:--port with its Control API exposed "
+        "(development only)",
+    )
     st.add_argument("--database", help="state database (default <workspace>/superlink/state.db)")
     st.add_argument("--events-dir", help="SILOTUNE_EVENTS_DIR (default <workspace>/events)")
     st.add_argument("--log-file", help="write the SuperLink's output here instead of the terminal")
@@ -131,7 +213,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     st.set_defaults(func=_start)
 
-    silos = subparsers.add_parser("silos", help="admit, list and remove silos (node keys)")
+    px = sub.add_parser(
+        "proxy",
+        help="run only the Fleet proxy (Envoy) in front of a SuperLink on 127.0.0.1 (a sidecar)",
+    )
+    px.add_argument("--listen", default="0.0.0.0:8000", help="public HOST:PORT (default 0.0.0.0:8000)")
+    px.add_argument("--upstream-port", type=int, default=8001,
+                    help="the SuperLink's port on 127.0.0.1 (default 8001)")  # fmt: skip
+    px.add_argument("--certs-dir", help="directory with ca.crt, server.pem, server.key")
+    px.add_argument("--ca", help="CA certificate (overrides --certs-dir)")
+    px.add_argument("--cert", help="server certificate (overrides --certs-dir)")
+    px.add_argument("--key", help="server private key (overrides --certs-dir)")
+    px.add_argument("--log-file", help="write Envoy's output here instead of the terminal")
+    px.add_argument("--insecure", action="store_true", help="plaintext on both hops (development only)")
+    px.set_defaults(func=_proxy)
+
+    silos = subparsers.add_parser(
+        "silos",
+        help="admit, list and remove silos (node keys)",
+        description=SILOS_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ssub = silos.add_subparsers(dest="silos_command", metavar="ACTION", required=True)
     ad = ssub.add_parser("admit", help="register a silo's public node key under a name")
     ad.add_argument("public_key", metavar="KEY.pub", help="the silo's public key file")

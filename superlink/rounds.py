@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import random
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,11 +24,11 @@ from flwr.supercore import log
 
 from silotune import protocol as p
 from silotune.adapters import to_array_record
-from silotune.config import RunConfig, flatten_run_config, lr_for_round
+from silotune.config import RunConfig, flatten_run_config
 from silotune.events import EventLog
 from silotune.metrics import BYTES_PER_MB
 from silotune.protocol import PROGRESS_PREFIX  # `silotune run` parses these lines
-from silotune.silo_failures import describe_error, failure_code
+from silotune.silo_failures import SiloFailure, describe_error, failure_code
 from superlink.checkpoints import CheckpointStore
 from superlink.defences import Defence, DefenceReport
 from superlink.grid_calls import GridCalls, GridUnavailable
@@ -40,6 +40,7 @@ from superlink.reply_checks import (
     check_init_reply,
     check_train_reply,
 )
+from superlink.round_core import aggregate_round, build_payloads, sample_round, train_config
 from superlink.run_lock import RunLock
 from superlink.strategies import SiloUpdate, Strategy, get_strategy
 from superlink.watchdog import MAX_CONSECUTIVE_STALLS, RoundStalled, Watchdog, progress_timeout
@@ -99,10 +100,33 @@ def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def sample_nodes(node_ids: list[int], fraction: float, min_nodes: int, rng: random.Random) -> list[int]:
-    """FlowerTune's sampling: a fraction of the connected silos, but at least min-nodes."""
-    k = min(len(node_ids), max(min_nodes, math.ceil(fraction * len(node_ids))))
-    return sorted(rng.sample(sorted(node_ids), k))
+ADMISSIONS_ENV = "SILOTUNE_ADMISSIONS"  # admission ledger(s), os.pathsep-separated (superlink/launch.py)
+PENDING = SiloFailure.APPROVAL_PENDING.name
+
+
+def load_admitted_names(spec: str | None = None) -> dict[int, str] | None:
+    """node id -> the name the silo was admitted under (superlink/admission.py's ledger).
+
+    None when no ledger is configured (plaintext development federations without admission): then
+    the silos' self-reported names are all there is. Unreadable ledgers count as empty, so every
+    silo is then named ``node-<id>``, never by its own claim."""
+    spec = os.environ.get(ADMISSIONS_ENV, "") if spec is None else spec
+    if not spec:
+        return None
+    names: dict[int, str] = {}
+    for part in spec.split(os.pathsep):
+        try:
+            raw = json.loads(Path(part).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(raw, dict):
+            continue
+        for name, entry in raw.items():
+            try:
+                names[int(entry["node_id"])] = str(name)
+            except (KeyError, TypeError, ValueError):
+                continue
+    return names
 
 
 class Federation:
@@ -131,6 +155,9 @@ class Federation:
         self.grid_calls = GridCalls(sleep, clock)
         self.watchdog = Watchdog(cfg.strategy.watchdog_factor, cfg.strategy.round_timeout, clock)
         self.backoff = HandshakeBackoff()
+        # Silos whose operator has not yet approved this run: asked again every round, not backed off.
+        self.pending: set[int] = set()
+        self.admitted = load_admitted_names()  # node id -> admitted name; None: no ledger
         # Bounded influence (superlink/defences.py) and each silo's run of flagged rounds.
         self.defence = Defence(cfg.strategy, cfg.peft.alpha)
         self.anomaly_streak: dict[int, int] = {}
@@ -250,23 +277,44 @@ class Federation:
             self.cfg.strategy.round_timeout,
         )
         for nid, reply in replies.items():
+            self.pending.discard(nid)
             try:
                 hs = check_handshake(reply.content, self.cfg.strategy.max_rank)
             except ReplyRejected as exc:
                 # Like a failed handshake: not refused for good, asked again after its backoff.
                 again = self.backoff.failed(nid, self.current_round)
-                self._reject(0, nid, "", exc, "handshake")
+                self._reject(0, nid, self.silo_name(nid), exc, "handshake")
                 log(WARNING, "silo node %d: handshake asked again in round %d", nid, again)
                 continue
+            name = self.silo_name(nid, hs.silo)
             self.silos[nid] = SiloInfo(
-                nid, hs.silo, hs.rank, hs.model_sha256, hs.num_examples, hs.num_eval_examples
+                nid, name, hs.rank, hs.model_sha256, hs.num_examples, hs.num_eval_examples
             )
-        for nid, reason in errors.items():
+            claimed = {"claimed_name": hs.silo} if hs.silo != name else {}
+            self.events.emit(
+                "silo_handshake",
+                node_id=nid,
+                silo=name,
+                rank=hs.rank,
+                num_examples=hs.num_examples,
+                **claimed,
+            )
+        for nid, reason in sorted(errors.items()):
+            if failure_code(reason) == PENDING:
+                self._pending(self.current_round, nid, reason)
+                continue
+            self.pending.discard(nid)
             # Not refused for good: a silo whose data check failed may be fixed and come back.
             again = self.backoff.failed(nid, self.current_round)
             log(WARNING, "silo node %d failed its handshake: %s (asked again: round %d)", nid, reason, again)
             self.events.emit(
-                "silo_failed", round=0, node_id=nid, reason=f"handshake: {reason}", retry_round=again
+                "silo_failed",
+                round=0,
+                node_id=nid,
+                silo=self.silo_name(nid),
+                code=failure_code(reason),
+                reason=f"handshake: {reason}",
+                retry_round=again,
             )
         if not self.reference_sha:
             self._choose_reference()
@@ -287,6 +335,38 @@ class Federation:
                     code=p.R_MODEL,
                     reason=silo.refused,
                 )
+
+    def silo_name(self, nid: int, claimed: str = "") -> str:
+        """The name a silo was admitted under; ``node-<id>`` if the ledger lacks it. Only without
+        any ledger (plaintext development) is the silo's own claim used."""
+        if nid in self.silos:
+            return self.silos[nid].name
+        if self.admitted is None:
+            return claimed or f"node-{nid}"
+        return self.admitted.get(nid, f"node-{nid}")
+
+    def _pending(self, rnd: int, nid: int, reason: str) -> None:
+        """The silo holds this run for its operator's approval: not a failure, asked again next round."""
+        first = nid not in self.pending
+        self.pending.add(nid)
+        self.events.emit(
+            "silo_pending", round=rnd, node_id=nid, silo=self.silo_name(nid), code=PENDING, reason=reason
+        )
+        if first:
+            name = self.silo_name(nid)
+            log(INFO, "silo %s (node %d) holds this run until its operator approves it", name, nid)
+
+    def _handshake_until_approved(self, needed: int) -> list[int]:
+        """Handshake; while silos hold the run for approval and fewer than ``needed`` are usable,
+        ask again (every 5 s) until strategy.wait-for-nodes has passed."""
+        deadline = self.clock() + self.cfg.strategy.wait_for_nodes
+        while True:
+            nodes = self._wait_for_nodes(needed)
+            self.handshake(nodes)
+            usable = [n for n in nodes if n in self.silos and not self.silos[n].refused]
+            if len(usable) >= needed or not self.pending or self.clock() > deadline:
+                return nodes
+            self.sleep(5.0)
 
     def _choose_reference(self) -> None:
         """The base model most silos run is the federation's (ties: lowest node id)."""
@@ -361,8 +441,7 @@ class Federation:
         cfg = self.cfg
         start_round = self._resume()
         self.rounds_completed = self.current_round = start_round
-        nodes = self._wait_for_nodes(cfg.strategy.min_nodes)
-        self.handshake(nodes)
+        self._handshake_until_approved(cfg.strategy.min_nodes)
         if not self.global_state:
             self._initial_adapter()
         self.events.emit(
@@ -431,12 +510,7 @@ class Federation:
                 f"round {rnd}: no usable silo connected within {cfg.strategy.wait_for_nodes:.0f} s "
                 "(strategy.wait-for-nodes); check the silos' logs and admissions"
             )
-        sampled = sample_nodes(
-            usable,
-            cfg.strategy.fraction_train,
-            cfg.strategy.min_nodes,
-            random.Random(cfg.train.seed * 7919 + rnd),
-        )
+        sampled = sample_round(cfg, usable, rnd)
         self.events.emit(
             "round_start",
             round=rnd,
@@ -444,25 +518,24 @@ class Federation:
             sampled=sampled,
             progress_timeout_seconds=self._progress_timeout(),
         )
-        lr = lr_for_round(cfg.train, rnd - 1, cfg.num_rounds)
         base_cfg = {
-            "server-round": rnd,
-            "num-rounds": cfg.num_rounds,
-            "lr": lr,
-            "model-sha256": self.reference_sha,
-            "model-name": cfg.model.name,
-            **self.strategy.silo_config(),
+            **train_config(cfg, self.strategy, rnd),
+            p.MODEL_SHA256: self.reference_sha,
+            p.MODEL_NAME: cfg.model.name,
         }
-        contents, down, sent = {}, {}, {}
-        for nid in sampled:
-            payload = self.strategy.payload_for(self.global_state, self.silos[nid].rank, rnd)
-            sent[nid] = payload  # the reference each silo's update is measured against (defences.py)
+        # What each silo receives; also the reference its update is measured against (defences.py).
+        sent = build_payloads(self.strategy, self.global_state, {n: self.silos[n].rank for n in sampled}, rnd)
+        contents, down = {}, {}
+        for nid, payload in sent.items():
             arrays = to_array_record(payload)
             down[nid] = arrays.count_bytes()
             contents[nid] = RecordDict({"arrays": arrays, "config": ConfigRecord(base_cfg)})
         replies, errors = self._send(MessageType.TRAIN, contents, rnd, cfg.strategy.round_timeout)
         updates, per_silo, uplink = [], [], 0
         for nid, reason in sorted(errors.items()):
+            if failure_code(reason) == PENDING:
+                self._pending(rnd, nid, reason)
+                continue
             self.events.emit(
                 "silo_failed",
                 round=rnd,
@@ -511,8 +584,9 @@ class Federation:
             self.events.emit("silo_result", **row)
         downlink = sum(down.values())
         self.cumulative_bytes += uplink + downlink
-        agg_seconds, ckpt_path, loss = 0.0, "", None
-        quorum = len(updates) >= cfg.strategy.min_answers
+        ckpt_path = ""
+        agg = aggregate_round(cfg, self.strategy, self.defence, self.global_state, updates, sent)
+        agg_seconds, loss, quorum = agg.seconds, agg.train_loss, len(updates) >= cfg.strategy.min_answers
         if updates and not quorum:
             log(
                 WARNING,
@@ -528,15 +602,9 @@ class Federation:
                 valid_updates=len(updates),
                 min_answers=cfg.strategy.min_answers,
             )
-        elif updates:
-            t_agg = time.monotonic()
-            # Caps, scores, robust selection and clipping, then the strategy's own average.
-            report = self.defence.apply(updates, [sent[u.node_id] for u in updates])
-            self._report_anomalies(rnd, report)
-            self.global_state = dict(self.strategy.aggregate(self.global_state, updates))
-            agg_seconds = time.monotonic() - t_agg
-            total = sum(u.num_examples for u in updates)
-            loss = sum(u.metrics["train-loss"] * u.num_examples for u in updates) / total
+        elif agg.updated and agg.report is not None and loss is not None:
+            self._report_anomalies(rnd, agg.report)
+            self.global_state = agg.global_state
             ckpt_path = str(self._checkpoint(rnd, loss, per_silo))
         else:
             log(WARNING, "round %d: no valid update; the global adapter is unchanged", rnd)

@@ -240,7 +240,6 @@ def test_fedavg_with_one_silo_is_isolated_training(tiny: Path) -> None:
     from silo_node.training import encode_records
     from silotune.config import parse_run_config
     from silotune.modeling import load_model
-    from superlink.strategies import get_strategy
 
     run = parse_run_config(
         {"model.name": str(tiny), "peft.rank": 4, "train.local-steps": 2, "train.batch-size": 2}
@@ -253,9 +252,7 @@ def test_fedavg_with_one_silo_is_isolated_training(tiny: Path) -> None:
     bank = AdapterBank(loaded.model, loaded.tokenizer, run.peft, run.train.seed)
     silo = Silo("silo-0", examples, 4)
     iso = train_isolated(bank, silo, run.train, 2, log=lambda _m: None)
-    fed = train_federated(
-        bank, [silo], get_strategy(run.strategy, run.peft), run.train, 2, log=lambda _m: None
-    )
+    fed = train_federated(bank, [silo], run, 2, log=lambda _m: None)
     assert list(iso.state) == list(fed.state)
     for k in iso.state:
         np.testing.assert_array_equal(iso.state[k], fed.state[k])

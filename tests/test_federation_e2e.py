@@ -131,3 +131,44 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(federation, tiny_model
     assert [r["round"] for r in second.rounds] == [2, 3]
     starts = [e for e in _events(federation, "resume") if e["kind"] == "run_start"]
     assert [s["start_round"] for s in starts] == [1, 2]
+
+
+def test_compare_and_a_deployed_run_share_one_round_core(federation, tiny_model) -> None:
+    """`silotune compare`'s in-process federation and a real Flower run, same config and seed, two
+    rounds: the same global adapter, because both run superlink/round_core.py and the silo's own
+    train_round with round_seed. Any drift between the two (a defence, a weight, a seed) shows here."""
+    import numpy as np
+
+    from evaluation.inprocess import AdapterBank, Silo, train_federated
+    from silo_node.data import load_silo_records, split_train_eval
+    from silo_node.templates import get_template
+    from silo_node.training import encode_records
+    from silotune.config import parse_run_config, parse_silo_config
+    from silotune.modeling import load_model
+    from superlink.checkpoints import CheckpointStore
+
+    values = _run_config(tiny_model, "core", **{"strategy.name": "fedavg"})
+    federation.submit(values, timeout=900)
+    deployed = CheckpointStore(federation.runs_root / "core").latest()
+    assert deployed is not None and deployed.round == 2
+
+    run = parse_run_config({k: v for k, v in values.items() if k != "run-dir"})
+    loaded = load_model(run.model)
+    bank = AdapterBank(loaded.model, loaded.tokenizer, run.peft, run.train.seed)
+    silos = []
+    for i, name in enumerate(RANKS):
+        data = federation.ws / f"{name}-core.jsonl"
+        _write_silo_data(data, seed=i)
+        cfg = parse_silo_config({"data-path": str(data), "columns": "input=text,output=label", "name": name})
+        train, _ = split_train_eval(load_silo_records(cfg, run.domain), cfg.eval_fraction, run.train.seed)
+        examples = encode_records(
+            loaded.tokenizer, get_template(run.domain), train, run.train.seq_length,
+            run.model.use_chat_template, run.train.prompt_style,
+        )  # fmt: skip
+        silos.append(Silo(name, examples, run.peft.rank))
+    inproc = train_federated(bank, silos, run, 2, log=lambda _m: None)
+
+    assert sorted(inproc.state) == sorted(deployed.adapter)
+    worst = max(float(np.max(np.abs(inproc.state[k] - deployed.adapter[k]))) for k in inproc.state)
+    assert worst <= 1e-5, f"compare and the deployed run differ by up to {worst:g}"
+    assert any(np.abs(v).sum() > 0 for k, v in inproc.state.items() if "lora_B" in k)  # it trained

@@ -56,6 +56,10 @@ def test_superlink_argv_tls_and_node_auth(pki: dict[str, Path], tmp_path: Path) 
     assert "--enable-supernode-auth" in argv and "--insecure" not in argv
     assert "--disable-runtime-dependency-installation" in argv
     assert _flag(argv, "--database") == str((tmp_path / "state.db").resolve())
+    # Behind the Fleet proxy (which listens on 0.0.0.0:9443) the SuperLink binds loopback only.
+    assert _flag(argv, "--host") == "127.0.0.1" and _flag(argv, "--port") == "9444"
+    # --no-proxy: the SuperLink binds the public address itself (development only).
+    argv = build_superlink_argv(SuperLinkOptions(**{**opts.__dict__, "proxy": False}))
     assert _flag(argv, "--host") == "0.0.0.0" and _flag(argv, "--port") == "9443"
 
 

@@ -38,23 +38,26 @@ def federation(tmp_path: Path) -> Iterator[dict[str, Any]]:
     create_ca(tmp_path / "ca")
     # Only the IP in the SANs, so "localhost" is a name mismatch (tested below).
     issue_server_cert(tmp_path / "ca", tmp_path / "srv", [], ["127.0.0.1"])
-    port = free_port()
-    address = f"127.0.0.1:{port}"
+    port, internal = free_port(), free_port()
+    address = f"127.0.0.1:{port}"  # the Fleet proxy (public side): silos connect here
+    operator = f"127.0.0.1:{internal}"  # the SuperLink itself: operator commands
     ca = tmp_path / "ca" / "ca.crt"
     home = tmp_path / "ws" / "flwr-home"
-    write_connection(home, "silotune", address, ca)
+    write_connection(home, "silotune", operator, ca)
     data = tmp_path / "data.jsonl"  # not read: these tests skip the data check
     data.write_text("{}\n")
     with ProcessGroup() as group:
         opts = SuperLinkOptions(
             ca_cert=ca, server_cert=tmp_path / "srv" / "server.pem",
             server_key=tmp_path / "srv" / "server.key", host="127.0.0.1", port=port,
+            internal_port=internal,
             database=tmp_path / "ws" / "state.db", events_dir=tmp_path / "ws" / "events",
             flwr_home=tmp_path / "ws" / "superlink-home",
         )  # fmt: skip
         superlink = group.add(start_superlink(opts, tmp_path / "logs" / "superlink.log"))
         yield {
-            "tmp": tmp_path, "address": address, "ca": ca, "home": home, "group": group,
+            "tmp": tmp_path, "address": address, "operator": operator, "ca": ca, "home": home,
+            "group": group,
             "superlink": superlink, "data": data,
         }  # fmt: skip
 
@@ -109,7 +112,11 @@ def test_cli_admit_and_list(federation: dict[str, Any], capsys: pytest.CaptureFi
     fed = federation
     nk = generate_node_key(fed["tmp"] / "k", "bank-1")
     ws = str(fed["tmp"] / "cli-ws")
-    common = ["--workspace", ws, "--superlink", fed["address"], "--ca", str(fed["ca"])]
+    # The public (proxy) address refuses the Control API: admitting through it fails.
+    public = ["--workspace", ws, "--superlink", fed["address"], "--ca", str(fed["ca"])]
+    assert main(["silos", "admit", str(nk.public_path), "--name", "bank-1", *public]) == 2
+    assert "403" in capsys.readouterr().err
+    common = ["--workspace", ws, "--superlink", fed["operator"], "--ca", str(fed["ca"])]
     assert main(["silos", "admit", str(nk.public_path), "--name", "bank-1", *common]) == 0
     out = capsys.readouterr().out
     assert nk.fingerprint in out
@@ -156,11 +163,13 @@ def test_cli_superlink_and_refused_silo(tmp_path: Path, capsys: pytest.CaptureFi
     create_ca(tmp_path / "certs")
     issue_server_cert(tmp_path / "certs", tmp_path / "certs", ["localhost"], [])
     port, metrics_port, silo_metrics = free_port(), free_port(), free_port()
+    internal = free_port()
     ws = tmp_path / "ws"
     cli = start_process(
         "silotune superlink start",
         [sys.executable, "-m", "command_line.main", "superlink", "start", "--certs-dir",
          str(tmp_path / "certs"), "--host", "127.0.0.1", "--port", str(port),
+         "--internal-port", str(internal),
          "--workspace", str(ws), "--log-file", str(tmp_path / "superlink.log"),
          "--exporter", f"127.0.0.1:{metrics_port}"],
         tmp_path / "cli.log",
@@ -168,6 +177,10 @@ def test_cli_superlink_and_refused_silo(tmp_path: Path, capsys: pytest.CaptureFi
     try:
         wait_for_superlink(f"localhost:{port}", tmp_path / "certs" / "ca.crt", 90, process=cli)
         assert (ws / "superlink" / "state.db").exists()  # persistent state in the workspace
+        # The operator connection was saved, pointing at the SuperLink's loopback port.
+        assert main(["silos", "list", "--workspace", str(ws)]) == 0
+        assert "no silos admitted" in capsys.readouterr().out
+        assert f"127.0.0.1:{internal}" in (ws / "flwr-home" / "config.toml").read_text()
         # --exporter: the central exporter serves the SuperLink's metrics beside it.
         wait_until(lambda: _pids_with(f"--bind 127.0.0.1:{metrics_port}"), 60, "the exporter to start")
         body = wait_until(lambda: _get_text(f"http://127.0.0.1:{metrics_port}/metrics"), 60, "/metrics")
@@ -200,8 +213,10 @@ def test_cli_superlink_and_refused_silo(tmp_path: Path, capsys: pytest.CaptureFi
         cli.wait(timeout=30)
         cli.stop()
     assert cli.returncode == 0
-    wait_until(lambda: not _pids_with(f"--port {port}"), 20, "SuperLink processes to exit")
-    assert not _pids_with(f"127.0.0.1:{port}")  # no flower-superexec left behind
+    wait_until(lambda: not _pids_with(f"--port {internal}"), 20, "SuperLink processes to exit")
+    assert not _pids_with(f"127.0.0.1:{internal}")  # no flower-superexec left behind
+    with pytest.raises(OSError):  # the Fleet proxy went down with it
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
     wait_until(lambda: not _pids_with(f"--bind 127.0.0.1:{metrics_port}"), 20, "the exporter to exit")
 
 

@@ -14,7 +14,8 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from silotune.adapters import from_array_record, to_array_record
 from silotune.config import parse_run_config
 from silotune.events import read_events
-from superlink.rounds import Federation, sample_nodes
+from superlink.round_core import sample_nodes
+from superlink.rounds import Federation
 
 SHA = "a" * 64
 INIT = {"m.lora_A.weight": np.ones((2, 3), np.float32), "m.lora_B.weight": np.zeros((4, 2), np.float32)}
