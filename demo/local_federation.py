@@ -38,7 +38,12 @@ class LocalFederation:
     """Context manager: ``with LocalFederation(ws, silos) as fed: fed.submit({...})``."""
 
     def __init__(
-        self, workspace: Path, silos: list[SiloSpec], insecure: bool = False, run_domain: str = "finance"
+        self,
+        workspace: Path,
+        silos: list[SiloSpec],
+        insecure: bool = False,
+        run_domain: str = "finance",
+        executor: str = "per-message",
     ) -> None:
         self.ws = Path(workspace).resolve()
         self.silos = silos
@@ -52,6 +57,7 @@ class LocalFederation:
         self.server_dir = self.ws / "central" / "server"
         self.events_dir = self.ws / "central" / "events"
         self.runs_root = self.ws / "central" / "runs"
+        self.executor = executor  # "resident" worker or Flower's "per-message" flwr-clientapp
 
     # -- identity -----------------------------------------------------------------------------
     def create_identity(self) -> None:
@@ -112,6 +118,10 @@ class LocalFederation:
                 admit_silo(
                     self.silo_dir(s) / "keys" / f"{s.name}.pub", s.name, self.flwr_home, connection=CONNECTION
                 )
+        from silo_node.allotment import available_cpus
+
+        # One machine, several silos: each gets its share of the cores (torch would take them all).
+        threads = max(1, available_cpus() // max(1, len(self.silos)))
         for s in self.silos:
             node_config = {"data-path": str(s.data_path), "name": s.name, **s.node_config}
             sopts = SiloOptions(
@@ -123,6 +133,8 @@ class LocalFederation:
                 runtime_port=free_port(),
                 events_dir=self.silo_dir(s) / "events",
                 flwr_home=self.silo_dir(s) / "flwr-home",
+                executor=self.executor,
+                threads=threads,
             )
             self.group.add(
                 start_silo(sopts, self.ws / "logs" / f"silo-{s.name}.log", run_domain=self.run_domain)

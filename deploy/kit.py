@@ -412,14 +412,19 @@ CA certificate (`ca.crt`) SHA-256 fingerprint, to read to every silo operator ou
 2. Grafana admin password: `mkdir -p secrets && openssl rand -base64 24 > secrets/grafana-admin-password`
 3. Copy the images or load them (`docker load`), then start: `docker-compose up -d`
    (or `docker compose up -d`), and check `docker-compose ps` shows every service healthy.
-4. Open TCP {f.superlink_port} to the silos only. Prometheus ({mon.prometheus_port}) and Grafana
-   ({mon.grafana_port}) listen on {mon.bind_address}.
+4. Open TCP {f.superlink_port} to the silos only. It is the Envoy Fleet proxy: it forwards the
+   silos' Fleet API and refuses Flower's Control API (admit, remove, run, stop, ls, log), which
+   the SuperLink serves on 127.0.0.1:8001 inside the container only. Prometheus
+   ({mon.prometheus_port}) and Grafana ({mon.grafana_port}) listen on {mon.bind_address}.
 5. Admit each silo when its operator sends `<silo>.pub` (see `admission.txt`): put it into `keys/`,
    confirm its fingerprint with the silo operator by phone, then
 
        docker-compose exec superlink silotune silos admit /keys/<silo>.pub --name <silo> \\
-           --superlink 127.0.0.1:8000 --ca /run/secrets/ca.crt
+           --superlink 127.0.0.1:8001 --ca /run/secrets/ca.crt
        docker-compose exec superlink silotune silos list
+
+   Operator commands (`silotune silos ...`, `flwr run/stop/ls/log`) work only there, on
+   loopback; from elsewhere, use `docker-compose exec` over SSH on this host.
 
 ## Silos in this federation
 | silo | domain | LoRA rank | device | exporter |

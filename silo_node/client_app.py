@@ -22,8 +22,9 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
+from silo_node import resident
+from silo_node.allotment import allotted, apply_threads_from_env
 from silo_node.audit import append_audit, arrays_sha256, is_approved, pending_since
-from silo_node.data import load_silo_records, split_train_eval
 from silo_node.memory import MemoryMeter
 from silo_node.policy import (
     POLICY_ENV,
@@ -34,11 +35,9 @@ from silo_node.policy import (
     load_policy,
     pinned_hash,
 )
-from silo_node.templates import get_template
-from silo_node.training import encode_records, evaluate_loss, round_seed, train_round
+from silo_node.training import evaluate_loss, round_seed, train_round
 from silotune.adapters import (
     adapter_state,
-    attach_adapter,
     from_array_record,
     load_adapter_state,
     peft_config_dict,
@@ -47,7 +46,7 @@ from silotune.adapters import (
 from silotune.config import RunConfig, SiloConfig, parse_run_config, parse_silo_config
 from silotune.errors import ApprovalPending, ModelMismatchError, PolicyRefused, UserError
 from silotune.events import EventLog
-from silotune.modeling import load_model, model_identity
+from silotune.modeling import model_identity
 from silotune.silo_failures import SiloFailure, classify, reason_for
 
 app = ClientApp()
@@ -67,8 +66,8 @@ def silo_rank(run: RunConfig, silo: SiloConfig) -> int:
 
 
 def _records(run: RunConfig, silo: SiloConfig) -> tuple[list[dict], list[dict]]:
-    records = load_silo_records(silo, run.domain)
-    return split_train_eval(records, silo.eval_fraction, run.train.seed)
+    # Cached by file path+mtime+size in a resident worker (silo_node/resident.py).
+    return resident.records(run, silo)
 
 
 Handler = Callable[[Message, Context], Message]
@@ -259,10 +258,11 @@ def handshake(msg: Message, context: Context) -> Message:
     )
     want_init = bool(msg.content["config"].get("want-init", False)) if "config" in msg.content else False
     if want_init:
-        loaded = load_model(run.model)
-        peft_model = attach_adapter(loaded.model, run.peft, silo_rank(run, silo), run.train.seed)
-        content["arrays"] = init_arrays = to_array_record(adapter_state(peft_model))
-        info["peft-config"] = json.dumps(peft_config_dict(peft_model))
+        # The adapter's seeded initial state, kept aside when it was attached: a resident
+        # worker's live adapter may hold an earlier round's weights.
+        slot = resident.model_with_adapter(run.model, run.peft, silo_rank(run, silo), run.train.seed)
+        content["arrays"] = init_arrays = to_array_record(slot.init_state)
+        info["peft-config"] = json.dumps(peft_config_dict(slot.peft_model))
         _audit_payload(silo, context, 0, "init", init_arrays)
     return Message(content=content, reply_to=msg)
 
@@ -287,21 +287,16 @@ def train(msg: Message, context: Context) -> Message:
     # Events go to $SILOTUNE_EVENTS_DIR (set by `silotune silo start`) and to state-dir if given.
     events = EventLog("silo", [Path(silo.state_dir) / "silo.jsonl"] if silo.state_dir else None)
     train_records, _ = _records(run, silo)
+    threads = apply_threads_from_env() or allotted()[0]
     meter = MemoryMeter()
     meter.start()
-    loaded = load_model(run.model)
     rank = silo_rank(run, silo)
-    peft_model = attach_adapter(loaded.model, run.peft, rank, run.train.seed)
+    # Loaded once per base model in a resident worker; the received adapter is swapped in.
+    slot = resident.model_with_adapter(run.model, run.peft, rank, run.train.seed)
+    loaded, peft_model = slot.loaded, slot.peft_model
     received = from_array_record(msg.content["arrays"])
     load_adapter_state(peft_model, received)
-    examples = encode_records(
-        loaded.tokenizer,
-        get_template(silo.domain or run.domain),
-        train_records,
-        run.train.seq_length,
-        run.model.use_chat_template,
-        run.train.prompt_style,
-    )
+    examples = resident.encoded(slot, run, silo, "train", train_records)
     result = train_round(
         peft_model,
         loaded.tokenizer,
@@ -313,6 +308,8 @@ def train(msg: Message, context: Context) -> Message:
     )
     peaks = meter.stop()
     arrays = to_array_record(adapter_state(peft_model))
+    resident.after_message(slot)  # gradients and graphs go before the reply is built
+    gpus = allotted()[1]
     metrics: dict[str, Any] = {
         "train-loss": result.train_loss,
         "num-examples": result.examples,
@@ -320,6 +317,8 @@ def train(msg: Message, context: Context) -> Message:
         "tokens-per-second": result.tokens_per_second,
         "train-seconds": result.train_seconds,
         "lora-rank": rank,
+        "threads": threads,
+        "gpus": gpus,
         **{k.replace("_", "-"): v for k, v in peaks.as_dict().items()},
     }
     uplink = arrays.count_bytes()
@@ -337,6 +336,11 @@ def train(msg: Message, context: Context) -> Message:
         uplink_bytes=uplink,
         downlink_bytes=downlink,
         lora_rank=rank,
+        threads=threads,
+        gpus=gpus,
+        # How often this process loaded the base model: stays 1 across rounds in a resident worker.
+        worker_model_loads=resident.counters.model_loads,
+        worker_rss_bytes=resident.current_rss_bytes(),
         **peaks.as_dict(),
     )
     info = ConfigRecord({"silo": silo.name, "model-sha256": loaded.identity.sha256})
@@ -355,18 +359,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     _, eval_records = _records(run, silo)
     metrics: dict[str, Any] = {"num-examples": len(eval_records)}
     if eval_records:
-        loaded = load_model(run.model, for_training=False)
-        peft_model = attach_adapter(loaded.model, run.peft, silo_rank(run, silo), run.train.seed)
-        load_adapter_state(peft_model, from_array_record(msg.content["arrays"]))
-        examples = encode_records(
-            loaded.tokenizer,
-            get_template(silo.domain or run.domain),
-            eval_records,
-            run.train.seq_length,
-            run.model.use_chat_template,
-            run.train.prompt_style,
+        apply_threads_from_env()
+        slot = resident.model_with_adapter(
+            run.model, run.peft, silo_rank(run, silo), run.train.seed, for_training=False
         )
-        metrics["eval-loss"] = evaluate_loss(peft_model, loaded.tokenizer, examples, run.train.batch_size)
+        load_adapter_state(slot.peft_model, from_array_record(msg.content["arrays"]))
+        examples = resident.encoded(slot, run, silo, "eval", eval_records)
+        metrics["eval-loss"] = evaluate_loss(
+            slot.peft_model, slot.loaded.tokenizer, examples, run.train.batch_size
+        )
+        resident.after_message(slot)
     return Message(
         content=RecordDict({"metrics": MetricRecord(metrics), "info": ConfigRecord({"silo": silo.name})}),
         reply_to=msg,

@@ -8,6 +8,7 @@ with a typo in its data path fails here with a clear message instead of in round
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import ssl
 from dataclasses import dataclass, field
@@ -37,6 +38,11 @@ class SiloOptions:
     # Where Flower installs the app bundles (FABs) it receives; default ~/.flwr.
     flwr_home: Path | None = None
     max_wait_time: float | None = None  # give up connecting after this many seconds
+    # "resident": a long-lived worker serves the SuperNode's tasks with the installed SiloTune code
+    # (silo_node/worker.py); "per-message": Flower's own fresh flwr-clientapp per message.
+    executor: str = "per-message"
+    threads: int | None = None  # torch threads for training (default: affinity / cgroup quota)
+    gpus: str | None = None  # CUDA devices, e.g. "0,1" (default: the visible ones; "" = none)
 
 
 def format_node_config(config: dict[str, Any]) -> str:
@@ -118,6 +124,8 @@ def build_supernode_argv(opts: SiloOptions, node_config: dict[str, Any]) -> list
         ]  # fmt: skip
     if opts.runtime_port is not None:
         argv += ["--port", str(opts.runtime_port)]
+    if opts.executor == "resident":
+        argv += ["--isolation", "process"]  # the SuperNode spawns nothing; the worker serves
     if opts.max_wait_time is not None:
         argv += ["--max-wait-time", str(opts.max_wait_time)]
     if node_config:
@@ -145,7 +153,33 @@ def _check_address(address: str) -> str:
 
 
 def supernode_env(opts: SiloOptions, base: dict[str, str] | None = None) -> dict[str, str]:
-    return flower_env(opts.flwr_home, opts.events_dir, base)
+    from silo_node.allotment import resolve
+
+    env = flower_env(opts.flwr_home, opts.events_dir, base)
+    # The allotment reaches whatever trains: the worker, or Flower's flwr-clientapp children.
+    env.update(resolve(opts.threads, opts.gpus).env())
+    return env
+
+
+EXECUTORS = ("resident", "per-message")
+
+
+def resident_argv(opts: SiloOptions, supernode_argv: list[str], silo: SiloConfig) -> list[str]:
+    """The supervisor command that runs the SuperNode and the resident worker together."""
+    import json
+    import sys
+
+    address = f"127.0.0.1:{opts.runtime_port or 9094}"
+    worker = [sys.executable, "-m", "silo_node.worker", "--runtime-api-address", address]
+    if silo.policy_file:
+        worker += ["--policy", silo.policy_file]
+    if silo.state_dir:
+        worker += ["--state-dir", silo.state_dir]
+    supernode = [shutil.which(supernode_argv[0]) or supernode_argv[0], *supernode_argv[1:]]
+    return [
+        sys.executable, "-m", "silo_node.supervisor",
+        "--supernode", json.dumps(supernode), "--worker", json.dumps(worker),
+    ]  # fmt: skip
 
 
 def diagnose_tls(address: str, ca_cert: Path | None, timeout: float = 5.0) -> str | None:
@@ -253,4 +287,8 @@ def start_silo(
     if opts.events_dir is not None:
         Path(opts.events_dir).mkdir(parents=True, exist_ok=True)
     label = name or f"SuperNode {silo.name}"
+    if opts.executor not in EXECUTORS:
+        raise UserError(f"--executor must be one of {', '.join(EXECUTORS)}, not {opts.executor!r}")
+    if opts.executor == "resident":
+        argv = resident_argv(opts, argv, silo)
     return start_process(label, argv, log_path, env=supernode_env(opts), netns=netns)

@@ -16,6 +16,7 @@ The file (TOML, ``silotune silo start --policy FILE``; all keys optional)::
     max-local-steps = 1000
     max-seq-length = 4096
     require-approval = false               # hold each new run until `silotune silo approve RUN_ID`
+    allowed-apps = []                      # FAB hashes of other apps the resident worker may run
     approval-timeout-hours = 72            # then refuse it
 
     [[models]]                             # hub ids (or pinned local paths) this silo will load
@@ -77,6 +78,17 @@ class SiloPolicy(_Strict):
     require_approval: bool = False
     approval_timeout_hours: float = Field(72.0, gt=0)
     models: tuple[AllowedModel, ...] = ()
+    # Flower FAB hashes (sha256 of the .fab) of apps other than the installed SiloTune that the
+    # resident worker may run (silo_node/worker.py); `silotune silo app-hash APP_DIR` prints one.
+    allowed_apps: tuple[str, ...] = ()
+
+    @field_validator("allowed_apps")
+    @classmethod
+    def _app_hashes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for h in v:
+            if not re.fullmatch(r"[0-9a-fA-F]{64}", h):
+                raise ValueError(f"{h!r} is not a FAB hash (64 hex digits)")
+        return tuple(h.lower() for h in v)
 
     @field_validator("federation_ca_sha256")
     @classmethod

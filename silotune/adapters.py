@@ -102,7 +102,10 @@ def to_array_record(state: dict[str, np.ndarray]) -> Any:
 
     rec = ArrayRecord()
     for k, v in state.items():
-        rec[k] = Array(np.ascontiguousarray(v, dtype=np.float32))
+        # Adapter tensors travel as float32 whatever the model's dtype; the wire codec's packed
+        # integer arrays (silotune/wire_codec.py) keep their own dtype.
+        dtype = None if np.asarray(v).dtype.kind in "ui" else np.float32
+        rec[k] = Array(np.ascontiguousarray(v, dtype=dtype))
     return rec
 
 

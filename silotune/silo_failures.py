@@ -33,6 +33,7 @@ class SiloFailure(IntEnum):
     CONFIG_REFUSED = 1006
     POLICY_REFUSED = 1007  # the run asks for more than the silo's own policy allows
     APPROVAL_PENDING = 1008  # not a failure: the run waits for the silo operator's approval
+    APP_NOT_ALLOWED = 1009  # the run's app (FAB) is not the code the silo installed or allowed
     INTERNAL = 1099
 
 
@@ -46,6 +47,7 @@ FIXED_TEXT: dict[SiloFailure, str] = {
     SiloFailure.CONFIG_REFUSED: "the silo refused the run's configuration; see the silo's log",
     SiloFailure.POLICY_REFUSED: "the silo's policy refused this run; see the silo's log",
     SiloFailure.APPROVAL_PENDING: "the run waits for the silo operator's approval",
+    SiloFailure.APP_NOT_ALLOWED: "the silo runs only the app it installed or allowed; see the silo's log",
     SiloFailure.INTERNAL: "the silo failed; see the silo's log",
 }
 

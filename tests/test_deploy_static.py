@@ -280,3 +280,43 @@ def test_kubernetes_conventions(overlay: Path) -> None:
         if overlay.name.startswith("silo"):
             data = [v for v in pod["volumes"] if v["name"] == "data"][0]
             assert data["persistentVolumeClaim"]["readOnly"] is True
+
+
+# --- trust boundary: only the Fleet proxy is public ------------------------------------------
+
+
+def _flag_value(argv: list[str], flag: str) -> str:
+    return str(argv[argv.index(flag) + 1])
+
+
+def test_compose_publishes_the_fleet_proxy_only() -> None:
+    """`superlink start` (proxy on by default) binds the SuperLink to 127.0.0.1:8001 in the
+    container; the published port is the proxy's 8000, and 8001 is never published."""
+    path = DEPLOY / "compose/central/docker-compose.yml"
+    doc = yaml.safe_load(interpolate(path.read_text(), _env_example(path.parent)))
+    svc = doc["services"]["superlink"]
+    cmd = [str(a) for a in svc["command"]]
+    assert cmd[:3] == ["silotune", "superlink", "start"] and "--no-proxy" not in cmd
+    assert _flag_value(cmd, "--port") == "8000" and _flag_value(cmd, "--internal-port") == "8001"
+    targets = [str(p).rsplit(":", 1)[1] for p in svc["ports"]]
+    assert targets == ["8000"]
+    for name, other in doc["services"].items():
+        for port in other.get("ports", []) + other.get("expose", []):
+            assert not str(port).endswith(":8001") and str(port) != "8001", name
+
+
+def test_kubernetes_superlink_binds_loopback_behind_a_proxy_sidecar() -> None:
+    docs = render_overlay(DEPLOY / "k8s/overlays/central")
+    sts = next(d for d in docs if d["kind"] == "StatefulSet")
+    containers = {c["name"]: c for c in sts["spec"]["template"]["spec"]["containers"]}
+    link = [str(a) for a in containers["superlink"]["args"]]
+    assert "--no-proxy" in link and _flag_value(link, "--host") == "127.0.0.1"
+    assert _flag_value(link, "--port") == "8001"
+    assert "ports" not in containers["superlink"], "the SuperLink's own port is not exposed"
+    proxy = containers["fleet-proxy"]
+    args = [str(a) for a in proxy["args"]]
+    assert args[:3] == ["silotune", "superlink", "proxy"]
+    assert _flag_value(args, "--listen") == "0.0.0.0:8000" and _flag_value(args, "--upstream-port") == "8001"
+    assert proxy["ports"] == [{"name": "superlink", "containerPort": 8000}]
+    svc = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"].endswith("superlink"))
+    assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["superlink"]  # -> the proxy

@@ -178,6 +178,8 @@ def test_cli_superlink_and_refused_silo(tmp_path: Path, capsys: pytest.CaptureFi
         wait_for_superlink(f"localhost:{port}", tmp_path / "certs" / "ca.crt", 90, process=cli)
         assert (ws / "superlink" / "state.db").exists()  # persistent state in the workspace
         # The operator connection was saved, pointing at the SuperLink's loopback port.
+        config = ws / "flwr-home" / "config.toml"
+        wait_until(lambda: config.exists() and "127.0.0.1" in config.read_text(), 30, "connection")
         assert main(["silos", "list", "--workspace", str(ws)]) == 0
         assert "no silos admitted" in capsys.readouterr().out
         assert f"127.0.0.1:{internal}" in (ws / "flwr-home" / "config.toml").read_text()

@@ -68,7 +68,9 @@ def lab_federation(tmp_path: Path) -> Iterator[dict[str, Any]]:
             )  # fmt: skip
         )
         home = tmp_path / "operator" / "flwr-home"
-        write_connection(home, "silotune", f"{link.ip}:{PORT}", ca)
+        # Operator commands run on the SuperLink's host, on loopback: the public port (the Fleet
+        # proxy) refuses the Control API.
+        write_connection(home, "silotune", f"127.0.0.1:{PORT + 1}", ca)
         data = tmp_path / "finance.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in FINANCE_ROWS))
         yield {
