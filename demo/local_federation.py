@@ -57,6 +57,7 @@ class LocalFederation:
         self.server_dir = self.ws / "central" / "server"
         self.events_dir = self.ws / "central" / "events"
         self.runs_root = self.ws / "central" / "runs"
+        self.journal = self.ws / "central" / "journal"  # submitted runs, resumed on restart
         self.executor = executor  # "resident" worker or Flower's "per-message" flwr-clientapp
 
     # -- identity -----------------------------------------------------------------------------
@@ -139,6 +140,13 @@ class LocalFederation:
             self.group.add(
                 start_silo(sopts, self.ws / "logs" / f"silo-{s.name}.log", run_domain=self.run_domain)
             )
+        self.resume_interrupted_runs()
+
+    def resume_interrupted_runs(self) -> list[str]:
+        """Re-submit the runs a crash of this workspace's central site interrupted (run_journal.py)."""
+        from superlink.run_journal import resume_open_runs
+
+        return resume_open_runs(self.journal, self.flwr_home, CONNECTION)
 
     def stop(self) -> None:
         self.group.stop_all()
@@ -172,4 +180,5 @@ class LocalFederation:
             on_line,
             check=self.group.check,
             logs_hint=self.ws / "logs",
+            journal=self.journal,
         )

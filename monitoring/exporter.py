@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from silotune import metrics as m
+from silotune import protocol
 from silotune.events import finite_number
 from silotune.silo_failures import SiloFailure
 
@@ -129,17 +130,17 @@ _SILO_GAUGES: dict[str, m.MetricDef] = {
     "tokens_per_second": m.SILO_TOKENS_PER_SECOND,
     "train_loss": m.SILO_TRAIN_LOSS,
     "examples": m.SILO_EXAMPLES_LAST,
-    "peak_gpu_allocated_bytes": m.SILO_GPU_ALLOCATED,
-    "peak_gpu_reserved_bytes": m.SILO_GPU_RESERVED,
-    "nvml_used_bytes": m.SILO_NVML_USED,
-    "gpu_total_bytes": m.SILO_GPU_CAPACITY,
-    "peak_rss_bytes": m.SILO_PEAK_RSS,
+    protocol.PEAK_GPU_ALLOCATED: m.SILO_GPU_ALLOCATED,
+    protocol.PEAK_GPU_RESERVED: m.SILO_GPU_RESERVED,
+    protocol.NVML_USED: m.SILO_NVML_USED,
+    protocol.GPU_TOTAL: m.SILO_GPU_CAPACITY,
+    protocol.PEAK_RSS: m.SILO_PEAK_RSS,
     "lora_rank": m.SILO_LORA_RANK,
+    "threads": m.SILO_THREADS,  # the allotment (silo_node/allotment.py), from local_train events
+    "gpus": m.SILO_GPUS,
     "reply_seconds": m.SILO_REPLY_SECONDS,
 }
-_GPU_FIELDS = frozenset(
-    {"peak_gpu_allocated_bytes", "peak_gpu_reserved_bytes", "nvml_used_bytes", "gpu_total_bytes"}
-)
+_GPU_FIELDS = frozenset(protocol.GPU_FIELDS)
 # Server events that mean the run moved; their time is silotune_last_progress_timestamp_seconds,
 # so a ServerApp that is killed or hangs stops moving it and SiloTuneNoProgress fires.
 _PROGRESS_KINDS = frozenset(
@@ -270,7 +271,7 @@ class FederationState:
         for key, d in _SILO_COUNTERS.items():
             self._inc(d, finite_number(e.get(key)) or 0.0, labels)
         # The silo's meter writes 0 for every GPU figure when it has no GPU: not a measurement.
-        no_gpu = finite_number(e.get("gpu_total_bytes")) == 0.0
+        no_gpu = finite_number(e.get(protocol.GPU_TOTAL)) == 0.0
         for key, d in _SILO_GAUGES.items():
             if not (no_gpu and key in _GPU_FIELDS):
                 self._set(d, finite_number(e.get(key)), labels)

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from silotune import protocol
 from silotune.atomic_files import atomic_write_text
 from silotune.errors import UserError
 from silotune.events import finite_number, read_events
@@ -142,7 +143,7 @@ class RunData:
         return out
 
 
-_GPU_KEYS = {"peak_gpu_allocated_bytes", "peak_gpu_reserved_bytes", "nvml_used_bytes"}
+_GPU_KEYS = frozenset(protocol.GPU_USAGE_FIELDS)
 
 
 def _is_num(v: Any) -> bool:
@@ -166,9 +167,9 @@ def charts(d: RunData) -> list[str]:
         cumulative["budget"] = [(r, float(budget)) for r, _ in cumulative["cumulative"]]
     memory: Series = {}
     for key, label in (
-        ("peak_gpu_allocated_bytes", " GPU alloc"),
-        ("peak_gpu_reserved_bytes", " GPU reserved"),
-        ("peak_rss_bytes", " RSS"),
+        (protocol.PEAK_GPU_ALLOCATED, " GPU alloc"),
+        (protocol.PEAK_GPU_RESERVED, " GPU reserved"),
+        (protocol.PEAK_RSS, " RSS"),
     ):
         memory.update(d.per_silo(key, label))
     return [

@@ -73,6 +73,9 @@ def _start(args: argparse.Namespace) -> int:
         node_key=Path(args.node_key) if args.node_key else None,
         insecure=args.insecure,
         runtime_port=args.runtime_port,
+        executor=args.executor,
+        threads=args.threads,
+        gpus=args.gpus,
         events_dir=Path(args.events_dir) if args.events_dir else ws / "events",
         flwr_home=ws / "supernode" / "flwr-home",
     )
@@ -115,6 +118,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     st.add_argument("--node-config", help="extra node config 'key=value ...' (Flower syntax)")
     st.add_argument("--run-domain", default=None, help="domain the run uses (for the data check)")
     st.add_argument("--runtime-port", type=int, help="local Runtime API port (default 9094)")
+    st.add_argument(
+        "--executor",
+        choices=("resident", "per-message"),
+        default="per-message",
+        help="resident: one long-lived worker runs the installed SiloTune app and keeps the model "
+        "loaded (docs/architecture.md); per-message: Flower's fresh flwr-clientapp per message",
+    )
+    st.add_argument("--threads", type=int, help="torch threads (default: CPU affinity / cgroup quota)")
+    st.add_argument("--gpus", help="CUDA devices, e.g. '0,1' (default: the visible ones)")
     st.add_argument("--events-dir", help="SILOTUNE_EVENTS_DIR (default <workspace>/events)")
     st.add_argument("--log-file", help="write the SuperNode's output here instead of the terminal")
     st.add_argument("--workspace", help="SiloTune workspace (default ./.silotune)")
@@ -125,6 +137,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "see docs/security.md#silo-policy). Default: embedded and local models only, no remote code",
     )
     st.set_defaults(func=_start)
+    ah = sub.add_parser("app-hash", help="print an app's FAB hash, for the policy's allowed-apps")
+    ah.add_argument("app_dir", help="the Flower app's directory (with its pyproject.toml)")
+    ah.set_defaults(func=_app_hash)
     ap = sub.add_parser("approve", help="approve a run that waits at this silo (policy require-approval)")
     ap.add_argument("run_id", help="Flower's run id, as shown in the silo's log and `silotune silo audit`")
     ap.add_argument("--note", default="", help="a note kept in the audit log")
@@ -147,6 +162,16 @@ def _state_dir(args: argparse.Namespace) -> Path:
     if args.state_dir:
         return Path(args.state_dir)
     return default_state_dir(resolve_workspace(args.workspace) / "supernode" / "flwr-home")
+
+
+def _app_hash(args: argparse.Namespace) -> int:
+    from silo_node.pinning import flower_fab_hash
+
+    app = Path(args.app_dir)
+    if not (app / "pyproject.toml").is_file():
+        raise UserError(f"{app} has no pyproject.toml: give the Flower app's directory")
+    print(flower_fab_hash(app))
+    return 0
 
 
 def _approve(args: argparse.Namespace) -> int:

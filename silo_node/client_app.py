@@ -36,6 +36,7 @@ from silo_node.policy import (
     pinned_hash,
 )
 from silo_node.training import evaluate_loss, round_seed, train_round
+from silotune import protocol as p
 from silotune.adapters import (
     adapter_state,
     from_array_record,
@@ -195,7 +196,7 @@ def policy_gate(msg: Message, context: Context, phase: str) -> tuple[RunConfig, 
 
 def _round_of(msg: Message) -> int:
     try:
-        return int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
+        return int(msg.content[p.REC_CONFIG].get(p.SERVER_ROUND, 0)) if p.REC_CONFIG in msg.content else 0
     except (TypeError, ValueError, KeyError):
         return 0
 
@@ -238,42 +239,43 @@ def handshake(msg: Message, context: Context) -> Message:
     identity = model_identity(run.model.name)
     info = ConfigRecord(
         {
-            "silo": silo.name,
-            "model-name": identity.name,
-            "model-sha256": identity.sha256,
-            "domain": silo.domain or run.domain,
+            p.SILO: silo.name,
+            p.MODEL_NAME: identity.name,
+            p.MODEL_SHA256: identity.sha256,
+            p.DOMAIN: silo.domain or run.domain,
         }
     )
     content = RecordDict(
         {
-            "info": info,
-            "metrics": MetricRecord(
+            p.REC_INFO: info,
+            p.REC_METRICS: MetricRecord(
                 {
-                    "lora-rank": silo_rank(run, silo),
-                    "num-examples": len(train_records),
-                    "num-eval-examples": len(eval_records),
+                    p.LORA_RANK: silo_rank(run, silo),
+                    p.NUM_EXAMPLES: len(train_records),
+                    p.NUM_EVAL_EXAMPLES: len(eval_records),
                 }
             ),
         }
     )
-    want_init = bool(msg.content["config"].get("want-init", False)) if "config" in msg.content else False
+    config = msg.content[p.REC_CONFIG] if p.REC_CONFIG in msg.content else {}
+    want_init = bool(config.get(p.WANT_INIT, False))
     if want_init:
         # The adapter's seeded initial state, kept aside when it was attached: a resident
         # worker's live adapter may hold an earlier round's weights.
         slot = resident.model_with_adapter(run.model, run.peft, silo_rank(run, silo), run.train.seed)
-        content["arrays"] = init_arrays = to_array_record(slot.init_state)
-        info["peft-config"] = json.dumps(peft_config_dict(slot.peft_model))
+        content[p.REC_ARRAYS] = init_arrays = to_array_record(slot.init_state)
+        info[p.PEFT_CONFIG] = json.dumps(peft_config_dict(slot.peft_model))
         _audit_payload(silo, context, 0, "init", init_arrays)
     return Message(content=content, reply_to=msg)
 
 
 def _check_identity(msg_cfg: ConfigRecord, run: RunConfig) -> None:
-    expected = str(msg_cfg.get("model-sha256", ""))
+    expected = str(msg_cfg.get(p.MODEL_SHA256, ""))
     mine = model_identity(run.model.name)
     if expected and expected != mine.sha256:
         raise ModelMismatchError(
             f"this silo's base model {mine.short()} differs from the federation's "
-            f"({msg_cfg.get('model-name')}@{expected[:12]}); install the same model files"
+            f"({msg_cfg.get(p.MODEL_NAME)}@{expected[:12]}); install the same model files"
         )
 
 
@@ -281,11 +283,11 @@ def _check_identity(msg_cfg: ConfigRecord, run: RunConfig) -> None:
 @reply_with_failure_code
 def train(msg: Message, context: Context) -> Message:
     run, silo = policy_gate(msg, context, "train")
-    cfg = msg.content["config"]
-    server_round = int(cfg["server-round"])
+    cfg = msg.content[p.REC_CONFIG]
+    server_round = int(cfg[p.SERVER_ROUND])
     _check_identity(cfg, run)
     # Events go to $SILOTUNE_EVENTS_DIR (set by `silotune silo start`) and to state-dir if given.
-    events = EventLog("silo", [Path(silo.state_dir) / "silo.jsonl"] if silo.state_dir else None)
+    events = EventLog(p.SILO, [Path(silo.state_dir) / "silo.jsonl"] if silo.state_dir else None)
     train_records, _ = _records(run, silo)
     threads = apply_threads_from_env() or allotted()[0]
     meter = MemoryMeter()
@@ -294,7 +296,7 @@ def train(msg: Message, context: Context) -> Message:
     # Loaded once per base model in a resident worker; the received adapter is swapped in.
     slot = resident.model_with_adapter(run.model, run.peft, rank, run.train.seed)
     loaded, peft_model = slot.loaded, slot.peft_model
-    received = from_array_record(msg.content["arrays"])
+    received = from_array_record(msg.content[p.REC_ARRAYS])
     load_adapter_state(peft_model, received)
     examples = resident.encoded(slot, run, silo, "train", train_records)
     result = train_round(
@@ -302,27 +304,27 @@ def train(msg: Message, context: Context) -> Message:
         loaded.tokenizer,
         examples,
         run.train,
-        lr=float(cfg["lr"]),
+        lr=float(cfg[p.LR]),
         seed=round_seed(run.train.seed, silo.name, server_round),
-        proximal_mu=float(cfg.get("proximal-mu", 0.0)),
+        proximal_mu=float(cfg.get(p.PROXIMAL_MU, 0.0)),
     )
     peaks = meter.stop()
     arrays = to_array_record(adapter_state(peft_model))
     resident.after_message(slot)  # gradients and graphs go before the reply is built
     gpus = allotted()[1]
     metrics: dict[str, Any] = {
-        "train-loss": result.train_loss,
-        "num-examples": result.examples,
-        "tokens": result.tokens,
-        "tokens-per-second": result.tokens_per_second,
-        "train-seconds": result.train_seconds,
-        "lora-rank": rank,
+        p.TRAIN_LOSS: result.train_loss,
+        p.NUM_EXAMPLES: result.examples,
+        p.TOKENS: result.tokens,
+        p.TOKENS_PER_SECOND: result.tokens_per_second,
+        p.TRAIN_SECONDS: result.train_seconds,
+        p.LORA_RANK: rank,
         "threads": threads,
         "gpus": gpus,
         **{k.replace("_", "-"): v for k, v in peaks.as_dict().items()},
     }
     uplink = arrays.count_bytes()
-    downlink = msg.content["arrays"].count_bytes()
+    downlink = msg.content[p.REC_ARRAYS].count_bytes()
     _audit_payload(silo, context, server_round, "train", arrays)
     events.emit(
         "local_train",
@@ -343,9 +345,10 @@ def train(msg: Message, context: Context) -> Message:
         worker_rss_bytes=resident.current_rss_bytes(),
         **peaks.as_dict(),
     )
-    info = ConfigRecord({"silo": silo.name, "model-sha256": loaded.identity.sha256})
+    info = ConfigRecord({p.SILO: silo.name, p.MODEL_SHA256: loaded.identity.sha256})
     return Message(
-        content=RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics), "info": info}), reply_to=msg
+        content=RecordDict({p.REC_ARRAYS: arrays, p.REC_METRICS: MetricRecord(metrics), p.REC_INFO: info}),
+        reply_to=msg,
     )
 
 
@@ -354,23 +357,25 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Response-only loss of the global adapter on this silo's held-out slice (eval-fraction)."""
     run, silo = policy_gate(msg, context, "evaluate")
-    cfg = msg.content["config"]
+    cfg = msg.content[p.REC_CONFIG]
     _check_identity(cfg, run)
     _, eval_records = _records(run, silo)
-    metrics: dict[str, Any] = {"num-examples": len(eval_records)}
+    metrics: dict[str, Any] = {p.NUM_EXAMPLES: len(eval_records)}
     if eval_records:
         apply_threads_from_env()
         slot = resident.model_with_adapter(
             run.model, run.peft, silo_rank(run, silo), run.train.seed, for_training=False
         )
-        load_adapter_state(slot.peft_model, from_array_record(msg.content["arrays"]))
+        load_adapter_state(slot.peft_model, from_array_record(msg.content[p.REC_ARRAYS]))
         examples = resident.encoded(slot, run, silo, "eval", eval_records)
-        metrics["eval-loss"] = evaluate_loss(
+        metrics[p.EVAL_LOSS] = evaluate_loss(
             slot.peft_model, slot.loaded.tokenizer, examples, run.train.batch_size
         )
         resident.after_message(slot)
     return Message(
-        content=RecordDict({"metrics": MetricRecord(metrics), "info": ConfigRecord({"silo": silo.name})}),
+        content=RecordDict(
+            {p.REC_METRICS: MetricRecord(metrics), p.REC_INFO: ConfigRecord({p.SILO: silo.name})}
+        ),
         reply_to=msg,
     )
 

@@ -37,6 +37,7 @@ from typing import Any
 TASK_POLL_SECONDS = 0.2  # idle poll of the Runtime API; Flower's SuperExec polls every 1 s
 MAX_IDLE_BACKOFF = 5.0
 PIDFILE = "worker.pid"
+TASKFILE = "worker.task"  # present while a task is being served: what the worker is doing now
 
 
 class TaskAbandoned(Exception):
@@ -190,6 +191,7 @@ class Worker:
         try:
             heartbeat.start()
             message, context, run, fab = pull_task_input(client)
+            self._mark_busy(f"{task.task_id} run {run.run_id} {message.metadata.message_type}")
             digest = fab_digest(fab.content)  # the zip is read in memory; nothing is installed
             if not is_own_app(run.fab_id, digest):
                 code = SiloFailure.APP_NOT_ALLOWED
@@ -229,12 +231,25 @@ class Worker:
                 log(ERROR, "task %d: could not report to the SuperNode (%s)", task.task_id, exc)
             finally:
                 self.signals.in_task = False
+                self._mark_busy(None)
                 if heartbeat.is_running:
                     heartbeat.stop()
                 client.close()
                 from silo_node import resident
 
                 resident.after_message(None)
+
+    def _mark_busy(self, what: str | None) -> None:
+        if self.state_dir is None:
+            return
+        path = self.state_dir / TASKFILE
+        try:
+            if what is None:
+                path.unlink(missing_ok=True)
+            else:
+                path.write_text(what + "\n")
+        except OSError:
+            pass
 
     def _reap(self, wait: bool = False) -> None:
         for proc in list(self.foreign):

@@ -40,7 +40,9 @@ Event kinds and fields (all carry ``ts`` (unix seconds), ``kind`` and ``role``):
                  rounds_completed (the last round that produced a new adapter, whatever the
                  status), adapter_dir, reason (when not completed normally)
   local_train    (silo side) round, silo, train_loss, examples, tokens, tokens_per_second,
-                 train_seconds, peak_* as above, uplink_bytes, downlink_bytes
+                 train_seconds, peak_* as above, uplink_bytes, downlink_bytes, threads and gpus
+                 (the allotment), worker_model_loads (base-model loads by this process: 1 across
+                 rounds in a resident worker), worker_rss_bytes (RSS after the round)
 """
 
 from __future__ import annotations

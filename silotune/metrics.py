@@ -87,6 +87,10 @@ SILO_PEAK_RSS = MetricDef(
 SILO_LORA_RANK = MetricDef(
     "silotune_silo_lora_rank", "gauge", "Adapter rank the silo trained in the last round.", _S
 )
+SILO_THREADS = MetricDef(
+    "silotune_silo_threads", "gauge", "CPU threads the silo's training was allotted.", _S
+)
+SILO_GPUS = MetricDef("silotune_silo_gpus", "gauge", "GPUs the silo's training was allotted.", _S)
 SILO_REPLY_SECONDS = MetricDef(
     "silotune_silo_reply_seconds",
     "gauge",

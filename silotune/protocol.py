@@ -87,3 +87,22 @@ EV_QUORUM_MISSED = "quorum_missed"
 PROGRESS_PREFIX = "SILOTUNE-ROUND "
 DONE_PREFIX = "SILOTUNE-DONE "
 FAILED_MARK = "SiloTune run failed"
+
+# --- one silo's memory figures, as every record spells them ---------------------------------------
+# The silo's meter (silo_node/memory.py) fills these; its train reply carries them as MetricRecord
+# keys (hyphenated, Flower's style), its local_train event and the server's silo_result event as
+# snake_case fields; the exporter and the HTML report read the same names. A GPU-less silo reports
+# 0 for every GPU figure, which readers treat as "no GPU", not as a measurement.
+PEAK_GPU_ALLOCATED = "peak_gpu_allocated_bytes"  # torch.cuda.max_memory_allocated
+PEAK_GPU_RESERVED = "peak_gpu_reserved_bytes"  # torch.cuda.max_memory_reserved
+NVML_USED = "nvml_used_bytes"  # device memory in use per NVML
+GPU_TOTAL = "gpu_total_bytes"  # the GPU's capacity
+PEAK_RSS = "peak_rss_bytes"  # peak resident memory of the training process
+GPU_USAGE_FIELDS: tuple[str, ...] = (PEAK_GPU_ALLOCATED, PEAK_GPU_RESERVED, NVML_USED)
+GPU_FIELDS: tuple[str, ...] = (*GPU_USAGE_FIELDS, GPU_TOTAL)
+MEMORY_FIELDS: tuple[str, ...] = (*GPU_FIELDS, PEAK_RSS)
+
+
+def metric_key(field: str) -> str:
+    """The MetricRecord key of an event field: ``peak_rss_bytes`` -> ``peak-rss-bytes``."""
+    return field.replace("_", "-")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 from pathlib import Path
 
 from monitoring.cli import add_exporter_option
@@ -20,6 +21,10 @@ def _pick(explicit: str | None, certs_dir: str | None, name: str) -> Path | None
     if explicit:
         return Path(explicit)
     return Path(certs_dir) / name if certs_dir else None
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _start(args: argparse.Namespace) -> int:
@@ -58,6 +63,9 @@ def _start(args: argparse.Namespace) -> int:
         )
     log = Path(args.log_file) if args.log_file else None
     print("starting:", " ".join(argv))
+    # A SIGTERM while starting must stop what already started (the SuperLink, its proxy: each in
+    # its own session, they would outlive us): raise like Ctrl-C, which start_superlink cleans up.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     proc = start_superlink(opts, log, wait_timeout=args.ready_timeout)
     operator = operator_address(opts)
     if opts.proxy:
@@ -71,8 +79,22 @@ def _start(args: argparse.Namespace) -> int:
     print(f"operator connection '{DEFAULT_CONNECTION}' -> {operator} saved in {home}")
     if log:
         print(f"log: {log}" + (f" (proxy: {proxy_log_path(log)})" if opts.proxy else ""))
+    if not args.no_resume:
+        _resume_interrupted_runs(proc, ws, home)
     rc = supervise_with_exporter(proc, args.exporter, opts.events_dir, "server", ws / "exporter.log")
     return 0 if rc in (0, 130, 3, -15) else rc  # 3 = Flower's graceful SIGTERM exit
+
+
+def _resume_interrupted_runs(proc: object, ws: Path, home: Path) -> None:
+    """Runs submitted with `silotune run` that a crash interrupted continue from their last
+    checkpoint (superlink/run_journal.py)."""
+    from superlink.run_journal import journal_dir, resume_open_runs
+
+    try:
+        resume_open_runs(journal_dir(ws), home, DEFAULT_CONNECTION)
+    except BaseException:
+        proc.stop()  # type: ignore[attr-defined]
+        raise
 
 
 def _flwr_home(args: argparse.Namespace) -> Path:
@@ -205,6 +227,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     st.add_argument("--log-file", help="write the SuperLink's output here instead of the terminal")
     st.add_argument("--workspace", help="SiloTune workspace (default ./.silotune)")
     st.add_argument("--ready-timeout", type=float, default=60.0, help="seconds to wait for /health")
+    st.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="do not re-submit runs that a crash interrupted (default: they continue from their "
+        "last checkpoint; see <workspace>/journal)",
+    )
     add_exporter_option(st, "server")
     st.add_argument(
         "--insecure",

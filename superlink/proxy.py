@@ -164,7 +164,23 @@ def build_envoy_config(opts: ProxyOptions) -> dict[str, Any]:
         "address": {"socket_address": {"address": opts.listen_host, "port_value": opts.listen_port}},
         "filter_chains": [chain],
     }
-    return {"static_resources": {"listeners": [listener], "clusters": [cluster]}}
+    # A bound on open connections from the public side (silos hold one or two each).
+    overload = {
+        "resource_monitors": [
+            {
+                "name": "envoy.resource_monitors.global_downstream_max_connections",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
+                    "downstream_connections.v3.DownstreamConnectionsConfig",
+                    "max_active_downstream_connections": 10000,
+                },
+            }
+        ]
+    }
+    return {
+        "static_resources": {"listeners": [listener], "clusters": [cluster]},
+        "overload_manager": overload,
+    }
 
 
 def find_envoy() -> str:

@@ -133,15 +133,15 @@ def check_handshake(content: Any, max_rank: int) -> Handshake:
     """Identity, rank and data sizes a silo declares; the rank must be in [1, max_rank]."""
     info = _record(content, p.REC_INFO, ConfigRecord)
     metrics = _record(content, p.REC_METRICS, MetricRecord)
-    silo = text(_get(info, p.SILO, "info"), p.SILO)
-    sha = text(_get(info, p.MODEL_SHA256, "info"), p.MODEL_SHA256, SHA256)
-    rank_value = _get(metrics, p.LORA_RANK, "metrics")
+    silo = text(_get(info, p.SILO, p.REC_INFO), p.SILO)
+    sha = text(_get(info, p.MODEL_SHA256, p.REC_INFO), p.MODEL_SHA256, SHA256)
+    rank_value = _get(metrics, p.LORA_RANK, p.REC_METRICS)
     try:
         rank = count(rank_value, p.LORA_RANK, 1, max_rank)
     except ReplyRejected as exc:  # a rank outside the bounds has its own code (the memory attack)
         raise ReplyRejected(p.R_RANK if exc.code == p.R_OUT_OF_RANGE else exc.code, exc.detail) from None
-    n = count(_get(metrics, p.NUM_EXAMPLES, "metrics"), p.NUM_EXAMPLES, 1, MAX_EXAMPLES)
-    n_eval = count(_get(metrics, p.NUM_EVAL_EXAMPLES, "metrics"), p.NUM_EVAL_EXAMPLES, 0, MAX_EXAMPLES)
+    n = count(_get(metrics, p.NUM_EXAMPLES, p.REC_METRICS), p.NUM_EXAMPLES, 1, MAX_EXAMPLES)
+    n_eval = count(_get(metrics, p.NUM_EVAL_EXAMPLES, p.REC_METRICS), p.NUM_EVAL_EXAMPLES, 0, MAX_EXAMPLES)
     return Handshake(silo, sha, rank, n, n_eval)
 
 
@@ -190,16 +190,16 @@ def check_train_reply(
     """A train reply: base model, example count (<= the handshake's), rank, loss, tensors."""
     metrics = _record(content, p.REC_METRICS, MetricRecord)
     info = _record(content, p.REC_INFO, ConfigRecord)
-    sha = _get(info, p.MODEL_SHA256, "info")
+    sha = _get(info, p.MODEL_SHA256, p.REC_INFO)
     if sha != reference_sha:
         shown = sha[:12] if isinstance(sha, str) else type(sha).__name__
         raise ReplyRejected(p.R_MODEL, f"trained on base model {shown}, expected {reference_sha[:12]}")
-    n = count(_get(metrics, p.NUM_EXAMPLES, "metrics"), p.NUM_EXAMPLES, 1, MAX_EXAMPLES)
+    n = count(_get(metrics, p.NUM_EXAMPLES, p.REC_METRICS), p.NUM_EXAMPLES, 1, MAX_EXAMPLES)
     if n > declared_examples:
         raise ReplyRejected(
             p.R_EXAMPLES_GREW, f"{n} training examples, {declared_examples} declared at the handshake"
         )
-    loss = real(_get(metrics, p.TRAIN_LOSS, "metrics"), p.TRAIN_LOSS, 0.0, MAX_LOSS)
+    loss = real(_get(metrics, p.TRAIN_LOSS, p.REC_METRICS), p.TRAIN_LOSS, 0.0, MAX_LOSS)
     checked: dict[str, float] = {p.NUM_EXAMPLES: float(n), p.TRAIN_LOSS: loss}
     if p.LORA_RANK in metrics:
         r = count(metrics[p.LORA_RANK], p.LORA_RANK, 1, 1 << 20)
@@ -216,12 +216,12 @@ def check_train_reply(
 def check_eval_reply(content: Any, declared_eval_examples: int) -> EvalReply:
     """An evaluation reply: a finite loss on 1..(declared at the handshake) examples."""
     metrics = _record(content, p.REC_METRICS, MetricRecord)
-    n = count(_get(metrics, p.NUM_EXAMPLES, "metrics"), p.NUM_EXAMPLES, 1, MAX_EXAMPLES)
+    n = count(_get(metrics, p.NUM_EXAMPLES, p.REC_METRICS), p.NUM_EXAMPLES, 1, MAX_EXAMPLES)
     if n > declared_eval_examples:
         raise ReplyRejected(
             p.R_EXAMPLES_GREW, f"{n} evaluation examples, {declared_eval_examples} declared at the handshake"
         )
-    loss = real(_get(metrics, p.EVAL_LOSS, "metrics"), p.EVAL_LOSS, 0.0, MAX_LOSS)
+    loss = real(_get(metrics, p.EVAL_LOSS, p.REC_METRICS), p.EVAL_LOSS, 0.0, MAX_LOSS)
     return EvalReply(loss, n)
 
 
@@ -233,7 +233,7 @@ def check_init_reply(content: Any) -> tuple[OrderedDict[str, np.ndarray], dict[s
     """
     info = _record(content, p.REC_INFO, ConfigRecord)
     rec = _record(content, p.REC_ARRAYS, ArrayRecord)
-    raw = _get(info, p.PEFT_CONFIG, "info")
+    raw = _get(info, p.PEFT_CONFIG, p.REC_INFO)
     if not isinstance(raw, str):
         raise ReplyRejected(p.R_WRONG_TYPE, f"{p.PEFT_CONFIG} is a {type(raw).__name__}, not a string")
     try:

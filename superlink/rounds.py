@@ -269,10 +269,10 @@ class Federation:
         new = [n for n in node_ids if n not in self.silos and self.backoff.due(n, self.current_round)]
         if not new:
             return
-        cfg_rec = ConfigRecord({"want-init": False})
+        cfg_rec = ConfigRecord({p.WANT_INIT: False})
         replies, errors = self._send(
             MessageType.QUERY,
-            {n: RecordDict({"config": cfg_rec}) for n in new},
+            {n: RecordDict({p.REC_CONFIG: cfg_rec}) for n in new},
             0,
             self.cfg.strategy.round_timeout,
         )
@@ -380,7 +380,7 @@ class Federation:
         """Ask one silo for a freshly initialised adapter: the central site needs no model."""
         candidates = [n for n, s in sorted(self.silos.items()) if not s.refused]
         for nid in candidates:
-            content = RecordDict({"config": ConfigRecord({"want-init": True})})
+            content = RecordDict({p.REC_CONFIG: ConfigRecord({p.WANT_INIT: True})})
             replies, errors = self._send(
                 MessageType.QUERY, {nid: content}, 0, self.cfg.strategy.round_timeout
             )
@@ -529,7 +529,7 @@ class Federation:
         for nid, payload in sent.items():
             arrays = to_array_record(payload)
             down[nid] = arrays.count_bytes()
-            contents[nid] = RecordDict({"arrays": arrays, "config": ConfigRecord(base_cfg)})
+            contents[nid] = RecordDict({p.REC_ARRAYS: arrays, p.REC_CONFIG: ConfigRecord(base_cfg)})
         replies, errors = self._send(MessageType.TRAIN, contents, rnd, cfg.strategy.round_timeout)
         updates, per_silo, uplink = [], [], 0
         for nid, reason in sorted(errors.items()):
@@ -559,26 +559,17 @@ class Federation:
             row = {
                 "round": rnd,
                 "node_id": nid,
-                "silo": silo.name,
+                p.SILO: silo.name,
                 "uplink_bytes": up,
                 "downlink_bytes": down[nid],
-                "train_loss": m.get("train-loss"),
+                "train_loss": m.get(p.TRAIN_LOSS),
                 "examples": update.num_examples,
-                "tokens": m.get("tokens"),
-                "tokens_per_second": m.get("tokens-per-second"),
-                "train_seconds": m.get("train-seconds"),
+                p.TOKENS: m.get(p.TOKENS),
+                "tokens_per_second": m.get(p.TOKENS_PER_SECOND),
+                "train_seconds": m.get(p.TRAIN_SECONDS),
                 "lora_rank": update.rank,
                 "reply_seconds": self.reply_seconds.get(nid),  # push to reply: slow silos show here
-                **{
-                    k.replace("-", "_"): m.get(k)
-                    for k in (
-                        "peak-gpu-allocated-bytes",
-                        "peak-gpu-reserved-bytes",
-                        "nvml-used-bytes",
-                        "gpu-total-bytes",
-                        "peak-rss-bytes",
-                    )
-                },
+                **{field: m.get(p.metric_key(field)) for field in p.MEMORY_FIELDS},
             }
             per_silo.append(row)
             self.events.emit("silo_result", **row)
@@ -745,7 +736,7 @@ class Federation:
         manifest = {
             "run_config": flatten_run_config(self.cfg),
             "base_model": {"name": self.cfg.model.name, "sha256": self.reference_sha},
-            "metrics": {"train_loss": loss, "silos": per_silo},
+            p.REC_METRICS: {"train_loss": loss, "silos": per_silo},
             "cumulative_bytes": self.cumulative_bytes,
             "saved_at": time.time(),
         }
@@ -757,15 +748,15 @@ class Federation:
         if not targets:
             return
         cfg = ConfigRecord(
-            {"server-round": rnd, "model-sha256": self.reference_sha, "model-name": self.cfg.model.name}
+            {p.SERVER_ROUND: rnd, p.MODEL_SHA256: self.reference_sha, p.MODEL_NAME: self.cfg.model.name}
         )
         contents = {
             n: RecordDict(
                 {
-                    "arrays": to_array_record(
+                    p.REC_ARRAYS: to_array_record(
                         self.strategy.payload_for(self.global_state, self.silos[n].rank, rnd)
                     ),
-                    "config": cfg,
+                    p.REC_CONFIG: cfg,
                 }
             )
             for n in targets

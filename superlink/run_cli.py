@@ -52,6 +52,7 @@ def _run(args: argparse.Namespace) -> int:
     from silotune.config import flatten_run_config, load_toml_run_config
     from silotune.errors import UserError
     from silotune.flwr_connection import write_connection
+    from superlink.run_journal import journal_dir
     from superlink.submit import round_progress, submit_run
 
     ws = Path(args.workspace or os.environ.get("SILOTUNE_WORKSPACE", ".silotune"))
@@ -67,6 +68,9 @@ def _run(args: argparse.Namespace) -> int:
         key, raw = item.split("=", 1)
         values[key.strip()] = _parse_value(raw.strip())
     with round_progress(int(values.get("num-rounds", 3))) as on_round:
-        result = submit_run(flwr_home, args.connection, values, args.timeout, on_round=on_round)
+        # The journal sits in the workspace `silotune superlink start` uses: it resumes the run
+        # after a crash of the central site (superlink/run_journal.py).
+        result = submit_run(flwr_home, args.connection, values, args.timeout, on_round=on_round,
+                            journal=journal_dir(ws))  # fmt: skip
     print(f"global adapter saved at {result.adapter_dir} (on the SuperLink's host)")
     return 0

@@ -69,16 +69,23 @@ def submit_run(
     on_line: Callable[[str], None] | None = None,
     check: Callable[[], None] | None = None,
     logs_hint: Path | None = None,
+    journal: Path | None = None,
 ) -> RunResult:
     """``flwr run`` the app with ``run_config`` overrides, streaming its log until the run ends.
 
     ``check`` is called about once a second (LocalFederation passes its process-group check, so a
-    dead SuperLink or silo ends the wait at once with its name and log file).
+    dead SuperLink or silo ends the wait at once with its name and log file). With ``journal``
+    (a directory) the submission is recorded first, so a restarted central site resumes it
+    (superlink/run_journal.py).
     """
     from silotune.config import parse_run_config
     from silotune.flwr_connection import flower_env
 
     parse_run_config(run_config, source="--set / run config")  # refuse bad keys before submitting
+    if journal is not None:
+        from superlink.run_journal import record_submission
+
+        record_submission(journal, run_config, connection)
     argv = [
         "flwr",
         "run",

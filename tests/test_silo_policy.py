@@ -164,7 +164,11 @@ def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*a: object, **k: object) -> None:
         raise AssertionError("a model was touched before the policy check")
 
-    monkeypatch.setattr(client_app, "load_model", boom)
+    from silo_node import resident
+    from silotune import modeling
+
+    monkeypatch.setattr(resident, "model_with_adapter", boom)
+    monkeypatch.setattr(modeling, "load_model", boom)
     monkeypatch.setattr(client_app, "model_identity", boom)
 
 

@@ -10,6 +10,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from silotune import protocol as p
 from superlink.strategies.base import SiloUpdate, Strategy, average_updates
 
 
@@ -24,4 +25,4 @@ class FedProx(FedAvg):
     name = "fedprox"
 
     def silo_config(self) -> dict[str, float]:
-        return {"proximal-mu": float(self.settings.proximal_mu)}
+        return {p.PROXIMAL_MU: float(self.settings.proximal_mu)}
