@@ -1,0 +1,72 @@
+"""The protocol's names have one home (silotune/protocol.py): the round's two ends never spell them."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from silo_node.memory import MemoryPeaks
+from silotune import protocol as p
+
+REPO = Path(__file__).resolve().parents[1]
+# The round's writers and readers: the ClientApp, the round loop and its core, the reply checks,
+# the strategies, and compare's in-process federation.
+ROUND_FILES = [
+    "silo_node/client_app.py",
+    "superlink/rounds.py",
+    "superlink/round_core.py",
+    "superlink/reply_checks.py",
+    "evaluation/inprocess.py",
+    *[str(f.relative_to(REPO)) for f in sorted((REPO / "superlink" / "strategies").glob("*.py"))],
+]
+NOT_KEYS = {"PROGRESS_PREFIX", "DONE_PREFIX", "FAILED_MARK"}
+MESSAGE_KEYS = {
+    value: name
+    for name, value in vars(p).items()
+    if name.isupper() and isinstance(value, str) and name not in NOT_KEYS
+    and not name.startswith(("R_", "EV_"))
+    and "_" not in value  # the snake_case memory fields are event fields, not message keys
+}  # fmt: skip
+# A run-config key that happens to equal a message key: the resume check compares config keys.
+ALLOWED = {("superlink/rounds.py", "domain")}
+
+
+def string_literals(path: Path) -> list[tuple[int, str]]:
+    """Every string constant of a module except docstrings and f-string parts."""
+    tree = ast.parse(path.read_text())
+    skip = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
+            if isinstance(body[0].value, ast.Constant):
+                skip.add(id(body[0].value))
+        if isinstance(node, ast.JoinedStr):
+            skip.update(id(v) for v in node.values)
+    return [
+        (n.lineno, n.value)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in skip
+    ]
+
+
+@pytest.mark.parametrize("rel", ROUND_FILES)
+def test_no_round_file_spells_a_message_key_again(rel: str) -> None:
+    spelled = [
+        f"{rel}:{line}: {value!r} (use protocol.{MESSAGE_KEYS[value]})"
+        for line, value in string_literals(REPO / rel)
+        if value in MESSAGE_KEYS and (rel, value) not in ALLOWED
+    ]
+    assert not spelled, "\n".join(spelled)
+
+
+def test_message_keys_are_unique() -> None:
+    names = [n for n, v in vars(p).items() if n.isupper() and isinstance(v, str) and v in MESSAGE_KEYS]
+    assert len(names) == len(MESSAGE_KEYS), "two protocol names share one value"
+
+
+def test_the_silos_memory_meter_fills_exactly_the_protocols_memory_fields() -> None:
+    assert tuple(f.name for f in dataclasses.fields(MemoryPeaks)) == p.MEMORY_FIELDS
+    assert all(p.metric_key(f) == f.replace("_", "-") for f in p.MEMORY_FIELDS)
