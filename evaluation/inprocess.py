@@ -27,10 +27,18 @@ import numpy as np
 
 from silo_node.training import Encoded, round_seed, train_round
 from silotune import protocol as p
-from silotune.adapters import adapter_state, attach_adapter, load_adapter_state, state_nbytes
+from silotune.adapters import adapter_state, attach_adapter, load_adapter_state
 from silotune.config import PeftSettings, RunConfig, TrainSettings, lr_for_round
+from silotune.wire_codec import ErrorFeedback, decode_uplink, encode_uplink, float32_nbytes, payload_nbytes
 from superlink.defences import Defence
-from superlink.round_core import aggregate_round, build_payloads, sample_round, train_config
+from superlink.round_core import (
+    aggregate_round,
+    build_payloads,
+    downlink,
+    run_encoding,
+    sample_round,
+    train_config,
+)
 from superlink.strategies import SiloUpdate, get_strategy
 
 Log = Callable[[str], None]
@@ -58,8 +66,9 @@ class TrainOutcome:
     rank: int
     steps_per_silo: int  # optimizer steps each participating silo's compute performed
     total_steps: int  # optimizer steps across everyone
-    uplink_bytes: int = 0
+    uplink_bytes: int = 0  # what travelled, in the run's transport.dtype
     downlink_bytes: int = 0
+    fp32_bytes: int = 0  # the same traffic as float32 (what transport.dtype=fp32 would have moved)
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)  # mean train loss per phase
 
@@ -193,24 +202,31 @@ def train_federated(
     strategy = get_strategy(run.strategy, run.peft)
     defence = Defence(run.strategy, run.peft.alpha)
     global_state: dict[str, np.ndarray] = bank.initial_state(silos[0].rank)
-    up = down = 0
+    enc = run_encoding(run)
+    # Each silo's quantization residual, as a resident silo keeps it (transport.error-feedback).
+    feedback = {s.name: ErrorFeedback() for s in silos} if run.transport.error_feedback else {}
+    up = down = fp32 = 0
     losses = []
     for rnd in range(1, rounds + 1):
         cfg = train_config(run, strategy, rnd)
         sampled = sample_round(run, list(range(len(silos))), rnd)
-        sent = build_payloads(strategy, global_state, {i: silos[i].rank for i in sampled}, rnd)
-        updates = []
-        for i, payload in sent.items():
+        payloads = build_payloads(strategy, global_state, {i: silos[i].rank for i in sampled}, rnd)
+        updates, held = [], {}
+        for i, payload in payloads.items():
             silo = silos[i]
-            down += state_nbytes(payload)
+            arrays, held[i] = downlink(payload, enc)
+            down += payload_nbytes(arrays)
             state, loss = _phase_train(
-                bank, payload, silo.rank, silo.examples, run.train, run.train.local_steps,
+                bank, held[i], silo.rank, silo.examples, run.train, run.train.local_steps,
                 float(cfg[p.LR]), round_seed(run.train.seed, silo.name, rnd),
                 float(cfg.get(p.PROXIMAL_MU, 0.0)),
             )  # fmt: skip
-            up += state_nbytes(state)
+            reply = encode_uplink(state, held[i], enc, feedback.get(silo.name))
+            up += payload_nbytes(reply)
+            fp32 += float32_nbytes(payload) + float32_nbytes(state)
+            state = decode_uplink(reply, held[i], enc)
             updates.append(SiloUpdate(i, state, len(silo.examples), silo.rank, {p.TRAIN_LOSS: loss}))
-        agg = aggregate_round(run, strategy, defence, global_state, updates, sent)
+        agg = aggregate_round(run, strategy, defence, global_state, updates, held)
         global_state = agg.global_state
         if agg.train_loss is not None:
             losses.append(agg.train_loss)
@@ -226,6 +242,7 @@ def train_federated(
         steps * len(silos),
         uplink_bytes=up,
         downlink_bytes=down,
+        fp32_bytes=fp32,
         seconds=time.monotonic() - t0,
         losses=losses,
     )

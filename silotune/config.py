@@ -153,6 +153,17 @@ class StrategySettings(_Section):
         return v
 
 
+class TransportSettings(_Section):
+    """How adapters travel (silotune/wire_codec.py): both ways, in one format for the whole run."""
+
+    dtype: Literal["fp32", "bf16", "int8", "int4"] = "fp32"
+    # Quantization block size for int8/int4 (bitsandbytes' sizes); 0 = the format's default
+    # (int8: 256, int4: 128, which keep them under 0.26x and 0.14x of fp32 bytes).
+    block_size: Literal[0, 64, 128, 256, 512, 1024, 2048, 4096] = 0
+    # Silos carry their quantization residual to the next round (on disk, in their state dir).
+    error_feedback: bool = True
+
+
 class RunConfig(_Section):
     num_rounds: int = Field(3, ge=1)
     domain: Domain = "finance"
@@ -164,6 +175,7 @@ class RunConfig(_Section):
     peft: PeftSettings = PeftSettings()
     train: TrainSettings = TrainSettings()
     strategy: StrategySettings = StrategySettings()
+    transport: TransportSettings = TransportSettings()
 
     @model_validator(mode="after")
     def _consistency(self) -> RunConfig:

@@ -21,6 +21,7 @@ import numpy as np
 
 from silotune import protocol as p
 from silotune.config import RunConfig, lr_for_round
+from silotune.wire_codec import Encoding, decode, encode
 from superlink.defences import Defence, DefenceReport
 from superlink.strategies import SiloUpdate, Strategy
 
@@ -57,6 +58,25 @@ def build_payloads(
     """Each sampled silo's payload (FlexLoRA: at that silo's rank). Kept by the caller: it is the
     reference each silo's update is measured against."""
     return {nid: strategy.payload_for(global_state, rank, server_round) for nid, rank in ranks.items()}
+
+
+def run_encoding(cfg: RunConfig) -> Encoding:
+    """The run's wire format (``transport.*``), the same at both ends."""
+    return Encoding(cfg.transport.dtype, cfg.transport.block_size)
+
+
+def downlink(
+    payload: dict[str, np.ndarray], enc: Encoding
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(the arrays that travel to a silo, the adapter the silo holds once it decodes them).
+
+    The second is the reference the silo's update is measured against: in a quantized format it is
+    the dequantized payload, which the server computes exactly as the silo does.
+    """
+    arrays = encode(payload, enc)
+    if not enc.quantized:
+        return arrays, payload
+    return arrays, decode(arrays, enc, {k: tuple(v.shape) for k, v in payload.items()})
 
 
 @dataclass

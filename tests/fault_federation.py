@@ -105,12 +105,62 @@ def alive(pid: int) -> bool:
 
 
 class FaultFederation(LocalFederation):
-    """LocalFederation plus: which process is which, kill/restart by PID, detached runs."""
+    """LocalFederation plus: which process is which, kill/restart by PID, detached runs.
+
+    It starts the federation itself (same steps as LocalFederation.start) so that the SuperLink's
+    options are kept for a restart on the same addresses, and operator commands use the
+    SuperLink's loopback operator address (the public port is the Fleet proxy's)."""
+
+    def _superlink_options(self) -> Any:
+        from superlink.launch import SuperLinkOptions
+
+        if not hasattr(self, "_internal_port"):
+            from demo.local_federation import free_port
+
+            self._internal_port = free_port()
+        return SuperLinkOptions(
+            ca_cert=None if self.insecure else self.ca_dir / "ca.crt",
+            server_cert=None if self.insecure else self.server_dir / "server.pem",
+            server_key=None if self.insecure else self.server_dir / "server.key",
+            host="127.0.0.1",
+            port=self.port,
+            internal_port=self._internal_port,
+            database=self.ws / "central" / "state.db",
+            events_dir=self.events_dir,
+            flwr_home=self.flwr_home,
+            insecure=self.insecure,
+        )
 
     def start(self) -> None:
-        super().start()
-        procs = self.group.processes
-        assert len(procs) == 1 + len(self.silos), [p.name for p in procs]
+        from demo.local_federation import free_port
+        from silo_node.allotment import available_cpus
+        from silo_node.launch import SiloOptions, start_silo
+        from silotune.flwr_connection import write_connection
+        from superlink.admission import admit_silo
+        from superlink.launch import operator_address, start_superlink
+
+        self.create_identity()
+        opts = self._superlink_options()
+        self.runs_root.mkdir(parents=True, exist_ok=True)
+        os.environ["SILOTUNE_RUNS_ROOT"] = str(self.runs_root)
+        self.group.add(start_superlink(opts, self.ws / "logs" / "superlink.log", cwd=self.ws / "central"))
+        ca = None if self.insecure else self.ca_dir / "ca.crt"
+        write_connection(self.flwr_home, CONNECTION, operator_address(opts), ca, insecure=self.insecure)
+        if not self.insecure:
+            for s in self.silos:
+                admit_silo(self.public_key(s), s.name, self.flwr_home, connection=CONNECTION)
+        threads = max(1, available_cpus() // max(1, len(self.silos)))
+        for s in self.silos:
+            node_config = {"data-path": str(s.data_path), "name": s.name, **s.node_config}
+            sopts = SiloOptions(
+                superlink=self.address, node_config=node_config, ca_cert=ca,
+                node_key=None if self.insecure else self.private_key(s), insecure=self.insecure,
+                runtime_port=free_port(), events_dir=self.silo_dir(s) / "events",
+                flwr_home=self.silo_dir(s) / "flwr-home", executor=self.executor, threads=threads,
+            )  # fmt: skip
+            log = self.ws / "logs" / f"silo-{s.name}.log"
+            self.group.add(start_silo(sopts, log, run_domain=self.run_domain))
+        self.resume_interrupted_runs()
 
     # -- processes ------------------------------------------------------------------------------
     @property
@@ -160,24 +210,14 @@ class FaultFederation(LocalFederation):
         return pids
 
     def restart_central(self) -> list[str]:
-        """Stop whatever is left of the central site, start it again on the same address and
+        """Stop whatever is left of the central site, start it again on the same addresses and
         database, and let it resume the interrupted runs (as `silotune superlink start` does)."""
-        from superlink.launch import SuperLinkOptions, start_superlink
+        from superlink.launch import start_superlink
 
         old = self.central
         old.stop(grace=5)
-        opts = SuperLinkOptions(
-            ca_cert=None if self.insecure else self.ca_dir / "ca.crt",
-            server_cert=None if self.insecure else self.server_dir / "server.pem",
-            server_key=None if self.insecure else self.server_dir / "server.key",
-            host="127.0.0.1",
-            port=self.port,
-            database=self.ws / "central" / "state.db",
-            events_dir=self.events_dir,
-            flwr_home=self.flwr_home,
-            insecure=self.insecure,
-        )
-        new = start_superlink(opts, self.ws / "logs" / "superlink.log", cwd=self.ws / "central")
+        log = self.ws / "logs" / "superlink.log"
+        new = start_superlink(self._superlink_options(), log, cwd=self.ws / "central")
         self._replace(old, new)
         return self.resume_interrupted_runs()
 

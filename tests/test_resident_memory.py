@@ -39,7 +39,10 @@ def _data(path: Path, n: int = 24, seed: int = 0) -> Path:
 
 def _message_and_context(model: Path, data: Path, server_round: int, arrays):  # noqa: ANN001, ANN202
     from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
 
+    # What pull_task_input sets in a ClientApp process; a Message needs it in Flower 1.41.
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
     run_config = {
         "model.name": str(model), "train.local-steps": 2, "train.batch-size": 4, "train.seq-length": 64,
         "train.lr-max": 5e-3, "domain": "finance",
