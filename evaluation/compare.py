@@ -94,6 +94,18 @@ def register_arguments(c: argparse.ArgumentParser) -> None:
         help="server step of fedavgm / fedadam rows (FedAdam wants a small one, e.g. 1e-3)",
     )
     t.add_argument("--server-momentum", type=float, default=0.9, help="FedAvgM momentum")
+    t.add_argument(
+        "--transport-dtype",
+        choices=("fp32", "bf16", "int8", "int4"),
+        default="fp32",
+        help="how federated rows move adapters (transport.dtype; silotune/wire_codec.py)",
+    )
+    t.add_argument("--transport-block-size", type=int, default=0, help="int8/int4 block (0 = default)")
+    t.add_argument(
+        "--no-error-feedback",
+        action="store_true",
+        help="quantized transport without the silos' residual (transport.error-feedback=false)",
+    )
     e = c.add_argument_group("evaluation (as silotune eval)")
     e.add_argument("--eval-data-dir", type=Path, help=f"benchmark files; default ${DATA_ENV}")
     e.add_argument("--eval-limit", type=int, default=100, help="N items of each benchmark")
@@ -120,8 +132,9 @@ class Row:
     ranks: list[int]
     steps_per_silo: int
     total_steps: int
-    uplink_bytes: int = 0
+    uplink_bytes: int = 0  # in the run's transport.dtype
     downlink_bytes: int = 0
+    fp32_bytes: int = 0  # the same adapter traffic as float32
     raw_data_bytes: int = 0  # raw training data moved off the silos (centralized only)
     scores: dict[str, float] = field(default_factory=dict)  # benchmark name -> value (0-1)
     macro_f1: dict[str, float] = field(default_factory=dict)  # closed-answer benchmarks only
@@ -411,6 +424,9 @@ def run_compare(args: argparse.Namespace) -> int:
             "strategy.proximal-mu": args.proximal_mu,
             "strategy.server-lr": args.server_lr,
             "strategy.server-momentum": args.server_momentum,
+            "transport.dtype": args.transport_dtype,
+            "transport.block-size": args.transport_block_size,
+            "transport.error-feedback": not args.no_error_feedback,
         },
         source="compare options",
     )
@@ -585,8 +601,8 @@ def run_compare(args: argparse.Namespace) -> int:
             o = train_federated(bank, fed_silos, approach_run, rounds, _log)
             label = FEDERATED_LABELS[approach] + _strategy_note(approach, args)
             row = Row(approach, f"federated {label}", None, [s.rank for s in fed_silos], o.steps_per_silo,
-                      o.total_steps, o.uplink_bytes, o.downlink_bytes, train_seconds=o.seconds,
-                      losses=o.losses)  # fmt: skip
+                      o.total_steps, o.uplink_bytes, o.downlink_bytes, o.fp32_bytes,
+                      train_seconds=o.seconds, losses=o.losses)  # fmt: skip
             rows.append(evaluate(bank.with_state(o.state, o.rank), row, o.state))
         else:
             o = train_centralized(bank, silos, run.train, rounds, _log)
