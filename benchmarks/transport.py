@@ -87,7 +87,8 @@ def main() -> None:
             print(f"== {name}", file=sys.stderr, flush=True)
             results[name] = run_format(dtype, feedback, Path(tmp) / name, args.quick)
     base = results.get("fp32")
-    print(f"\n{'format':<12} {'wire bytes':>14} {'vs fp32':>8} {'accuracy':>9} {'Δ points':>9} {'macro-F1':>9}")
+    header = ("format", "wire bytes", "vs fp32", "accuracy", "Δ points", "macro-F1")
+    print("\n{:<12} {:>14} {:>8} {:>9} {:>9} {:>9}".format(*header))
     for name, r in results.items():
         r["bytes_ratio"] = r["wire_bytes"] / base["wire_bytes"] if base else None
         r["accuracy_delta_points"] = 100 * (r["accuracy"] - base["accuracy"]) if base else None
