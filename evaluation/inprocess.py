@@ -34,7 +34,7 @@ from superlink.defences import Defence
 from superlink.round_core import (
     aggregate_round,
     build_payloads,
-    downlink,
+    encode_downlink,
     run_encoding,
     sample_round,
     train_config,
@@ -214,7 +214,7 @@ def train_federated(
         updates, held = [], {}
         for i, payload in payloads.items():
             silo = silos[i]
-            arrays, held[i] = downlink(payload, enc)
+            arrays, held[i] = encode_downlink(payload, enc)
             down += payload_nbytes(arrays)
             state, loss = _phase_train(
                 bank, held[i], silo.rank, silo.examples, run.train, run.train.local_steps,

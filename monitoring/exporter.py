@@ -150,6 +150,8 @@ _PROGRESS_KINDS = frozenset(
 _SILO_COUNTERS: dict[str, m.MetricDef] = {
     "uplink_bytes": m.UPLINK_BYTES,
     "downlink_bytes": m.DOWNLINK_BYTES,
+    "uplink_fp32_bytes": m.UPLINK_FP32_BYTES,
+    "downlink_fp32_bytes": m.DOWNLINK_FP32_BYTES,
     "examples": m.SILO_EXAMPLES,
     "tokens": m.SILO_TOKENS,
     "train_seconds": m.SILO_TRAIN_SECONDS_TOTAL,

@@ -49,6 +49,14 @@ from silotune.errors import ApprovalPending, ModelMismatchError, PolicyRefused, 
 from silotune.events import EventLog
 from silotune.modeling import model_identity
 from silotune.silo_failures import SiloFailure, classify, reason_for
+from silotune.wire_codec import (
+    Encoding,
+    ErrorFeedback,
+    decode,
+    encode_uplink,
+    encoding_for,
+    float32_nbytes,
+)
 
 app = ClientApp()
 
@@ -269,6 +277,31 @@ def handshake(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def _received_adapter(msg: Message, peft_model: Any, enc: Encoding) -> dict[str, Any]:
+    """The adapter in the message, decoded from the run's transport.dtype (silotune/wire_codec.py);
+    a payload in another encoding or of other shapes is refused before it is loaded."""
+    arrays = from_array_record(msg.content[p.REC_ARRAYS])
+    if not enc.quantized:
+        return arrays
+    expected = {k: tuple(v.shape) for k, v in adapter_state(peft_model).items()}
+    return decode(arrays, enc, expected)
+
+
+# In-process fallback for silos without a state dir: a resident worker keeps it across rounds.
+_RESIDUALS: dict[str, ErrorFeedback] = {}
+
+
+def _error_feedback(run: RunConfig, silo: SiloConfig, context: Context) -> ErrorFeedback | None:
+    """This silo's quantization residual for this run (transport.error-feedback), on disk in its
+    state dir so that it survives the per-message process and worker restarts."""
+    if not run.transport.error_feedback or run.transport.dtype == "fp32":
+        return None
+    name = f"run-{context.run_id}-residual.safetensors"
+    if silo.state_dir:
+        return ErrorFeedback(Path(silo.state_dir) / "transport" / name)
+    return _RESIDUALS.setdefault(name, ErrorFeedback())
+
+
 def _check_identity(msg_cfg: ConfigRecord, run: RunConfig) -> None:
     expected = str(msg_cfg.get(p.MODEL_SHA256, ""))
     mine = model_identity(run.model.name)
@@ -296,7 +329,8 @@ def train(msg: Message, context: Context) -> Message:
     # Loaded once per base model in a resident worker; the received adapter is swapped in.
     slot = resident.model_with_adapter(run.model, run.peft, rank, run.train.seed)
     loaded, peft_model = slot.loaded, slot.peft_model
-    received = from_array_record(msg.content[p.REC_ARRAYS])
+    enc = encoding_for(run.transport)
+    received = _received_adapter(msg, peft_model, enc)
     load_adapter_state(peft_model, received)
     examples = resident.encoded(slot, run, silo, "train", train_records)
     result = train_round(
@@ -309,7 +343,8 @@ def train(msg: Message, context: Context) -> Message:
         proximal_mu=float(cfg.get(p.PROXIMAL_MU, 0.0)),
     )
     peaks = meter.stop()
-    arrays = to_array_record(adapter_state(peft_model))
+    trained = adapter_state(peft_model)
+    arrays = to_array_record(encode_uplink(trained, received, enc, _error_feedback(run, silo, context)))
     resident.after_message(slot)  # gradients and graphs go before the reply is built
     gpus = allotted()[1]
     metrics: dict[str, Any] = {
@@ -337,6 +372,9 @@ def train(msg: Message, context: Context) -> Message:
         train_seconds=result.train_seconds,
         uplink_bytes=uplink,
         downlink_bytes=downlink,
+        # The same adapter as float32 each way: what transport.dtype=fp32 would have moved.
+        uplink_fp32_bytes=float32_nbytes(trained),
+        downlink_fp32_bytes=float32_nbytes(received),
         lora_rank=rank,
         threads=threads,
         gpus=gpus,
@@ -366,7 +404,9 @@ def evaluate(msg: Message, context: Context) -> Message:
         slot = resident.model_with_adapter(
             run.model, run.peft, silo_rank(run, silo), run.train.seed, for_training=False
         )
-        load_adapter_state(slot.peft_model, from_array_record(msg.content[p.REC_ARRAYS]))
+        load_adapter_state(
+            slot.peft_model, _received_adapter(msg, slot.peft_model, encoding_for(run.transport))
+        )
         examples = resident.encoded(slot, run, silo, "eval", eval_records)
         metrics[p.EVAL_LOSS] = evaluate_loss(
             slot.peft_model, slot.loaded.tokenizer, examples, run.train.batch_size

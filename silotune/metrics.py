@@ -37,6 +37,18 @@ UPLINK_BYTES = MetricDef(
 DOWNLINK_BYTES = MetricDef(
     "silotune_downlink_bytes_total", "counter", "Adapter payload bytes sent server -> silo.", _S
 )
+UPLINK_FP32_BYTES = MetricDef(
+    "silotune_uplink_fp32_bytes_total",
+    "counter",
+    "The uplink's adapters as float32 (what transport.dtype=fp32 would have sent).",
+    _S,
+)
+DOWNLINK_FP32_BYTES = MetricDef(
+    "silotune_downlink_fp32_bytes_total",
+    "counter",
+    "The downlink's adapters as float32 (what transport.dtype=fp32 would have sent).",
+    _S,
+)
 SILO_ROUNDS = MetricDef(
     "silotune_silo_rounds_total", "counter", "Local training rounds a silo completed.", _S
 )

@@ -54,6 +54,7 @@ R_OVERSIZED = "oversized"  # a tensor or the whole reply has more bytes than it 
 R_TENSOR_VALUES = "tensor_not_finite"  # NaN or Inf inside a tensor
 R_MALFORMED = "malformed"  # a tensor that cannot be decoded
 R_ANOMALY_EXCLUDED = "anomaly_excluded"  # flagged as anomalous in K consecutive rounds
+R_ENCODING = "encoding"  # tensors not in the run's transport.dtype, or a packed payload that is off
 
 REASON_CODES = (
     R_MISSING_RECORD,
@@ -71,6 +72,7 @@ REASON_CODES = (
     R_TENSOR_VALUES,
     R_MALFORMED,
     R_ANOMALY_EXCLUDED,
+    R_ENCODING,
 )
 
 # --- event kinds this protocol adds (silotune/events.py lists every kind and its fields) ----------

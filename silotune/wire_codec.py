@@ -27,9 +27,12 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from silotune.config import TransportSettings
 
 TransportDtype = Literal["fp32", "bf16", "int8", "int4"]
 TRANSPORT_DTYPES: tuple[str, ...] = ("fp32", "bf16", "int8", "int4")
@@ -65,6 +68,11 @@ class Encoding:
     @property
     def quantized(self) -> bool:
         return self.dtype != "fp32"
+
+
+def encoding_for(transport: TransportSettings) -> Encoding:
+    """The run's wire format from its ``transport.*`` settings, the same at both ends."""
+    return Encoding(transport.dtype, transport.block_size)
 
 
 def float32_nbytes(state: dict[str, np.ndarray]) -> int:

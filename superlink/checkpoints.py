@@ -16,6 +16,7 @@ point leaves the previous checkpoint and LATEST untouched; leftovers are removed
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -89,12 +90,29 @@ class CheckpointStore:
                 shutil.rmtree(old, ignore_errors=True)
             os.replace(tmp, final)
             fsync_dir(self.dir)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            self._raise_if_disk_full(exc, server_round)
             raise
-        self._write_latest(final.name)
+        try:
+            self._write_latest(final.name)
+        except OSError as exc:
+            self._raise_if_disk_full(exc, server_round)
+            raise
         self._prune()
         return final
+
+    def _raise_if_disk_full(self, exc: BaseException, server_round: int) -> None:
+        """A full disk is the operator's to fix: say so, and what is still safe to resume from."""
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            latest_file = self.run_dir / "LATEST"
+            latest = latest_file.read_text().strip() if latest_file.exists() else ""
+            kept = f"the previous checkpoint {latest} is intact" if latest else "no earlier checkpoint"
+            raise CheckpointError(
+                f"cannot write the checkpoint of round {server_round} to {self.dir}: no space left on "
+                f"the device ({exc.strerror}); {kept}. Free space there, then submit the run again "
+                "(or restart the central site): it resumes from the last checkpoint."
+            ) from exc
 
     def _write_latest(self, name: str) -> None:
         atomic_write_text(self.run_dir / "LATEST", name + "\n")

@@ -24,6 +24,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from silotune import protocol as p
+from silotune.wire_codec import META_KEY, CodecError, Encoding, decode_uplink, packed_sizes
 
 # A silo declaring more examples than this is lying or misconfigured (FlowerTune's largest
 # domain has ~10^5); the bound keeps float weights exact and sums far from overflow.
@@ -38,11 +39,7 @@ OPTIONAL_TRAIN_METRICS = (
     p.TOKENS,
     p.TOKENS_PER_SECOND,
     p.TRAIN_SECONDS,
-    "peak-gpu-allocated-bytes",
-    "peak-gpu-reserved-bytes",
-    "nvml-used-bytes",
-    "gpu-total-bytes",
-    "peak-rss-bytes",
+    *(p.metric_key(field) for field in p.MEMORY_FIELDS),
 )
 
 
@@ -180,12 +177,42 @@ def check_arrays(content: Any, expected: dict[str, tuple[int, ...]]) -> OrderedD
     return out
 
 
+def check_encoded_arrays(
+    content: Any, sent: dict[str, np.ndarray], enc: Encoding
+) -> OrderedDict[str, np.ndarray]:
+    """A reply in a packed transport format: the silo's adapter rebuilt from its update.
+
+    The size is bounded by what the run's format needs for the adapter that was sent before
+    anything is decoded; the codec then checks format, block size, tensor list and exact byte
+    counts (silotune/wire_codec.py) before it dequantizes."""
+    rec = _record(content, p.REC_ARRAYS, ArrayRecord)
+    n_values = sum(int(v.size) for v in sent.values())
+    data_bytes, n_scales = packed_sizes(n_values, enc)
+    budget = data_bytes + 4 * n_scales + 3 * TENSOR_HEADER_SLACK + MAX_NAME_CHARS * (len(sent) + 8) * 4
+    if rec.count_bytes() > budget:
+        raise ReplyRejected(p.R_OVERSIZED, f"{rec.count_bytes()} bytes, at most {budget} expected")
+    try:
+        arrays = {key: rec[key].numpy() for key in rec.keys()}
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is the silo's fault
+        raise ReplyRejected(p.R_MALFORMED, f"packed arrays cannot be decoded: {type(exc).__name__}") from None
+    try:
+        state = decode_uplink(arrays, sent, enc)
+    except CodecError as exc:
+        raise ReplyRejected(p.R_ENCODING, str(exc)) from None
+    bad = [k for k, v in state.items() if not np.isfinite(v).all()]
+    if bad:
+        raise ReplyRejected(p.R_TENSOR_VALUES, f"{bad[0]} holds NaN or Inf")
+    return OrderedDict(sorted(state.items()))
+
+
 def check_train_reply(
     content: Any,
     expected: dict[str, tuple[int, ...]],
     reference_sha: str,
     declared_examples: int,
     rank: int | None,
+    sent: dict[str, np.ndarray] | None = None,
+    enc: Encoding | None = None,
 ) -> TrainReply:
     """A train reply: base model, example count (<= the handshake's), rank, loss, tensors."""
     metrics = _record(content, p.REC_METRICS, MetricRecord)
@@ -209,7 +236,13 @@ def check_train_reply(
     for key in OPTIONAL_TRAIN_METRICS:
         if key in metrics:
             checked[key] = real(metrics[key], key, 0.0, math.inf)
-    state = check_arrays(content, expected)
+    if enc is not None and enc.quantized and sent is not None:
+        state = check_encoded_arrays(content, sent, enc)
+    else:
+        rec = _record(content, p.REC_ARRAYS, ArrayRecord)
+        if META_KEY in rec.keys():
+            raise ReplyRejected(p.R_ENCODING, "a packed payload in a run whose transport.dtype is fp32")
+        state = check_arrays(content, expected)
     return TrainReply(state, n, checked)
 
 

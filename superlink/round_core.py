@@ -21,7 +21,7 @@ import numpy as np
 
 from silotune import protocol as p
 from silotune.config import RunConfig, lr_for_round
-from silotune.wire_codec import Encoding, decode, encode
+from silotune.wire_codec import Encoding, decode, encode, encoding_for
 from superlink.defences import Defence, DefenceReport
 from superlink.strategies import SiloUpdate, Strategy
 
@@ -62,10 +62,10 @@ def build_payloads(
 
 def run_encoding(cfg: RunConfig) -> Encoding:
     """The run's wire format (``transport.*``), the same at both ends."""
-    return Encoding(cfg.transport.dtype, cfg.transport.block_size)
+    return encoding_for(cfg.transport)
 
 
-def downlink(
+def encode_downlink(
     payload: dict[str, np.ndarray], enc: Encoding
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(the arrays that travel to a silo, the adapter the silo holds once it decodes them).

@@ -29,6 +29,7 @@ from silotune.events import EventLog
 from silotune.metrics import BYTES_PER_MB
 from silotune.protocol import PROGRESS_PREFIX  # `silotune run` parses these lines
 from silotune.silo_failures import SiloFailure, describe_error, failure_code
+from silotune.wire_codec import encode, float32_nbytes
 from superlink.checkpoints import CheckpointStore
 from superlink.defences import Defence, DefenceReport
 from superlink.grid_calls import GridCalls, GridUnavailable
@@ -40,7 +41,14 @@ from superlink.reply_checks import (
     check_init_reply,
     check_train_reply,
 )
-from superlink.round_core import aggregate_round, build_payloads, sample_round, train_config
+from superlink.round_core import (
+    aggregate_round,
+    build_payloads,
+    encode_downlink,
+    run_encoding,
+    sample_round,
+    train_config,
+)
 from superlink.run_lock import RunLock
 from superlink.strategies import SiloUpdate, Strategy, get_strategy
 from superlink.watchdog import MAX_CONSECUTIVE_STALLS, RoundStalled, Watchdog, progress_timeout
@@ -160,6 +168,7 @@ class Federation:
         self.admitted = load_admitted_names()  # node id -> admitted name; None: no ledger
         # Bounded influence (superlink/defences.py) and each silo's run of flagged rounds.
         self.defence = Defence(cfg.strategy, cfg.peft.alpha)
+        self.encoding = run_encoding(cfg)  # transport.dtype, the same at every silo
         self.anomaly_streak: dict[int, int] = {}
         self.current_round = 0  # 0 = the run's start; handshake backoff counts in rounds
         self.rounds_completed = 0  # last round that produced a new global adapter (run_end)
@@ -525,10 +534,14 @@ class Federation:
         }
         # What each silo receives; also the reference its update is measured against (defences.py).
         sent = build_payloads(self.strategy, self.global_state, {n: self.silos[n].rank for n in sampled}, rnd)
-        contents, down = {}, {}
+        # In a quantized transport.dtype, what a silo holds after decoding is the dequantized
+        # payload: that is the reference its update is rebuilt on and measured against.
+        contents, down, held, fp32 = {}, {}, {}, {}
         for nid, payload in sent.items():
-            arrays = to_array_record(payload)
+            wire, held[nid] = encode_downlink(payload, self.encoding)
+            arrays = to_array_record(wire)
             down[nid] = arrays.count_bytes()
+            fp32[nid] = float32_nbytes(payload)
             contents[nid] = RecordDict({p.REC_ARRAYS: arrays, p.REC_CONFIG: ConfigRecord(base_cfg)})
         replies, errors = self._send(MessageType.TRAIN, contents, rnd, cfg.strategy.round_timeout)
         updates, per_silo, uplink = [], [], 0
@@ -550,7 +563,7 @@ class Federation:
             up = _array_bytes(reply.content)
             uplink += up
             try:
-                update = self._validate(nid, reply, rnd)
+                update = self._validate(nid, reply, rnd, held[nid])
             except ReplyRejected as exc:
                 self._reject(rnd, nid, silo.name, exc, "train")
                 continue
@@ -562,6 +575,9 @@ class Federation:
                 p.SILO: silo.name,
                 "uplink_bytes": up,
                 "downlink_bytes": down[nid],
+                # The same adapter as float32 each way: what transport.dtype=fp32 would have moved.
+                "uplink_fp32_bytes": fp32[nid],
+                "downlink_fp32_bytes": fp32[nid],
                 "train_loss": m.get(p.TRAIN_LOSS),
                 "examples": update.num_examples,
                 p.TOKENS: m.get(p.TOKENS),
@@ -576,7 +592,7 @@ class Federation:
         downlink = sum(down.values())
         self.cumulative_bytes += uplink + downlink
         ckpt_path = ""
-        agg = aggregate_round(cfg, self.strategy, self.defence, self.global_state, updates, sent)
+        agg = aggregate_round(cfg, self.strategy, self.defence, self.global_state, updates, held)
         agg_seconds, loss, quorum = agg.seconds, agg.train_loss, len(updates) >= cfg.strategy.min_answers
         if updates and not quorum:
             log(
@@ -625,6 +641,7 @@ class Federation:
             failed=outcome.failed,
             uplink_bytes=uplink,
             downlink_bytes=downlink,
+            fp32_bytes=sum(fp32[n] for n in replies) + sum(fp32.values()),
             cumulative_bytes=self.cumulative_bytes,
             train_loss=loss,
             checkpoint=ckpt_path,
@@ -650,7 +667,7 @@ class Federation:
         )
         return outcome
 
-    def _validate(self, nid: int, reply: Message, rnd: int) -> SiloUpdate:
+    def _validate(self, nid: int, reply: Message, rnd: int, held: dict[str, np.ndarray]) -> SiloUpdate:
         """Every field checked in superlink/reply_checks.py; raises ReplyRejected(code, detail).
 
         The example count is bounded by the one the silo declared at its handshake, so a silo
@@ -662,6 +679,8 @@ class Federation:
             self.reference_sha,
             silo.num_examples,
             silo.rank,
+            sent=held,
+            enc=self.encoding,
         )
         return SiloUpdate(nid, dict(checked.state), checked.num_examples, silo.rank, checked.metrics)
 
@@ -750,16 +769,11 @@ class Federation:
         cfg = ConfigRecord(
             {p.SERVER_ROUND: rnd, p.MODEL_SHA256: self.reference_sha, p.MODEL_NAME: self.cfg.model.name}
         )
+        ranks = {n: self.silos[n].rank for n in targets}
+        payloads = build_payloads(self.strategy, self.global_state, ranks, rnd)
         contents = {
-            n: RecordDict(
-                {
-                    p.REC_ARRAYS: to_array_record(
-                        self.strategy.payload_for(self.global_state, self.silos[n].rank, rnd)
-                    ),
-                    p.REC_CONFIG: cfg,
-                }
-            )
-            for n in targets
+            n: RecordDict({p.REC_ARRAYS: to_array_record(encode(payload, self.encoding)), p.REC_CONFIG: cfg})
+            for n, payload in payloads.items()
         }
         replies, _ = self._send(MessageType.EVALUATE, contents, rnd, self.cfg.strategy.round_timeout)
         pairs = []

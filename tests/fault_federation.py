@@ -12,6 +12,7 @@ import json
 import os
 import random
 import signal
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from demo.local_federation import CONNECTION, LocalFederation, SiloSpec
 from silotune.events import read_events
 from silotune.processes import ManagedProcess, start_process
 from superlink.run_journal import _submit_detached, record_submission
+from superlink.watchdog import MIN_BOUND_SECONDS
 
 WORDS = {
     "negative": ["fell", "plunged", "missed", "cut"],
@@ -273,3 +275,231 @@ def corrupt_checkpoints(run_dir: Path, model: Path) -> list[str]:
         except Exception as exc:  # noqa: BLE001 - any failure to load is what we count
             bad.append(f"{ckpt.name}: {type(exc).__name__}: {exc}")
     return bad
+
+
+# -- scenarios: each runs once and returns its tally -------------------------------------------------
+@dataclass
+class Tally:
+    scenario: str
+    survived: bool
+    rounds_lost: int
+    corrupt_checkpoints: int
+    detail: dict[str, Any]
+
+
+def _round_ends(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in events if e["kind"] == "round_end" and e.get("adapter_updated")]
+
+
+def _mid_round(fed: FaultFederation, run_dir: str, rnd: int, rng: random.Random, spread: float) -> float:
+    """Wait for round ``rnd`` to start, then a random moment of it (0..spread s after its training
+    messages went out); returns that moment's time."""
+    fed.wait_event(run_dir, lambda e: e["kind"] == "round_start" and e["round"] == rnd, 900,
+                   f"round {rnd} of {run_dir}")  # fmt: skip
+    time.sleep(rng.uniform(0.0, spread))
+    return time.time()
+
+
+def central_kill(
+    fed: FaultFederation, model: Path, rep: int, rng: random.Random, what: str, rounds: int = 3,
+    kill_round: int = 2, spread: float = 8.0,
+) -> Tally:  # fmt: skip
+    """SIGKILL the SuperLink (``what="superlink"``) or the ServerApp (``"serverapp"``) at a random
+    moment of round ``kill_round``, restart the central site, let the journal resume the run."""
+    run_dir = f"{what}-kill-{rep}"
+    path = fed.runs_root / run_dir
+    fed.start_run(run_config(model, run_dir, rounds, len(fed.silos)))
+    _mid_round(fed, run_dir, kill_round, rng, spread)
+    if what == "superlink":
+        fed.kill_superlink()
+        killed = [fed.central.pid]
+    else:
+        killed = fed.kill_serverapp()
+    time.sleep(1.0)
+    at_kill = latest_round(path)
+    before = {e["round"] for e in _round_ends(fed.events(run_dir))}
+    restarted_at = time.time()
+    resumed = fed.restart_central()
+    end = fed.wait_run_end(run_dir, 1200, after=restarted_at)
+    events = fed.events(run_dir)
+    starts = [e["start_round"] for e in events if e["kind"] == "run_start" and e["ts"] >= restarted_at]
+    after = [e["round"] for e in _round_ends(events) if e["ts"] >= restarted_at]
+    repeated = sorted(set(after) & before) + sorted(r for r in after if r <= at_kill)
+    missing = sorted(set(range(1, rounds + 1)) - set(checkpoint_rounds(path)))
+    corrupt = corrupt_checkpoints(path, model)
+    survived = (
+        bool(killed) and end["status"] == "completed" and end["rounds_completed"] == rounds
+        and starts[:1] == [at_kill + 1] and not missing and not corrupt and len(resumed) == 1
+    )  # fmt: skip
+    return Tally(f"{what}-kill", survived, len(set(repeated)) + len(missing), len(corrupt), {
+        "killed_pids": killed, "checkpoint_at_kill": at_kill, "resumed_at_round": starts,
+        "resubmitted": resumed, "status": end["status"], "rounds_completed": end["rounds_completed"],
+        "repeated": sorted(set(repeated)), "missing": missing, "corrupt": corrupt,
+    })  # fmt: skip
+
+
+def silo_kill(
+    fed: FaultFederation, model: Path, rep: int, rng: random.Random, rounds: int = 3,
+    kill_round: int = 2, spread: float = 8.0, down: float = 3.0,
+) -> Tally:  # fmt: skip
+    """SIGKILL one silo's SuperNode at a random moment of a round, restart it with the same
+    command line: the round completes with the others and the silo is back in a later round."""
+    run_dir = f"silo-kill-{rep}"
+    path = fed.runs_root / run_dir
+    victim = fed.silos[rep % len(fed.silos)].name
+    # The silo's lost message costs the round at most the watchdog's bound (the others answered).
+    fed.start_run(run_config(model, run_dir, rounds, len(fed.silos), **{"strategy.round-timeout": 90.0}))
+    _mid_round(fed, run_dir, kill_round, rng, spread)
+    snap = fed.kill_silo(victim)
+    time.sleep(down)
+    fed.restart_silo(victim, snap)
+    end = fed.wait_run_end(run_dir, 1200)
+    events = fed.events(run_dir)
+    ends = {e["round"]: e for e in events if e["kind"] == "round_end"}
+    results = [e for e in events if e["kind"] == "silo_result" and e["silo"] == victim]
+    back = sorted(e["round"] for e in results if e["round"] > kill_round)
+    missing = sorted(set(range(1, rounds + 1)) - set(checkpoint_rounds(path)))
+    corrupt = corrupt_checkpoints(path, model)
+    kill_round_ok = bool(ends.get(kill_round, {}).get("adapter_updated"))
+    survived = (end["status"] == "completed" and kill_round_ok and bool(back) and not missing
+                and not corrupt)  # fmt: skip
+    return Tally("silo-kill", survived, len(missing), len(corrupt), {
+        "victim": victim, "answered_in_kill_round": ends.get(kill_round, {}).get("answered"),
+        "kill_round_seconds": ends.get(kill_round, {}).get("duration_seconds"),
+        "victim_back_in_rounds": back, "status": end["status"], "missing": missing,
+    })  # fmt: skip
+
+
+def _silo_family(fed: FaultFederation) -> set[int]:
+    """Every process of every silo: its SuperNode, the executor and the ClientApp it started."""
+    from silotune.processes import _family
+
+    pids: set[int] = set()
+    for s in fed.silos:
+        pids |= _family(fed.silo_proc(s.name).pid, False) | {fed.silo_proc(s.name).pid}
+    return pids
+
+
+def alert_expr(name: str) -> str:
+    import yaml
+
+    rules = Path(__file__).resolve().parents[1] / "monitoring/prometheus/rules/silotune-alerts.yml"
+    for group in yaml.safe_load(rules.read_text())["groups"]:
+        for rule in group["rules"]:
+            if rule.get("alert") == name:
+                return str(rule["expr"])
+    raise KeyError(name)
+
+
+def stalled_silos(
+    fed: FaultFederation, model: Path, rep: int, rng: random.Random, prom: str, rounds: int = 2,
+    stall_round: int = 2, spread: float = 4.0,
+) -> Tally:  # fmt: skip
+    """SIGSTOP every process of the silos mid-round (hung, not dead: their connections stay open):
+    the watchdog fails the round within its bound, SiloTuneRoundFailedByWatchdog's expression is
+    true in Prometheus (``prom`` scrapes the central exporter), and after SIGCONT the run goes on."""
+    from tests.test_monitoring_prometheus import query
+
+    run_dir = f"stalled-{rep}"
+    factor = 1.0
+    cfg = run_config(model, run_dir, rounds, len(fed.silos),
+                     **{"strategy.watchdog-factor": factor, "strategy.round-timeout": 600.0})  # fmt: skip
+    started = time.time()
+    fed.start_run(cfg)
+    _mid_round(fed, run_dir, stall_round, rng, spread)
+    stopped = _silo_family(fed)
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        stall = fed.wait_event(run_dir, lambda e: e["kind"] == "round_stalled", 900, "the watchdog",
+                               check=False)  # fmt: skip
+        events = fed.events(run_dir)
+        durations = [e["duration_seconds"] for e in events
+                     if e["kind"] == "round_end" and e["answered"] and e["ts"] >= started]  # fmt: skip
+        bound = max(MIN_BOUND_SECONDS, factor * statistics.median(durations)) if durations else None
+        progress = [e["ts"] for e in events if e["ts"] < stall["ts"] and e["kind"] in (
+            "round_start", "silo_reply", "round_end")]  # fmt: skip
+        silent = stall["ts"] - max(progress)
+        expr = alert_expr("SiloTuneRoundFailedByWatchdog")
+        deadline, alert = time.monotonic() + 90, []
+        while not alert and time.monotonic() < deadline:
+            alert = query(prom, expr)
+            time.sleep(1.0)
+    finally:
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    end = fed.wait_run_end(run_dir, 900)
+    # Slack: the pull loop polls once a second, plus one Grid call and an event write.
+    within = bound is not None and silent <= bound + 15.0
+    survived = within and bool(alert) and end["status"] == "completed"
+    missing = sorted(set(range(1, rounds + 1)) - set(checkpoint_rounds(fed.runs_root / run_dir)))
+    corrupt = corrupt_checkpoints(fed.runs_root / run_dir, model)
+    return Tally("stalled-silo", survived and not corrupt, len(missing), len(corrupt), {
+        "silent_seconds_before_fail": round(silent, 1), "watchdog_bound_seconds": bound,
+        "reason": stall["reason"], "alert_expr_true": bool(alert), "status": end["status"],
+        "rounds_without_new_adapter": missing,
+    })  # fmt: skip
+
+
+def disk_full(
+    fed: FaultFederation, model: Path, rep: int, rng: random.Random, rounds: int = 2,
+    size: str = "4m",
+) -> Tally:  # fmt: skip
+    """The run dir is a small tmpfs; it is filled after round 1's checkpoint: round 2's checkpoint
+    fails, round 1's stays intact, the run stops with a clear error; once space is freed, a resume
+    continues from round 1."""
+    import subprocess
+
+    run_dir = f"disk-full-{rep}"
+    path = fed.runs_root / run_dir
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True,
+                   timeout=30)  # fmt: skip
+    filler = path / "filler"
+    try:
+        fed.start_run(run_config(model, run_dir, rounds, len(fed.silos)))
+        fed.wait_event(run_dir, lambda e: e["kind"] == "round_end" and e["round"] == 1, 900, "round 1")
+        filled_at = time.time()
+        with open(filler, "wb") as fh:
+            chunk = b"\0" * 65536
+            for _ in range(4096):  # bounded: far more than the tmpfs holds
+                try:
+                    fh.write(chunk)
+                    fh.flush()
+                except OSError:
+                    break
+        central = fed.events_dir / "server.jsonl"  # not on the full disk
+        deadline, failed = time.monotonic() + 900, None
+        while failed is None and time.monotonic() < deadline:
+            failed = next((e for e in read_events(central) if e["kind"] == "run_end"
+                           and e["ts"] >= filled_at), None)  # fmt: skip
+            time.sleep(1.0)
+        assert failed is not None, "the run did not stop on the full disk"
+        intact_latest = latest_round(path)
+        intact = corrupt_checkpoints(path, model)
+        leftovers = [p.name for p in (path / "checkpoints").iterdir() if p.name != "round-0001"]
+        filler.unlink()
+        resumed_at = time.time()
+        resumed = fed.resume_interrupted_runs()
+        end = fed.wait_run_end(run_dir, 900, after=resumed_at)
+        starts = [e["start_round"] for e in fed.events(run_dir)
+                  if e["kind"] == "run_start" and e["ts"] >= resumed_at]  # fmt: skip
+        missing = sorted(set(range(1, rounds + 1)) - set(checkpoint_rounds(path)))
+        corrupt = corrupt_checkpoints(path, model)
+    finally:
+        if filler.exists():
+            filler.unlink()
+        subprocess.run(["umount", "-l", str(path)], check=False, timeout=30)
+    clear = "no space left" in failed.get("reason", "").lower() and "round-0001 is intact" in failed["reason"]
+    survived = (
+        failed["status"] == "failed" and clear and intact_latest == 1 and not intact
+        and not leftovers and starts[:1] == [2] and end["status"] == "completed"
+        and not missing and not corrupt and len(resumed) == 1
+    )  # fmt: skip
+    return Tally("disk-full", survived, len(missing), len(corrupt) + len(intact), {
+        "failure": failed.get("reason", "")[:300], "latest_after_failure": intact_latest,
+        "leftovers": leftovers, "resumed_at_round": starts, "status": end["status"],
+    })  # fmt: skip

@@ -18,7 +18,9 @@ from flwr.app import Message
 from silotune.config import ConfigError, load_toml_run_config, parse_run_config
 from silotune.events import read_events
 from superlink.rounds import Federation
-from tests.test_rounds import FakeGrid, FakeSilo, _task_identity  # noqa: F401 - autouse fixture
+from tests.support.scripted_grid import FakeGrid, FakeSilo
+
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 ROOT = Path(__file__).resolve().parents[1]
 

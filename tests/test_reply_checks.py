@@ -18,7 +18,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from silotune import protocol as p
 from silotune.adapters import to_array_record
 from superlink.reply_checks import ReplyRejected, check_eval_reply, check_handshake
-from tests.test_rounds import INIT, FakeGrid, FakeSilo, _fed, _kinds, _task_identity  # noqa: F401
+from tests.support.scripted_grid import INIT, FakeGrid, FakeSilo
+from tests.support.scripted_grid import events_of as _kinds
+from tests.support.scripted_grid import make_federation as _fed
+
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 Mutator = Callable[[RecordDict], None]
 

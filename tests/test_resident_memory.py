@@ -49,7 +49,8 @@ def _message_and_context(model: Path, data: Path, server_round: int, arrays):  #
     }  # fmt: skip
     node_config = {"data-path": str(data), "columns": "input=text,output=label", "name": "silo-a"}
     context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
-    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round, "lr": 5e-3})})
+    config = ConfigRecord({"server-round": server_round, "lr": 5e-3})
+    content = RecordDict({"arrays": arrays, "config": config})
     return Message(content, dst_node_id=1, message_type="train"), context
 
 

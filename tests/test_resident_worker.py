@@ -113,7 +113,8 @@ def test_a_killed_worker_drops_one_round_and_is_back_for_the_next(resident, tiny
     assert answered[0] == 3 and answered[1] == 2 and answered[2] == 3, result.rounds
     new_pid = int((state / "worker.pid").read_text())
     assert new_pid != killed[0]  # the supervisor started a fresh worker
-    events = [e for e in read_events(resident.runs_root / "kill" / "events.jsonl") if e["kind"] == "silo_result"]
+    run_events = read_events(resident.runs_root / "kill" / "events.jsonl")
+    events = [e for e in run_events if e["kind"] == "silo_result"]
     assert victim in {e["silo"] for e in events if e["round"] == 3}
     assert victim not in {e["silo"] for e in events if e["round"] == 2}
 

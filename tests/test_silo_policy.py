@@ -23,7 +23,7 @@ from silotune.errors import PolicyRefused, UserError
 from silotune.events import read_events
 from silotune.silo_failures import SiloFailure, describe_error, reason_for
 from superlink.rounds import Federation, load_admitted_names
-from tests.test_rounds import FakeGrid, FakeSilo
+from tests.support.scripted_grid import FakeGrid, FakeSilo
 
 RUN_ID = 4242
 

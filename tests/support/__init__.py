@@ -1,0 +1,1 @@
+"""Test helpers that are not fixtures (fixtures live in tests/conftest.py)."""

@@ -1,0 +1,126 @@
+"""The run journal (superlink/run_journal.py): what is re-submitted when the central site restarts.
+No processes: the re-submission is a recorded call; the run dirs hold hand-written events."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from superlink.run_journal import (
+    MAX_FRUITLESS_RESUMES,
+    load,
+    open_entries,
+    record_submission,
+    resume_open_runs,
+)
+
+
+@pytest.fixture(autouse=True)
+def _runs_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SILOTUNE_RUNS_ROOT", str(tmp_path / "runs"))
+
+
+def _event(tmp_path: Path, run_dir: str, **event: Any) -> None:
+    path = tmp_path / "runs" / run_dir / "events.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(json.dumps({"ts": time.time(), "role": "server", **event}) + "\n")
+
+
+class Submitter:
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def __call__(self, home: Path, connection: str, config: dict[str, Any]) -> str:
+        self.calls.append({"home": home, "connection": connection, **config})
+        return str(100 + len(self.calls))
+
+
+def test_an_interrupted_run_is_resubmitted_with_resume_on(tmp_path: Path) -> None:
+    journal = tmp_path / "journal"
+    record_submission(journal, {"run-dir": "a", "num-rounds": 3, "resume": False}, "old-conn")
+    _event(tmp_path, "a", kind="run_start", start_round=1)  # then the ServerApp was killed
+    sub, said = Submitter(), []
+    assert resume_open_runs(journal, tmp_path / "home", "silotune", said.append, sub) == ["101"]
+    # Continue, even if the first submission started over; to the restarted site's connection.
+    assert sub.calls == [{"home": tmp_path / "home", "connection": "silotune", "run-dir": "a",
+                          "num-rounds": 3, "resume": True}]  # fmt: skip
+    assert "resumed run-dir a" in said[0]
+    (path,) = journal.glob("*.json")
+    assert load(path).history[0]["run_id"] == "101"
+
+
+@pytest.mark.parametrize("status", ["completed", "budget_exceeded", "stalled"])
+def test_a_run_that_ended_for_good_is_closed_not_resubmitted(tmp_path: Path, status: str) -> None:
+    journal = tmp_path / "journal"
+    record_submission(journal, {"run-dir": "b"}, "c")
+    _event(tmp_path, "b", kind="run_end", status=status, rounds_completed=2)
+    sub = Submitter()
+    assert resume_open_runs(journal, tmp_path, "c", lambda _m: None, sub) == []
+    assert open_entries(journal) == [] and sub.calls == []
+    assert load(next(journal.glob("*.json"))).closed == status
+
+
+def test_an_old_run_end_does_not_close_a_new_submission(tmp_path: Path) -> None:
+    journal = tmp_path / "journal"
+    _event(tmp_path, "c", kind="run_end", status="completed", rounds_completed=1)
+    time.sleep(0.01)
+    record_submission(journal, {"run-dir": "c", "num-rounds": 5}, "c")  # continue it to round 5
+    _event(tmp_path, "c", kind="run_end", status="failed", rounds_completed=3, reason="SuperLink gone")
+    assert len(open_entries(journal)) == 1
+
+
+def test_resubmissions_without_progress_give_up_and_say_why(tmp_path: Path) -> None:
+    journal = tmp_path / "journal"
+    record_submission(journal, {"run-dir": "d"}, "c")
+    sub, said = Submitter(), []
+    for _ in range(MAX_FRUITLESS_RESUMES):
+        _event(tmp_path, "d", kind="run_end", status="failed", rounds_completed=0, reason="boom")
+        resume_open_runs(journal, tmp_path, "c", said.append, sub)
+    assert len(sub.calls) == MAX_FRUITLESS_RESUMES
+    resume_open_runs(journal, tmp_path, "c", said.append, sub)
+    assert len(sub.calls) == MAX_FRUITLESS_RESUMES
+    assert "not resumed again" in said[-1] and "boom" in said[-1]
+    assert load(next(journal.glob("*.json"))).closed == "gave_up"
+
+
+def test_progress_resets_the_count(tmp_path: Path) -> None:
+    journal = tmp_path / "journal"
+    record_submission(journal, {"run-dir": "e", "num-rounds": 9}, "c")
+    sub = Submitter()
+    for done in range(1, MAX_FRUITLESS_RESUMES + 3):
+        ckpt = tmp_path / "runs" / "e"
+        ckpt.mkdir(parents=True, exist_ok=True)
+        (ckpt / "LATEST").write_text(f"round-{done:04d}\n")  # killed: no run_end, a new checkpoint
+        resume_open_runs(journal, tmp_path, "c", lambda _m: None, sub)
+    assert len(sub.calls) == MAX_FRUITLESS_RESUMES + 2
+
+
+def test_a_refused_resubmission_is_reported_and_the_others_go_on(tmp_path: Path) -> None:
+    journal = tmp_path / "journal"
+    record_submission(journal, {"run-dir": "f1"}, "c")
+    record_submission(journal, {"run-dir": "f2"}, "c")
+    said: list[str] = []
+
+    def submit(home: Path, conn: str, cfg: dict[str, Any]) -> str:
+        if cfg["run-dir"] == "f1":
+            raise RuntimeError("SuperLink said no")
+        return "7"
+
+    assert resume_open_runs(journal, tmp_path, "c", said.append, submit) == ["7"]
+    assert any("could not re-submit" in m and "SuperLink said no" in m for m in said)
+
+
+def test_superlink_start_offers_no_resume() -> None:
+    import argparse
+
+    from superlink.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    assert parser.parse_args(["superlink", "start", "--no-resume"]).no_resume is True
+    assert parser.parse_args(["superlink", "start"]).no_resume is False
