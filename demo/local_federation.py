@@ -50,7 +50,8 @@ class LocalFederation:
         self.insecure = insecure
         self.run_domain = run_domain
         self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        self.address = f"127.0.0.1:{self.port}"  # the public (Fleet-only) address the silos use
+        self.internal_port = free_port()  # the SuperLink itself, behind the proxy
         self.group = ProcessGroup()
         self.flwr_home = self.ws / "central" / "flwr-home"
         self.ca_dir = self.ws / "central" / "ca"
@@ -89,7 +90,7 @@ class LocalFederation:
         from silo_node.launch import SiloOptions, start_silo
         from silotune.flwr_connection import write_connection
         from superlink.admission import admit_silo
-        from superlink.launch import SuperLinkOptions, start_superlink
+        from superlink.launch import SuperLinkOptions, operator_address, start_superlink
 
         self.create_identity()
         opts = SuperLinkOptions(
@@ -98,6 +99,7 @@ class LocalFederation:
             server_key=None if self.insecure else self.server_dir / "server.key",
             host="127.0.0.1",
             port=self.port,
+            internal_port=self.internal_port,
             database=self.ws / "central" / "state.db",
             events_dir=self.events_dir,
             flwr_home=self.flwr_home,
@@ -107,10 +109,12 @@ class LocalFederation:
         # Relative run dirs of the ServerApp land in the central workspace, not in our cwd.
         os.environ["SILOTUNE_RUNS_ROOT"] = str(self.runs_root)
         self.group.add(start_superlink(opts, self.ws / "logs" / "superlink.log", cwd=self.ws / "central"))
+        # The operator's commands (admit, run, ls) go to the SuperLink's loopback port: the public
+        # port is the Fleet-only proxy, which refuses the Control API, as at a real central site.
         write_connection(
             self.flwr_home,
             CONNECTION,
-            self.address,
+            operator_address(opts),
             None if self.insecure else self.ca_dir / "ca.crt",
             insecure=self.insecure,
         )

@@ -23,9 +23,10 @@ if [[ $test_tools == 1 ]]; then
   # benchmarks; util-linux: unshare for the evaluation sandbox; faketime: silo clock-skew tests;
   # debootstrap, docker.io, docker-compose, runc, iptables: the container test builds its base
   # image locally (no registry) and runs a Docker daemon sealed in a network namespace.
+  # nftables: packet loss on one silo's link in the fault benchmark (benchmarks/faults.py).
   $SUDO apt-get install -y -qq --no-install-recommends \
     iproute2 openssl openssh-client prometheus chromium nodejs g++ util-linux faketime \
-    debootstrap docker.io docker-compose runc iptables ca-certificates >/dev/null
+    debootstrap docker.io docker-compose runc iptables nftables ca-certificates >/dev/null
 fi
 
 venv="${SILOTUNE_VENV:-.venv}"
