@@ -16,6 +16,11 @@ A TLS SuperLink with node authentication and silos training a tiny random Llama
                   checkpoint fails with a clear error, round 1's is intact, a resume after freeing
                   space completes the run.
 
+  links           in the network-namespace lab (tests/fault_links.py; root): one silo's link cut
+                  for 30 s mid-round, 20 % packet loss (nftables), 4 Mbit/s (tc tbf), 100 ms each
+                  way (a delaying TCP relay); each run against a clean run's round times. Not in
+                  the default set (``--only links``): it builds its own federations.
+
 A run "survived" when it completed every round, every checkpoint it wrote loads with
 PeftModel.from_pretrained, and the scenario's own condition held. "Rounds lost": completed rounds
 that were lost or had to be run again (for stalled-silo: rounds the watchdog failed, by design).
@@ -47,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 FULL = {"silo-kill": 20, "superlink-kill": 10, "serverapp-kill": 10, "stalled-silo": 3, "disk-full": 3}
+CHOICES = [*FULL, "links"]
 SILOS = ["hospital-a", "hospital-b"]
 
 
@@ -63,14 +69,15 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one repetition of each scenario")
-    ap.add_argument("--only", action="append", choices=sorted(FULL), help="run only these scenarios")
+    ap.add_argument("--only", action="append", choices=CHOICES, help="run only these scenarios")
     ap.add_argument("--runs", type=int, help="repetitions of each chosen scenario")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, help="keep workspaces and logs here (default: a temp dir)")
     args = ap.parse_args(argv)
 
     chosen = args.only or list(FULL)
-    counts = {s: (args.runs or (1 if args.quick else FULL[s])) for s in chosen}
+    links = "links" in chosen
+    counts = {s: (args.runs or (1 if args.quick else FULL[s])) for s in chosen if s != "links"}
     skipped = {}
     if "disk-full" in counts and os.geteuid() != 0:
         skipped["disk-full"] = "needs root (mount)"
@@ -86,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     t0 = time.monotonic()
     with ExitStack() as stack:
-        fed = stack.enter_context(FaultFederation(work / "workspace", silo_specs(work, SILOS)))
+        fed = None
+        if counts:
+            fed = stack.enter_context(FaultFederation(work / "workspace", silo_specs(work, SILOS)))
         prom = None
         if "stalled-silo" in counts:
             from tests.test_monitoring_prometheus import exporter, prometheus
@@ -117,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             r = results[scenario]
             print(f"{scenario}: {r['survived']}/{n} survived, {r['rounds_lost']} rounds lost, "
                   f"{r['corrupt_checkpoints']} corrupt checkpoints", flush=True)  # fmt: skip
+    if links:
+        results["links"] = _links(work, model, rng, args.runs or 1)
     for s, why in skipped.items():
         print(f"{s}: skipped ({why})")
     summary = {
@@ -129,8 +140,35 @@ def main(argv: list[str] | None = None) -> int:
         "workdir": str(work),
     }
     print(json.dumps(summary))
-    ok = all(r["survived"] == r["runs"] for r in results.values())
+    flat = [r for k, r in results.items() if k != "links"] + [
+        r for r in results.get("links", {}).values() if isinstance(r, dict)]  # fmt: skip
+    ok = all(r["survived"] == r["runs"] for r in flat)
     return 0 if ok else 1
+
+
+def _links(work: Path, model: Path, rng: random.Random, runs: int) -> dict:
+    from tests.fault_links import FAULTS, link_run
+    from tests.netlab import netns_unavailable_reason
+
+    reason = netns_unavailable_reason()
+    if reason:
+        print(f"links: skipped ({reason})")
+        return {"skipped": reason}
+    out: dict = {}
+    for fault in FAULTS:
+        rows = [link_run(work / "links" / f"{fault}-{i}", model, fault, rng) for i in range(runs)]
+        for r in rows:
+            print(f"  links {fault}: {r}", flush=True)
+        out[fault] = {
+            "runs": runs, "survived": sum(r["survived"] for r in rows),
+            "rounds_lost": sum(max(0, 2 - r["rounds_completed"]) for r in rows),
+            "corrupt_checkpoints": 0,
+            "round_seconds": [r["round_seconds"] for r in rows],
+        }  # fmt: skip
+        f = out[fault]
+        print(f"links {fault}: {f['survived']}/{runs} survived, round seconds {f['round_seconds']}",
+              flush=True)  # fmt: skip
+    return out
 
 
 if __name__ == "__main__":

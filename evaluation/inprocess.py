@@ -3,8 +3,9 @@
 The federated loop runs the deployed round's own core (``superlink/round_core.py``: sampling, each
 silo's payload, quorum, weight caps, clipping, robust selection, the strategy's average) and the
 silo's own training (``silo_node.training.train_round`` with ``round_seed``); only the transport
-differs: silos are called directly instead of over Flower. Bytes are counted as the float32 nbytes of
-what goes down and up, which is what ``ArrayRecord.count_bytes()`` reports in a real federation.
+differs: silos are called directly instead of over Flower. Adapters travel through the run's wire
+codec (``transport.dtype``), and bytes are what ``ArrayRecord.count_bytes()`` reports for them, as in a
+real federation; ``fp32_bytes`` is the same traffic in fp32.
 Replies come from this process's own training, so the deployment's reply checks are not re-run.
 
 Every approach is trained in the same *phases*: R phases, phase r at ``lr_for_round(train, r, R)``

@@ -76,13 +76,19 @@ def encoding_for(transport: TransportSettings) -> Encoding:
 
 
 def float32_nbytes(state: dict[str, np.ndarray]) -> int:
-    """What ``state`` weighs as float32: the figure every format is measured against."""
-    return sum(int(v.size) * 4 for v in state.values())
+    """What ``state`` weighs on the wire in fp32 (``ArrayRecord.count_bytes()``, headers and keys
+    included): the figure every format is measured against, like with like."""
+    from silotune.adapters import to_array_record
+
+    return int(to_array_record(encode(state, Encoding("fp32"))).count_bytes())
 
 
 def payload_nbytes(arrays: dict[str, np.ndarray]) -> int:
-    """Bytes of the arrays as they travel (without Flower's per-array header)."""
-    return sum(int(v.nbytes) for v in arrays.values())
+    """Bytes of encoded arrays as Flower counts them (``ArrayRecord.count_bytes()``), like a
+    deployment's ``uplink_bytes``/``downlink_bytes``."""
+    from silotune.adapters import to_array_record
+
+    return int(to_array_record(arrays).count_bytes())
 
 
 def packed_sizes(n_values: int, enc: Encoding) -> tuple[int, int]:

@@ -300,6 +300,14 @@ def _mid_round(fed: FaultFederation, run_dir: str, rnd: int, rng: random.Random,
     return time.time()
 
 
+def _resumed_run_end(fed: FaultFederation, run_dir: str, since: float) -> dict[str, Any]:
+    """The run_end of the run resumed after ``since`` (stopping the old site makes an orphaned
+    ServerApp write its own run_end, status "stopped", after ``since``: not that one)."""
+    start = fed.wait_event(run_dir, lambda e: e["kind"] == "run_start" and e["ts"] >= since, 900,
+                           f"the resumed {run_dir} to start")  # fmt: skip
+    return fed.wait_run_end(run_dir, 1200, after=start["ts"])
+
+
 def central_kill(
     fed: FaultFederation, model: Path, rep: int, rng: random.Random, what: str, rounds: int = 3,
     kill_round: int = 2, spread: float = 8.0,
@@ -320,7 +328,7 @@ def central_kill(
     before = {e["round"] for e in _round_ends(fed.events(run_dir))}
     restarted_at = time.time()
     resumed = fed.restart_central()
-    end = fed.wait_run_end(run_dir, 1200, after=restarted_at)
+    end = _resumed_run_end(fed, run_dir, restarted_at)
     events = fed.events(run_dir)
     starts = [e["start_round"] for e in events if e["kind"] == "run_start" and e["ts"] >= restarted_at]
     after = [e["round"] for e in _round_ends(events) if e["ts"] >= restarted_at]
@@ -484,7 +492,7 @@ def disk_full(
         filler.unlink()
         resumed_at = time.time()
         resumed = fed.resume_interrupted_runs()
-        end = fed.wait_run_end(run_dir, 900, after=resumed_at)
+        end = _resumed_run_end(fed, run_dir, resumed_at)
         starts = [e["start_round"] for e in fed.events(run_dir)
                   if e["kind"] == "run_start" and e["ts"] >= resumed_at]  # fmt: skip
         missing = sorted(set(range(1, rounds + 1)) - set(checkpoint_rounds(path)))

@@ -78,7 +78,8 @@ def link_run(work: Path, model: Path, fault: str, rng: random.Random, rounds: in
         )  # fmt: skip
         group.add(start_superlink(opts, work / "logs" / "superlink.log", netns=link.netns,
                                   health_address=f"{link.ip}:{PORT}", wait_timeout=180))  # fmt: skip
-        home = work / "operator"
+        home = opts.flwr_home  # the operator's home on the SuperLink's host: the ServerApp reads its
+        assert home is not None  # admission ledger there, so silos are named as admitted
         write_connection(home, "silotune", f"127.0.0.1:{PORT + 1}", ca)
         a = hosts["silo-a"]
         address = {name: f"{link.ip}:{PORT}" for name in SILOS}

@@ -172,3 +172,28 @@ def test_compare_and_a_deployed_run_share_one_round_core(federation, tiny_model)
     worst = max(float(np.max(np.abs(inproc.state[k] - deployed.adapter[k]))) for k in inproc.state)
     assert worst <= 1e-5, f"compare and the deployed run differ by up to {worst:g}"
     assert any(np.abs(v).sum() > 0 for k, v in inproc.state.items() if "lora_B" in k)  # it trained
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "int8", "int4"])
+def test_two_rounds_in_each_transport_format(federation, tiny_model, dtype: str) -> None:
+    """Real processes, adapters packed by silotune/wire_codec.py both ways; the checkpoint stays a
+    full-precision PEFT directory. (The tiny model's adapter is 1,792 values, so the codec's
+    metadata weighs a lot here; the ratios on a real adapter are in tests/test_wire_codec.py.)"""
+    from peft import PeftModel
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    run_dir = f"transport-{dtype}"
+    result = federation.submit(
+        _run_config(tiny_model, run_dir, **{"transport.dtype": dtype, "train.local-steps": 1}), timeout=900
+    )
+    assert [r["answered"] for r in result.rounds] == [3, 3]
+    events = _events(federation, run_dir)
+    assert not [e for e in events if e["kind"] == "update_rejected"]
+    results = [e for e in events if e["kind"] == "silo_result"]
+    assert len(results) == 6
+    for e in results:
+        assert e["uplink_bytes"] < e["uplink_fp32_bytes"] and e["downlink_bytes"] < e["downlink_fp32_bytes"]
+    tensors = load_file(str(Path(result.adapter_dir) / "adapter_model.safetensors"))
+    assert {str(t.dtype) for t in tensors.values()} == {"float32"}
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), result.adapter_dir)

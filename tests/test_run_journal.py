@@ -124,3 +124,28 @@ def test_superlink_start_offers_no_resume() -> None:
     register(parser.add_subparsers())
     assert parser.parse_args(["superlink", "start", "--no-resume"]).no_resume is True
     assert parser.parse_args(["superlink", "start"]).no_resume is False
+
+
+def test_a_full_disk_fails_the_checkpoint_clearly_and_keeps_the_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import numpy as np
+
+    import superlink.checkpoints as ck
+
+    store = ck.CheckpointStore(tmp_path / "run")
+    adapter = {"base_model.model.layers.0.self_attn.q_proj.lora_A.weight": np.ones((2, 4), np.float32)}
+    cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
+    store.save(1, adapter, cfg, {}, {"run_config": {}})
+
+    def full(*_a: object, **_k: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck, "save_adapter_dir", full)
+    with pytest.raises(ck.CheckpointError, match="round 2 .* no space left .* round-0001 is intact"):
+        store.save(2, adapter, cfg, {}, {"run_config": {}})
+    latest = store.latest()
+    assert latest is not None and latest.round == 1
+    assert [p.name for p in store.dir.iterdir()] == ["round-0001"]  # no half-written leftovers
