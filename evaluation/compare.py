@@ -164,6 +164,7 @@ class Row:
             "uplink_bytes": self.uplink_bytes,
             "downlink_bytes": self.downlink_bytes,
             "adapter_bytes": self.adapter_bytes,
+            "fp32_bytes": self.fp32_bytes,
             "raw_data_bytes": self.raw_data_bytes,
             "scores": self.scores,
             "macro_f1": self.macro_f1,

@@ -173,6 +173,7 @@ class Federation:
         self.current_round = 0  # 0 = the run's start; handshake backoff counts in rounds
         self.rounds_completed = 0  # last round that produced a new global adapter (run_end)
         self.reply_seconds: dict[int, float] = {}  # node -> push-to-reply seconds, last exchange
+        self._reply_node: dict[str, int] = {}  # message id -> silo node, last exchange
 
     # -- messages -------------------------------------------------------------------------
     def _send(
@@ -186,7 +187,9 @@ class Federation:
         errors: dict[int, str] = {}
         pulled, missing = self._push_and_pull(messages, timeout)
         for reply in pulled:
-            nid = reply.metadata.src_node_id
+            # An error reply the SuperLink makes itself (the silo went offline) comes from node 1,
+            # Flower's SUPERLINK_NODE_ID: the message it answers names the silo.
+            nid = self._reply_node.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             if reply.has_error():
                 # Only a code and a fixed text are recorded: the silo's wording stays at the silo.
                 errors[nid] = describe_error(reply.error.code, reply.error.reason)
@@ -221,6 +224,7 @@ class Federation:
             return [], str(exc)
         pushed_at = self.clock()
         node_of = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages, strict=False) if mid}
+        self._reply_node = dict(node_of)  # message id -> silo, for _send
         pending = set(node_of)
         rnd = int(messages[0].metadata.group_id or 0)
         phase = messages[0].metadata.message_type

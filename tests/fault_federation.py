@@ -190,6 +190,47 @@ class FaultFederation(LocalFederation):
         self._replace(old, new)
         return new
 
+    def supervise_silo(self, name: str, snap: Snapshot, pause: float = 5.0, limit: int = 40) -> None:
+        """Restart the silo now and whenever it exits, ``pause`` s later (a supervisor such as
+        compose's ``restart: unless-stopped``), at most ``limit`` times, until ``unsupervise``.
+
+        Needed because Flower activates a node only from REGISTERED or OFFLINE: a SuperNode
+        restarted with the same key before the SuperLink has marked its killed predecessor offline
+        (2 missed heartbeats) is refused and exits with code 305."""
+        import threading
+
+        self._supervised = getattr(self, "_supervised", {})
+        stop = threading.Event()
+        restarts: list[float] = []
+        self._supervised[name] = (stop, restarts)
+
+        def loop() -> None:
+            while not stop.is_set() and len(restarts) < limit:
+                if not self.silo_proc(name).running() or not restarts:
+                    if restarts:
+                        stop.wait(pause)
+                    if stop.is_set():
+                        return
+                    self.restart_silo(name, snap)
+                    restarts.append(time.time())
+                stop.wait(0.5)
+
+        threading.Thread(target=loop, daemon=True).start()
+
+    def unsupervise(self, name: str) -> int:
+        """Stop supervising; returns how many starts it took."""
+        stop, restarts = self._supervised.pop(name)
+        stop.set()
+        time.sleep(1.0)
+        return len(restarts)
+
+    def check(self) -> None:
+        """Like the group's check, except for silos under supervise_silo (they may be restarting)."""
+        supervised = {self.silo_proc(n) for n in getattr(self, "_supervised", {})}
+        for proc in self.group.processes:
+            if proc not in supervised:
+                proc.check()
+
     def superlink_pid(self) -> int:
         return self.central.pid
 
@@ -242,7 +283,7 @@ class FaultFederation(LocalFederation):
                 if pred(e):
                     return e
             if check:
-                self.group.check()
+                self.check()
             time.sleep(0.5)
         raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; logs: {self.ws / 'logs'}")
 
@@ -359,9 +400,13 @@ def silo_kill(
     fed.start_run(run_config(model, run_dir, rounds, len(fed.silos), **{"strategy.round-timeout": 90.0}))
     _mid_round(fed, run_dir, kill_round, rng, spread)
     snap = fed.kill_silo(victim)
+    killed_at = time.time()
     time.sleep(down)
-    fed.restart_silo(victim, snap)
-    end = fed.wait_run_end(run_dir, 1200)
+    fed.supervise_silo(victim, snap)
+    try:
+        end = fed.wait_run_end(run_dir, 1200)
+    finally:
+        starts = fed.unsupervise(victim)
     events = fed.events(run_dir)
     ends = {e["round"]: e for e in events if e["kind"] == "round_end"}
     results = [e for e in events if e["kind"] == "silo_result" and e["silo"] == victim]
@@ -371,8 +416,11 @@ def silo_kill(
     kill_round_ok = bool(ends.get(kill_round, {}).get("adapter_updated"))
     survived = (end["status"] == "completed" and kill_round_ok and bool(back) and not missing
                 and not corrupt)  # fmt: skip
+    back_at = next((e["ts"] for e in results if e["round"] > kill_round), None)
     return Tally("silo-kill", survived, len(missing), len(corrupt), {
-        "victim": victim, "answered_in_kill_round": ends.get(kill_round, {}).get("answered"),
+        "victim": victim, "supervisor_starts": starts,
+        "back_after_seconds": round(back_at - killed_at, 1) if back_at else None,
+        "answered_in_kill_round": ends.get(kill_round, {}).get("answered"),
         "kill_round_seconds": ends.get(kill_round, {}).get("duration_seconds"),
         "victim_back_in_rounds": back, "status": end["status"], "missing": missing,
     })  # fmt: skip

@@ -138,11 +138,17 @@ def test_compare_rows_bytes_and_steps(tiny: Path, tmp_path: Path) -> None:
 
     # FedAvg: the whole rank-RANK adapter goes down and comes back up, every silo, every round.
     fedavg = rows["federated FedAvg"]
-    assert fedavg["adapter_bytes"] == _lora_params(RANK) * 4 * SILOS * 2 * ROUNDS
+    # Flower's count: the float32 values plus each tensor's header (dtype, shape, key), a couple of
+    # hundred bytes per tensor (8 tensors per payload here; ~1 % of a real adapter).
+    payloads = SILOS * 2 * ROUNDS
+    raw = _lora_params(RANK) * 4 * payloads
+    assert raw < fedavg["adapter_bytes"] <= raw + 256 * 8 * payloads
+    assert fedavg["adapter_bytes"] == fedavg["fp32_bytes"]  # fp32 transport: nothing saved
     assert fedavg["uplink_bytes"] == fedavg["downlink_bytes"]
     # FlexLoRA: each silo sends and receives factors at its own rank.
     flex = rows["federated FlexLoRA"]
-    assert flex["adapter_bytes"] == sum(_lora_params(r) for r in FLEX_RANKS) * 4 * 2 * ROUNDS
+    raw = sum(_lora_params(r) for r in FLEX_RANKS) * 4 * 2 * ROUNDS
+    assert raw < flex["adapter_bytes"] <= raw + 256 * 8 * len(FLEX_RANKS) * 2 * ROUNDS
     assert flex["ranks"] == list(FLEX_RANKS)
 
     for i in range(SILOS):
@@ -257,7 +263,8 @@ def test_fedavg_with_one_silo_is_isolated_training(tiny: Path) -> None:
     for k in iso.state:
         np.testing.assert_array_equal(iso.state[k], fed.state[k])
     assert any(np.abs(v).sum() > 0 for k, v in iso.state.items() if "lora_B" in k)  # it trained
-    assert fed.adapter_bytes == _lora_params(4) * 4 * 2 * 2
+    raw = _lora_params(4) * 4 * 2 * 2
+    assert raw < fed.adapter_bytes <= raw + 256 * 8 * 4 and fed.adapter_bytes == fed.fp32_bytes
 
 
 @pytest.mark.parametrize(
