@@ -43,7 +43,7 @@ class LocalFederation:
         silos: list[SiloSpec],
         insecure: bool = False,
         run_domain: str = "finance",
-        executor: str = "per-message",
+        executor: str = "resident",
     ) -> None:
         self.ws = Path(workspace).resolve()
         self.silos = silos

@@ -121,7 +121,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     st.add_argument(
         "--executor",
         choices=("resident", "per-message"),
-        default="per-message",
+        default="resident",
         help="resident: one long-lived worker runs the installed SiloTune app and keeps the model "
         "loaded (docs/architecture.md); per-message: Flower's fresh flwr-clientapp per message",
     )

@@ -40,7 +40,7 @@ class SiloOptions:
     max_wait_time: float | None = None  # give up connecting after this many seconds
     # "resident": a long-lived worker serves the SuperNode's tasks with the installed SiloTune code
     # (silo_node/worker.py); "per-message": Flower's own fresh flwr-clientapp per message.
-    executor: str = "per-message"
+    executor: str = "resident"
     threads: int | None = None  # torch threads for training (default: affinity / cgroup quota)
     gpus: str | None = None  # CUDA devices, e.g. "0,1" (default: the visible ones; "" = none)
 
