@@ -144,10 +144,10 @@ class LocalFederation:
             self.group.add(
                 start_silo(sopts, self.ws / "logs" / f"silo-{s.name}.log", run_domain=self.run_domain)
             )
-        self.resume_interrupted_runs()
 
     def resume_interrupted_runs(self) -> list[str]:
-        """Re-submit the runs a crash of this workspace's central site interrupted (run_journal.py)."""
+        """Re-submit the runs a crash of this workspace's central site interrupted (run_journal.py),
+        as `silotune superlink start` does; start() does not (the demo starts its run over)."""
         from superlink.run_journal import resume_open_runs
 
         return resume_open_runs(self.journal, self.flwr_home, CONNECTION)

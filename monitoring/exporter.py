@@ -145,7 +145,10 @@ _GPU_FIELDS = frozenset(protocol.GPU_FIELDS)
 # so a ServerApp that is killed or hangs stops moving it and SiloTuneNoProgress fires.
 _PROGRESS_KINDS = frozenset(
     {"run_start", "round_start", "silo_reply", "silo_result", "silo_failed", "update_rejected",
-     "round_end", "evaluation"}
+     "round_end", "evaluation",
+     # A silo waiting for its operator's approval is asked again every round: the run is waiting
+     # on purpose, not stalled.
+     "silo_pending"}
 )  # fmt: skip
 _SILO_COUNTERS: dict[str, m.MetricDef] = {
     "uplink_bytes": m.UPLINK_BYTES,

@@ -447,13 +447,32 @@ def alert_expr(name: str) -> str:
     raise KeyError(name)
 
 
+def _silo_executors(fed: FaultFederation) -> set[int]:
+    """The silos' executors (flower-superexec, which starts a ClientApp per message)."""
+    out = set()
+    for pid in _silo_family(fed):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if b"flower-superexec" in fh.read():
+                    out.add(pid)
+        except OSError:
+            continue
+    return out
+
+
 def stalled_silos(
     fed: FaultFederation, model: Path, rep: int, rng: random.Random, prom: str, rounds: int = 2,
-    stall_round: int = 2, spread: float = 4.0,
+    stall_round: int = 2,
 ) -> Tally:  # fmt: skip
-    """SIGSTOP every process of the silos mid-round (hung, not dead: their connections stay open):
-    the watchdog fails the round within its bound, SiloTuneRoundFailedByWatchdog's expression is
-    true in Prometheus (``prom`` scrapes the central exporter), and after SIGCONT the run goes on."""
+    """Every silo hangs where Flower cannot see it: its executor (flower-superexec) is SIGSTOPped
+    just before round ``stall_round``, so its SuperNode keeps heartbeating and takes the training
+    message, but no ClientApp ever runs it. The watchdog must fail the round within its bound,
+    SiloTuneRoundFailedByWatchdog's expression must be true in Prometheus (``prom`` scrapes the
+    central exporter), and after SIGCONT the run goes on.
+
+    (Stopping the SuperNode itself, or the ClientApp, is not a silent stall in Flower 1.41: the
+    SuperLink answers for a node that missed 2 heartbeats (NODE_UNAVAILABLE), the SuperNode for a
+    ClientApp whose task heartbeat expired (CLIENT_APP_CRASHED), both within about a minute.)"""
     from tests.test_monitoring_prometheus import query
 
     run_dir = f"stalled-{rep}"
@@ -462,8 +481,9 @@ def stalled_silos(
                      **{"strategy.watchdog-factor": factor, "strategy.round-timeout": 600.0})  # fmt: skip
     started = time.time()
     fed.start_run(cfg)
-    _mid_round(fed, run_dir, stall_round, rng, spread)
-    stopped = _silo_family(fed)
+    fed.wait_event(run_dir, lambda e: e["kind"] == "round_end" and e["round"] == stall_round - 1, 900,
+                   f"round {stall_round - 1} of {run_dir}")  # fmt: skip
+    stopped = _silo_executors(fed)
     for pid in stopped:
         os.kill(pid, signal.SIGSTOP)
     try:
@@ -490,13 +510,13 @@ def stalled_silos(
     end = fed.wait_run_end(run_dir, 900)
     # Slack: the pull loop polls once a second, plus one Grid call and an event write.
     within = bound is not None and silent <= bound + 15.0
-    survived = within and bool(alert) and end["status"] == "completed"
+    survived = bool(stopped) and within and bool(alert) and end["status"] == "completed"
     missing = sorted(set(range(1, rounds + 1)) - set(checkpoint_rounds(fed.runs_root / run_dir)))
     corrupt = corrupt_checkpoints(fed.runs_root / run_dir, model)
     return Tally("stalled-silo", survived and not corrupt, len(missing), len(corrupt), {
-        "silent_seconds_before_fail": round(silent, 1), "watchdog_bound_seconds": bound,
-        "reason": stall["reason"], "alert_expr_true": bool(alert), "status": end["status"],
-        "rounds_without_new_adapter": missing,
+        "stopped_executors": len(stopped), "silent_seconds_before_fail": round(silent, 1),
+        "watchdog_bound_seconds": bound, "reason": stall["reason"], "alert_expr_true": bool(alert),
+        "status": end["status"], "rounds_without_new_adapter": missing,
     })  # fmt: skip
 
 

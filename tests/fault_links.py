@@ -42,7 +42,7 @@ SILOS = ("silo-a", "silo-b")
 FAULTS = ("clean", "link-down", "loss", "tbf", "latency")
 NFT_LOSS = (
     "table inet fault { chain out { type filter hook output priority 0; policy accept; "
-    "ip daddr 198.18.0.0/15 numgen random mod 100 < 20 drop } }"
+    "ip daddr 198.18.0.0/15 numgen random mod 100 < 20 drop; }; }\n"
 )
 
 
