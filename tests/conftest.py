@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -20,3 +21,11 @@ def flower_task_identity() -> Iterator[int]:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     yield 1
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny, randomly initialised Llama and tokenizer on disk (tests/tiny_model.py), built once."""
+    from tests.tiny_model import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("model") / "tiny-llama")

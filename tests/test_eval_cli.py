@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,18 +12,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_model import make_tiny_llama  # noqa: E402
-
 from command_line.main import main  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared benchmark data absent ({DATA})")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(autouse=True)
@@ -38,14 +29,14 @@ def _run(args: list[str]) -> int:
 
 
 @needs_data
-def test_finance_limit_8(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_finance_limit_8(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     rc = _run(
         [
             "--suite",
             "finance",
             "--base",
-            str(tiny),
+            str(tiny_model),
             "--limit",
             "8",
             "--data-dir",
@@ -59,28 +50,28 @@ def test_finance_limit_8(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert rc == 0
     report = json.loads((out / "finance-generate.json").read_text())
     assert report["suite"] == "finance" and report["protocol"] == "generate"
-    assert report["base_model"] == str(tiny) and report["adapter"] is None
+    assert report["base_model"] == str(tiny_model) and report["adapter"] is None
     assert [b["name"] for b in report["benchmarks"]] == ["fpb", "fiqa", "tfns"]
     for b in report["benchmarks"]:
         assert b["n"] == 8 and b["metric"] == "accuracy" and 0.0 <= b["value"] <= 1.0
     assert report["average"] == pytest.approx(sum(b["value"] for b in report["benchmarks"]) / 3)
     md = (out / "finance-generate.md").read_text()
     assert "| Base model | Adapter | Protocol | FPB | FiQA | TFNS | Average |" in md
-    assert f"| {tiny} | none | generate |" in md
+    assert f"| {tiny_model} | none | generate |" in md
     items = (out / "finance-generate-items" / "tfns.jsonl").read_text().splitlines()
     assert len(items) == 8 and {"id", "gold", "output", "prediction", "correct"} <= set(json.loads(items[0]))
     assert "FPB" in capsys.readouterr().out
 
 
 @needs_data
-def test_code_limit_2(tiny: Path, tmp_path: Path) -> None:
+def test_code_limit_2(tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     rc = _run(
         [
             "--suite",
             "code",
             "--base",
-            str(tiny),
+            str(tiny_model),
             "--limit",
             "2",
             "--data-dir",
@@ -105,7 +96,7 @@ def test_code_limit_2(tiny: Path, tmp_path: Path) -> None:
 
 
 @needs_data
-def test_loglik_protocol_is_labelled(tiny: Path, tmp_path: Path) -> None:
+def test_loglik_protocol_is_labelled(tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert (
         _run(
@@ -113,7 +104,7 @@ def test_loglik_protocol_is_labelled(tiny: Path, tmp_path: Path) -> None:
                 "--suite",
                 "medical",
                 "--base",
-                str(tiny),
+                str(tiny_model),
                 "--limit",
                 "2",
                 "--data-dir",
@@ -131,28 +122,28 @@ def test_loglik_protocol_is_labelled(tiny: Path, tmp_path: Path) -> None:
     assert "| loglik |" in (out / "medical-loglik.md").read_text()
 
 
-def test_no_data_dir_is_a_clear_error(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert _run(["--suite", "finance", "--base", str(tiny)]) == 2
+def test_no_data_dir_is_a_clear_error(tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _run(["--suite", "finance", "--base", str(tiny_model)]) == 2
     err = capsys.readouterr().err
     assert "--data-dir" in err and "SILOTUNE_EVAL_DATA" in err
 
 
 def test_data_dir_from_env(
-    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("SILOTUNE_EVAL_DATA", str(tmp_path))  # exists, but holds no benchmarks
-    assert _run(["--suite", "finance", "--base", str(tiny), "--limit", "1"]) == 2
+    assert _run(["--suite", "finance", "--base", str(tiny_model), "--limit", "1"]) == 2
     assert "fpb/derived/fpb_sentences50agree_test_seed42.jsonl" in capsys.readouterr().err
 
 
-def test_bad_adapter_dir(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_adapter_dir(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert (
         _run(
             [
                 "--suite",
                 "finance",
                 "--base",
-                str(tiny),
+                str(tiny_model),
                 "--adapter",
                 str(tmp_path),
                 "--data-dir",
@@ -165,13 +156,13 @@ def test_bad_adapter_dir(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 @needs_data
-def test_with_adapter(tiny: Path, tmp_path: Path) -> None:
+def test_with_adapter(tiny_model: Path, tmp_path: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     adapter = tmp_path / "adapter"
     model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(tiny), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+        AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
     )
     model.save_pretrained(adapter)
     out = tmp_path / "out"
@@ -181,7 +172,7 @@ def test_with_adapter(tiny: Path, tmp_path: Path) -> None:
                 "--suite",
                 "finance",
                 "--base",
-                str(tiny),
+                str(tiny_model),
                 "--adapter",
                 str(adapter),
                 "--benchmarks",
@@ -200,4 +191,4 @@ def test_with_adapter(tiny: Path, tmp_path: Path) -> None:
     )
     report = json.loads((out / "finance-generate.json").read_text())
     assert report["adapter"] == str(adapter) and [b["name"] for b in report["benchmarks"]] == ["tfns"]
-    assert f"| {tiny} | {adapter} | generate |" in (out / "finance-generate.md").read_text()
+    assert f"| {tiny_model} | {adapter} | generate |" in (out / "finance-generate.md").read_text()

@@ -16,18 +16,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_model import make_tiny_llama  # noqa: E402
 
 from command_line.main import main  # noqa: E402
 from evaluation.compare import row_slug  # noqa: E402
 
 ROUNDS, STEPS, SILOS, RANK, FLEX_RANKS = 2, 2, 3, 4, (2, 4, 8)
 WORDS = {"0": "fell weak guidance", "1": "rose strong earnings", "2": "market shares"}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +55,7 @@ def _lora_params(rank: int) -> int:
     return 2 * (q + v)
 
 
-def _compare(tiny: Path, tmp_path: Path, *extra: str) -> dict:
+def _compare(tiny_model: Path, tmp_path: Path, *extra: str) -> dict:
     train, eval_dir = _finance_data(tmp_path)
     out = tmp_path / "out"
     rc = main(
@@ -72,7 +66,7 @@ def _compare(tiny: Path, tmp_path: Path, *extra: str) -> dict:
             "--columns", "input=text,output=label",
             "--label-map", "0=negative,1=positive,2=neutral",
             "--label-column", "label",
-            "--base", str(tiny),
+            "--base", str(tiny_model),
             "--rounds", str(ROUNDS),
             "--local-steps", str(STEPS),
             "--batch-size", "2",
@@ -94,8 +88,8 @@ def _compare(tiny: Path, tmp_path: Path, *extra: str) -> dict:
     return doc
 
 
-def test_compare_rows_bytes_and_steps(tiny: Path, tmp_path: Path) -> None:
-    doc = _compare(tiny, tmp_path)
+def test_compare_rows_bytes_and_steps(tiny_model: Path, tmp_path: Path) -> None:
+    doc = _compare(tiny_model, tmp_path)
     rows = {r["label"]: r for r in doc["rows"]}
     expected = [
         "base (no training)",
@@ -194,14 +188,14 @@ def _eval_golds(doc: dict) -> dict[str, int]:
     return Counter(json.loads(line)["gold"] for line in path.read_text().splitlines())
 
 
-def test_saved_adapter_is_the_one_compare_scored(tiny: Path, tmp_path: Path) -> None:
+def test_saved_adapter_is_the_one_compare_scored(tiny_model: Path, tmp_path: Path) -> None:
     """`silotune eval --adapter` on a saved row gives the outputs compare recorded for that row."""
-    doc = _compare(tiny, tmp_path, "--approaches", "fedavg", "--eval-batch-size", "1")
+    doc = _compare(tiny_model, tmp_path, "--approaches", "fedavg", "--eval-batch-size", "1")
     out = Path(doc["_out"])
     eval_out = tmp_path / "re-eval"
     rc = main(
         [
-            "eval", "--suite", "finance", "--base", str(tiny),
+            "eval", "--suite", "finance", "--base", str(tiny_model),
             "--adapter", str(out / "adapters" / "federated_FedAvg"),
             "--data-dir", str(out.parent / "bench"), "--benchmarks", "tfns",
             "--finance-max-new-tokens", "2", "--batch-size", "1", "--out", str(eval_out),
@@ -219,9 +213,9 @@ def test_saved_adapter_is_the_one_compare_scored(tiny: Path, tmp_path: Path) -> 
     assert {k: again[k] for k in scored} == scored
 
 
-def test_compare_dirichlet_one_rank_subset(tiny: Path, tmp_path: Path) -> None:
+def test_compare_dirichlet_one_rank_subset(tiny_model: Path, tmp_path: Path) -> None:
     doc = _compare(
-        tiny,
+        tiny_model,
         tmp_path,
         "--split", "dirichlet",
         "--alpha", "0.5",
@@ -236,7 +230,7 @@ def test_compare_dirichlet_one_rank_subset(tiny: Path, tmp_path: Path) -> None:
     assert sum(s["rows"] for s in doc["silos"]) == 36
 
 
-def test_fedavg_with_one_silo_is_isolated_training(tiny: Path) -> None:
+def test_fedavg_with_one_silo_is_isolated_training(tiny_model: Path) -> None:
     """The approaches differ only in what happens between phases: with one silo, FedAvg's
     aggregation is the identity, so federated and isolated training give the same adapter."""
     import numpy as np
@@ -248,7 +242,7 @@ def test_fedavg_with_one_silo_is_isolated_training(tiny: Path) -> None:
     from silotune.modeling import load_model
 
     run = parse_run_config(
-        {"model.name": str(tiny), "peft.rank": 4, "train.local-steps": 2, "train.batch-size": 2}
+        {"model.name": str(tiny_model), "peft.rank": 4, "train.local-steps": 2, "train.batch-size": 2}
     )
     loaded = load_model(run.model)
     records = [
@@ -302,12 +296,13 @@ def test_select_items_first_or_seeded_random() -> None:
     assert select_items(bench, items, None, "random", 1) == items
 
 
-def test_server_strategy_rows_fedprox_fedadam(tiny: Path, tmp_path: Path) -> None:
+def test_server_strategy_rows_fedprox_fedadam(tiny_model: Path, tmp_path: Path) -> None:
     """Extra rows: FedProx with mu 0 trains exactly FedAvg's adapter; mu > 0 and FedAdam differ."""
     from silotune.adapters import load_adapter_dir
 
     doc = _compare(
-        tiny, tmp_path, "--approaches", "fedavg,fedprox,fedadam", "--proximal-mu", "0", "--server-lr", "0.01"
+        tiny_model, tmp_path, "--approaches", "fedavg,fedprox,fedadam", "--proximal-mu", "0",
+        "--server-lr", "0.01",
     )
     labels = [r["label"] for r in doc["rows"]]
     assert labels == ["federated FedAvg", "federated FedProx (mu 0)", "federated FedAdam (lr 0.01)"]
@@ -322,13 +317,13 @@ def test_server_strategy_rows_fedprox_fedadam(tiny: Path, tmp_path: Path) -> Non
     assert any(not np.allclose(fedavg[k], adam[k]) for k in fedavg)
 
     (tmp_path / "mu").mkdir()
-    doc = _compare(tiny, tmp_path / "mu", "--approaches", "fedprox", "--proximal-mu", "1.0")
+    doc = _compare(tiny_model, tmp_path / "mu", "--approaches", "fedprox", "--proximal-mu", "1.0")
     prox1, _ = load_adapter_dir(Path(doc["_out"]) / "adapters" / "federated_FedProx_mu_1")
     assert any(not np.allclose(fedavg[k], prox1[k]) for k in fedavg)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "int8", "int4"])
-def test_in_process_federation_trains_in_every_transport_format(tiny: Path, dtype: str) -> None:
+def test_in_process_federation_trains_in_every_transport_format(tiny_model: Path, dtype: str) -> None:
     """Two rounds through the codec (downlink quantized, uplink as an update with error feedback):
     the adapter trains, and the wire carries less than fp32 would."""
     import numpy as np
@@ -340,7 +335,7 @@ def test_in_process_federation_trains_in_every_transport_format(tiny: Path, dtyp
     from silotune.modeling import load_model
 
     run = parse_run_config(
-        {"model.name": str(tiny), "peft.rank": 4, "train.local-steps": 2, "train.batch-size": 2,
+        {"model.name": str(tiny_model), "peft.rank": 4, "train.local-steps": 2, "train.batch-size": 2,
          "transport.dtype": dtype, "strategy.min-nodes": 2}
     )  # fmt: skip
     loaded = load_model(run.model)

@@ -11,7 +11,6 @@ import pytest
 
 from demo.local_federation import LocalFederation, SiloSpec
 from silotune.events import read_events
-from tests.tiny_model import make_tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -30,11 +29,6 @@ def _write_silo_data(path: Path, seed: int, n: int = 24) -> None:
             label = rng.choice(sorted(WORDS))
             text = f"Company {rng.randint(1, 99)} shares {rng.choice(WORDS[label])} after the report"
             fh.write(json.dumps({"text": text, "label": label}) + "\n")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("model") / "tiny-llama")
 
 
 @pytest.fixture(scope="module")

@@ -21,14 +21,8 @@ import pytest
 from demo.local_federation import CONNECTION, LocalFederation, SiloSpec
 from silotune.events import read_events
 from tests.test_federation_e2e import RANKS, _run_config, _write_silo_data
-from tests.tiny_model import make_tiny_llama
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("model") / "tiny-llama")
 
 
 def _silos(ws: Path, policy: Path | None = None) -> list[SiloSpec]:

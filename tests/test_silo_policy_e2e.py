@@ -22,7 +22,6 @@ import pytest
 from demo.local_federation import LocalFederation, SiloSpec
 from silo_node.audit import read_audit
 from silotune.events import read_events
-from tests.tiny_model import make_tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -39,11 +38,6 @@ def _write_silo_data(path: Path, name: str, seed: int, n: int = 24) -> None:
             label = rng.choice(sorted(LABELS))
             text = f"{CANARIES[name]} patient {i} record {rng.randint(1, 99)} {LABELS[label]}"
             fh.write(json.dumps({"text": text, "label": label}) + "\n")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("model") / "tiny-llama")
 
 
 @pytest.fixture(scope="module")

@@ -21,17 +21,11 @@ from silotune.config import ModelConfig, PeftSettings, TrainSettings
 from silotune.modeling import load_model, model_identity
 from tests.tiny_model import make_tiny_llama
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("m") / "tiny")
-
-
 RECORD = {"instruction": "", "input": "shares rose after strong earnings", "output": "positive"}
 
 
-def test_only_response_tokens_carry_labels(model_dir: Path) -> None:
-    tok = load_model(ModelConfig(name=str(model_dir)), for_training=False).tokenizer
+def test_only_response_tokens_carry_labels(tiny_model: Path) -> None:
+    tok = load_model(ModelConfig(name=str(tiny_model)), for_training=False).tokenizer
     for chat in (True, False):
         enc = encode_example(tok, get_template("finance"), RECORD, 256, chat)
         labelled = [t for t, lab in zip(enc.input_ids, enc.labels, strict=True) if lab != IGNORE_INDEX]
@@ -41,27 +35,27 @@ def test_only_response_tokens_carry_labels(model_dir: Path) -> None:
         assert all(lab == IGNORE_INDEX for lab in enc.labels[:n_prompt])
 
 
-def test_truncation_keeps_the_response(model_dir: Path) -> None:
-    tok = load_model(ModelConfig(name=str(model_dir)), for_training=False).tokenizer
+def test_truncation_keeps_the_response(tiny_model: Path) -> None:
+    tok = load_model(ModelConfig(name=str(tiny_model)), for_training=False).tokenizer
     long = dict(RECORD, input="word " * 400)
     enc = encode_example(tok, get_template("finance"), long, 32, True)
     assert len(enc.input_ids) == 32
     assert enc.input_ids[-1] == tok.eos_token_id and enc.labels[-1] == tok.eos_token_id
 
 
-def test_chat_template_is_used_when_asked(model_dir: Path) -> None:
-    tok = load_model(ModelConfig(name=str(model_dir)), for_training=False).tokenizer
+def test_chat_template_is_used_when_asked(tiny_model: Path) -> None:
+    tok = load_model(ModelConfig(name=str(tiny_model)), for_training=False).tokenizer
     with_chat = encode_example(tok, get_template("finance"), RECORD, 256, True)
     without = encode_example(tok, get_template("finance"), RECORD, 256, False)
     assert tok.decode(with_chat.input_ids).startswith("<|im_start|>user")
     assert not tok.decode(without.input_ids).startswith("<|im_start|>")
 
 
-def test_eval_prompt_style_trains_on_the_tokens_the_evaluator_reads(model_dir: Path, tmp_path: Path) -> None:
+def test_eval_prompt_style_trains_on_the_tokens_the_evaluator_reads(tiny_model: Path, tmp_path: Path) -> None:
     from evaluation.benchmarks.base import DataSource
     from evaluation.benchmarks.finance import load_tfns
 
-    tok = load_model(ModelConfig(name=str(model_dir)), for_training=False).tokenizer
+    tok = load_model(ModelConfig(name=str(tiny_model)), for_training=False).tokenizer
     template = get_template("finance")
     answer = tok("positive", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     # The chat template is asked for but must not apply: the evaluator never uses one.
@@ -81,8 +75,8 @@ def test_eval_prompt_style_trains_on_the_tokens_the_evaluator_reads(model_dir: P
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
-def test_methods_by_name_train_and_ship_only_adapter_tensors(model_dir: Path, method: str) -> None:
-    loaded = load_model(ModelConfig(name=str(model_dir)))
+def test_methods_by_name_train_and_ship_only_adapter_tensors(tiny_model: Path, method: str) -> None:
+    loaded = load_model(ModelConfig(name=str(tiny_model)))
     peft = PeftSettings(method=method, rank=4, target_modules="q_proj,v_proj,down_proj")
     model = attach_adapter(loaded.model, peft)
     state = adapter_state(model)
@@ -101,9 +95,9 @@ def test_methods_by_name_train_and_ship_only_adapter_tensors(model_dir: Path, me
     assert all(np.array_equal(back[k], after[k]) for k in after)
 
 
-def test_proximal_term_is_zero_at_the_anchor_and_mu_zero_equals_fedavg_training(model_dir: Path) -> None:
+def test_proximal_term_is_zero_at_the_anchor_and_mu_zero_equals_fedavg_training(tiny_model: Path) -> None:
     def run(mu: float) -> dict[str, np.ndarray]:
-        loaded = load_model(ModelConfig(name=str(model_dir)))
+        loaded = load_model(ModelConfig(name=str(tiny_model)))
         model = attach_adapter(loaded.model, PeftSettings(rank=4), seed=0)
         enc = [encode_example(loaded.tokenizer, get_template("finance"), RECORD, 64, True)] * 4
         anchor = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -120,8 +114,8 @@ def test_proximal_term_is_zero_at_the_anchor_and_mu_zero_equals_fedavg_training(
     assert sum(np.abs(prox_big[k]).sum() for k in b_keys) < sum(np.abs(plain[k]).sum() for k in b_keys)
 
 
-def test_received_adapter_with_wrong_shape_is_refused(model_dir: Path) -> None:
-    loaded = load_model(ModelConfig(name=str(model_dir)))
+def test_received_adapter_with_wrong_shape_is_refused(tiny_model: Path) -> None:
+    loaded = load_model(ModelConfig(name=str(tiny_model)))
     model = attach_adapter(loaded.model, PeftSettings(rank=4))
     state = adapter_state(model)
     bad = {
@@ -135,19 +129,19 @@ def test_received_adapter_with_wrong_shape_is_refused(model_dir: Path) -> None:
         check_state_matches({k: v.shape for k, v in state.items()}, nan, "silo x")
 
 
-def test_model_identity_changes_with_the_weights(tmp_path: Path, model_dir: Path) -> None:
-    a = model_identity(str(model_dir))
+def test_model_identity_changes_with_the_weights(tmp_path: Path, tiny_model: Path) -> None:
+    a = model_identity(str(tiny_model))
     other = make_tiny_llama(tmp_path / "other", seed=1)
     b = model_identity(str(other))
     assert a.sha256 != b.sha256 and len(a.sha256) == 64
-    assert model_identity(str(model_dir)) == a
+    assert model_identity(str(tiny_model)) == a
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
-def test_dtypes_load_and_run(model_dir: Path, dtype: str) -> None:
+def test_dtypes_load_and_run(tiny_model: Path, dtype: str) -> None:
     import torch
 
-    loaded = load_model(ModelConfig(name=str(model_dir), dtype=dtype, gradient_checkpointing=True))
+    loaded = load_model(ModelConfig(name=str(tiny_model), dtype=dtype, gradient_checkpointing=True))
     expected = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     assert next(loaded.model.parameters()).dtype == expected
     model = attach_adapter(loaded.model, PeftSettings(rank=2))
