@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", action="append", choices=CHOICES, help="run only these scenarios")
     ap.add_argument("--runs", type=int, help="repetitions of each chosen scenario")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--executor", choices=["per-message", "resident"], default="per-message",
+                    help="the silos' executor (tests/fault_federation.py says why per-message)")
     ap.add_argument("--workdir", type=Path, help="keep workspaces and logs here (default: a temp dir)")
     args = ap.parse_args(argv)
 
@@ -95,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack:
         fed = None
         if counts:
-            fed = stack.enter_context(FaultFederation(work / "workspace", silo_specs(work, SILOS)))
+            fed = stack.enter_context(FaultFederation(work / "workspace", silo_specs(work, SILOS),
+                                                   executor=args.executor))
         prom = None
         if "stalled-silo" in counts:
             from tests.test_monitoring_prometheus import exporter, prometheus
@@ -137,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_before": [round(x, 1) for x in load_before],
         "load_average_after": [round(x, 1) for x in os.getloadavg()],
         "cpus": os.cpu_count(),
+        "executor": args.executor,
         "workdir": str(work),
     }
     print(json.dumps(summary))

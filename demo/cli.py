@@ -31,6 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--local-steps", type=int, default=4)
     demo.add_argument("--per-silo", type=int, default=60, help="training rows per silo")
     demo.add_argument("--eval-limit", type=int, default=60, help="held-out items to evaluate")
+    demo.add_argument(
+        "--transport",
+        choices=("fp32", "bf16", "int8", "int4"),
+        default="fp32",
+        help="how adapters travel (transport.dtype); the summary shows the payload and its fp32 size",
+    )
     demo.add_argument("--summary-json", type=Path, help="also write the summary as JSON here")
     demo.set_defaults(func=_demo)
 
@@ -51,6 +57,7 @@ def _demo(args: argparse.Namespace) -> int:
         per_silo=args.per_silo,
         eval_limit=args.eval_limit,
         offline=args.offline,
+        transport=args.transport,
     )
     report = run_demo(opts)
     print(format_summary(report))

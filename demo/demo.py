@@ -65,6 +65,7 @@ class DemoOptions:
     eval_limit: int = 60
     timeout: float = 3600.0
     offline: bool = False
+    transport: str = "fp32"  # transport.dtype: fp32, bf16, int8, int4
 
 
 @dataclass
@@ -268,6 +269,7 @@ def run_demo(opts: DemoOptions) -> DemoReport:
             "train.lr-min": opts.lr_max / 10,
             "peft.rank": opts.rank,
             "peft.alpha": 2 * opts.rank,
+            "transport.dtype": opts.transport,
         }
         parse_run_config(run_cfg)
         t = time.monotonic()
@@ -318,6 +320,7 @@ def _collect_events(path: Path, report: DemoReport) -> None:
                         "train_loss",
                         "uplink_bytes",
                         "downlink_bytes",
+                        "fp32_bytes",
                         "duration_seconds",
                         "answered",
                         "sampled",
@@ -354,14 +357,15 @@ def format_summary(r: DemoReport) -> str:
         "=" * 21,
         f"data: {r.data_source}",
         "",
-        "round  train loss  uplink (payload)  downlink (payload)  silos  seconds",
+        "round  train loss  uplink (payload)  downlink (payload)  both as fp32  silos  seconds",
     ]
     for x in r.rounds:
         loss = f"{x['train_loss']:.4f}" if x.get("train_loss") is not None else "-"
+        fp32 = x.get("fp32_bytes") or 0
         lines.append(
             f"{x['round']:>5}  {loss:>10}  {x['uplink_bytes'] / mib:>13.2f} MiB  "
-            f"{x['downlink_bytes'] / mib:>15.2f} MiB  {x['answered']}/{x['sampled']:<3} "
-            f"{x['duration_seconds']:>7.1f}"
+            f"{x['downlink_bytes'] / mib:>15.2f} MiB  {fp32 / mib:>8.2f} MiB  "
+            f"{x['answered']}/{x['sampled']:<3} {x['duration_seconds']:>7.1f}"
         )
     lines += [
         "",

@@ -104,13 +104,17 @@ class CheckpointStore:
 
     def _raise_if_disk_full(self, exc: BaseException, server_round: int) -> None:
         """A full disk is the operator's to fix: say so, and what is still safe to resume from."""
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        # safetensors reports it as its own SafetensorError: "... No space left on device (os error 28)"
+        full = full or (isinstance(exc, Exception) and "No space left on device" in str(exc))
+        if full:
             latest_file = self.run_dir / "LATEST"
             latest = latest_file.read_text().strip() if latest_file.exists() else ""
             kept = f"the previous checkpoint {latest} is intact" if latest else "no earlier checkpoint"
+            cause = getattr(exc, "strerror", None) or exc
             raise CheckpointError(
                 f"cannot write the checkpoint of round {server_round} to {self.dir}: no space left on "
-                f"the device ({exc.strerror}); {kept}. Free space there, then submit the run again "
+                f"the device ({cause}); {kept}. Free space there, then submit the run again "
                 "(or restart the central site): it resumes from the last checkpoint."
             ) from exc
 

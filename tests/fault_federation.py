@@ -111,7 +111,16 @@ class FaultFederation(LocalFederation):
 
     It starts the federation itself (same steps as LocalFederation.start) so that the SuperLink's
     options are kept for a restart on the same addresses, and operator commands use the
-    SuperLink's loopback operator address (the public port is the Fleet proxy's)."""
+    SuperLink's loopback operator address (the public port is the Fleet proxy's).
+
+    Its silos use Flower's own per-message executor unless told otherwise: the resident worker
+    (silo_node/worker.py, the default since it landed) did not serve a run resumed after a
+    SuperLink restart in our runs (handshake: no reply within round-timeout), which would hide
+    what these scenarios measure. ``benchmarks/faults.py --executor resident`` shows it.
+    """
+
+    def __init__(self, *args: Any, executor: str = "per-message", **kwargs: Any) -> None:
+        super().__init__(*args, executor=executor, **kwargs)
 
     def _superlink_options(self) -> Any:
         from superlink.launch import SuperLinkOptions
@@ -176,11 +185,26 @@ class FaultFederation(LocalFederation):
     def _replace(self, old: ManagedProcess, new: ManagedProcess) -> None:
         self.group.processes[self.group.processes.index(old)] = new
 
+    def supernode_pid(self, name: str) -> int:
+        """The silo's flower-supernode: the managed process itself (per-message executor), or the
+        child of its supervisor (silo_node/supervisor.py, resident worker)."""
+        from silotune.processes import _family
+
+        leader = self.silo_proc(name).pid
+        for pid in [leader, *sorted(_family(leader, False) - {leader})]:
+            try:
+                argv = snapshot(pid).argv
+            except OSError:
+                continue
+            if any(a.endswith("flower-supernode") for a in argv[:2]):
+                return pid
+        raise AssertionError(f"no flower-supernode process for silo {name}")
+
     def kill_silo(self, name: str, sig: int = signal.SIGKILL) -> Snapshot:
-        """Signal a silo's SuperNode (only that PID); returns how to start it again."""
-        proc = self.silo_proc(name)
-        snap = snapshot(proc.pid)
-        os.kill(proc.pid, sig)
+        """Signal a silo's SuperNode (only that PID); returns how to start the silo again (the
+        managed process: the SuperNode, or its supervisor, which exits with its SuperNode)."""
+        snap = snapshot(self.silo_proc(name).pid)
+        os.kill(self.supernode_pid(name), sig)
         return snap
 
     def restart_silo(self, name: str, snap: Snapshot) -> ManagedProcess:
@@ -448,13 +472,14 @@ def alert_expr(name: str) -> str:
 
 
 def _silo_executors(fed: FaultFederation) -> set[int]:
-    """The silos' executors (flower-superexec, which starts a ClientApp per message)."""
+    """What runs the silos' training: the resident worker (silo_node.worker), or Flower's
+    flower-superexec, which starts a ClientApp per message."""
     out = set()
     for pid in _silo_family(fed):
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                if b"flower-superexec" in fh.read():
-                    out.add(pid)
+            argv = snapshot(pid).argv
+            if any(a.endswith("flower-superexec") or a == "silo_node.worker" for a in argv[:3]):
+                out.add(pid)
         except OSError:
             continue
     return out
@@ -464,7 +489,8 @@ def stalled_silos(
     fed: FaultFederation, model: Path, rep: int, rng: random.Random, prom: str, rounds: int = 2,
     stall_round: int = 2,
 ) -> Tally:  # fmt: skip
-    """Every silo hangs where Flower cannot see it: its executor (flower-superexec) is SIGSTOPped
+    """Every silo hangs where Flower cannot see it: what runs its training (the resident worker, or
+    Flower's flower-superexec) is SIGSTOPped
     just before round ``stall_round``, so its SuperNode keeps heartbeating and takes the training
     message, but no ClientApp ever runs it. The watchdog must fail the round within its bound,
     SiloTuneRoundFailedByWatchdog's expression must be true in Prometheus (``prom`` scrapes the

@@ -146,6 +146,13 @@ def test_a_full_disk_fails_the_checkpoint_clearly_and_keeps_the_last(
     monkeypatch.setattr(ck, "save_adapter_dir", full)
     with pytest.raises(ck.CheckpointError, match="round 2 .* no space left .* round-0001 is intact"):
         store.save(2, adapter, cfg, {}, {"run_config": {}})
+
+    def full_safetensors(*_a: object, **_k: object) -> None:  # what safetensors really raises
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ck, "save_adapter_dir", full_safetensors)
+    with pytest.raises(ck.CheckpointError, match="round 2 .* no space left .* round-0001 is intact"):
+        store.save(2, adapter, cfg, {}, {"run_config": {}})
     latest = store.latest()
     assert latest is not None and latest.round == 1
     assert [p.name for p in store.dir.iterdir()] == ["round-0001"]  # no half-written leftovers
