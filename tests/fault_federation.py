@@ -499,7 +499,7 @@ def stalled_silos(
     (Stopping the SuperNode itself, or the ClientApp, is not a silent stall in Flower 1.41: the
     SuperLink answers for a node that missed 2 heartbeats (NODE_UNAVAILABLE), the SuperNode for a
     ClientApp whose task heartbeat expired (CLIENT_APP_CRASHED), both within about a minute.)"""
-    from tests.test_monitoring_prometheus import query
+    from tests.support.monitoring_stack import query
 
     run_dir = f"stalled-{rep}"
     factor = 1.0

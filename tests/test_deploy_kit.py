@@ -15,7 +15,7 @@ import yaml
 from command_line.main import main
 from deploy.kit import MANIFEST, generate, load_federation
 from silotune.errors import UserError
-from tests.test_deploy_static import _env_example, interpolate
+from tests.support.compose_files import env_example, interpolate
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "deploy" / "federation.example.toml"
@@ -96,8 +96,8 @@ def test_kits_generated(fed: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 def test_env_matches_templates(fed: Path, tmp_path: Path) -> None:
     out = tmp_path / "kits"
     _kit(fed, out)
-    central_keys = set(_env_example(ROOT / "deploy/compose/central"))
-    silo_keys = set(_env_example(ROOT / "deploy/compose/silo"))
+    central_keys = set(env_example(ROOT / "deploy/compose/central"))
+    silo_keys = set(env_example(ROOT / "deploy/compose/silo"))
     assert set(_read_env(out / "central" / ".env")) == central_keys
     for silo in SILOS:
         assert set(_read_env(out / silo / ".env")) == silo_keys

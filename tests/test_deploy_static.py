@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.support.compose_files import _VAR, env_example, interpolate
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 DOCKERFILES = sorted(p for p in DEPLOY.rglob("Dockerfile*") if p.suffix != ".dockerignore")
@@ -89,31 +91,10 @@ def test_dockerfile_conventions(dockerfile: Path) -> None:
 # --- Compose ---------------------------------------------------------------------------------
 
 
-def _env_example(bundle_dir: Path) -> dict[str, str]:
-    env = {}
-    for line in (bundle_dir / ".env.example").read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            key, _, value = line.partition("=")
-            env[key.strip()] = value
-    return env
 
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 
 
-def interpolate(text: str, env: dict[str, str]) -> str:
-    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error} (enough for our bundles)."""
-
-    def sub(m: re.Match[str]) -> str:
-        name, op, arg = m.group(1), m.group(2), m.group(3)
-        value = env.get(name)
-        if op and op.endswith("?") and not value:
-            raise AssertionError(f"required variable {name} unset: {arg}")
-        if value is None or (op == ":-" and value == ""):
-            return arg or ""
-        return value
-
-    return _VAR.sub(sub, text)
 
 
 def test_compose_schema() -> None:
@@ -128,7 +109,7 @@ def test_compose_semantics(bundle: str) -> None:
     import compose_spec
 
     files = COMPOSE_BUNDLES[bundle]
-    env = _env_example(files[0].parent)
+    env = env_example(files[0].parent)
     merged: dict = {}
     for f in files:
         doc = yaml.safe_load(interpolate(f.read_text(), env))
@@ -209,7 +190,7 @@ def test_compose_silo_details() -> None:
 def test_docker_compose_config(bundle: str, tmp_path: Path) -> None:
     """docker-compose 1.29 (the version these sites may have) accepts each bundle offline."""
     files = COMPOSE_BUNDLES[bundle]
-    env = {**os.environ, **_env_example(files[0].parent)}
+    env = {**os.environ, **env_example(files[0].parent)}
     env.pop("COMPOSE_FILE", None)
     env.pop("DOCKER_HOST", None)
     for key in ("SILOTUNE_NODE_KEY", "SILOTUNE_CA_CERT", "SILOTUNE_SERVER_KEY"):
@@ -227,7 +208,7 @@ def test_env_examples_cover_variables() -> None:
         used = set()
         for f in bundle_dir.glob("docker-compose*.yml"):
             used |= {m.group(1) for m in _VAR.finditer(f.read_text())}
-        documented = set(_env_example(bundle_dir))
+        documented = set(env_example(bundle_dir))
         assert used <= documented, f"{bundle_dir.name}: undocumented {sorted(used - documented)}"
 
 
@@ -293,7 +274,7 @@ def test_compose_publishes_the_fleet_proxy_only() -> None:
     """`superlink start` (proxy on by default) binds the SuperLink to 127.0.0.1:8001 in the
     container; the published port is the proxy's 8000, and 8001 is never published."""
     path = DEPLOY / "compose/central/docker-compose.yml"
-    doc = yaml.safe_load(interpolate(path.read_text(), _env_example(path.parent)))
+    doc = yaml.safe_load(interpolate(path.read_text(), env_example(path.parent)))
     svc = doc["services"]["superlink"]
     cmd = [str(a) for a in svc["command"]]
     assert cmd[:3] == ["silotune", "superlink", "start"] and "--no-proxy" not in cmd

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import socket
-import stat
 import subprocess
 import sys
 import time
@@ -23,7 +22,8 @@ from monitoring.exporter import build_registry
 from monitoring.flwr_traffic import FlowerTrafficPoller, parse_flwr_ls
 from silotune import metrics as m
 from silotune.events import EventLog
-from tests.test_monitoring_synthetic import ADAPTER_PARAMS, BUDGET_BYTES, ROUNDS, write_synthetic_run
+from tests.support.monitoring_stack import FLWR_LS_JSON, fake_flwr
+from tests.support.synthetic_run import ADAPTER_PARAMS, BUDGET_BYTES, ROUNDS, write_synthetic_run
 
 
 def scrape(registry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -159,32 +159,6 @@ def test_restart_rebuilds_identical_values(tmp_path: Path) -> None:
     assert scrape(second) == before  # counters do not reset across exporter restarts
 
 
-# Captured from flwr 1.41 `flwr ls --format json` against a local insecure flower-superlink with
-# one SuperNode: a run that moved 200,000 payload bytes up and 100,000 down, and two without nodes.
-FLWR_LS_JSON = """{
-  "success": true,
-  "runs": [
-    {"run-id": "715974047237713702", "federation-id": "@none/default",
-     "fab-id": "captest/capapp", "fab-name": "capapp", "fab-version": "1.0.0",
-     "fab-hash": "ff2533d739ff1b517e8c66f208bd54bf75ca43387da1dad774ea5fe3b9608658",
-     "status": "finished:completed", "status-details": "N/A", "elapsed": 7.481688,
-     "pending-at": "2026-11-22 03:28:51Z", "starting-at": "2026-11-22 03:28:51Z",
-     "running-at": "2026-11-22 03:28:54Z", "finished-at": "2026-11-22 03:29:02Z",
-     "network-traffic": {"inbound-bytes": 201390, "outbound-bytes": 101663,
-                         "total-bytes": 303053},
-     "compute-time": {"serverapp-seconds": 7.481688, "clientapp-seconds": 0.0672140121459961,
-                      "total-seconds": 7.548902012145996}},
-    {"run-id": "487746571464526860", "federation-id": "@none/default",
-     "fab-id": "captest/capapp", "fab-name": "capapp", "fab-version": "1.0.0",
-     "fab-hash": "390f0565", "status": "finished:failed", "status-details": "N/A",
-     "elapsed": 1.252341, "pending-at": "2026-11-22 03:28:13Z",
-     "starting-at": "2026-11-22 03:28:13Z", "running-at": "2026-11-22 03:28:16Z",
-     "finished-at": "2026-11-22 03:28:17Z",
-     "network-traffic": {"inbound-bytes": 0, "outbound-bytes": 0, "total-bytes": 0},
-     "compute-time": {"serverapp-seconds": 1.252341, "clientapp-seconds": 0.0,
-                      "total-seconds": 1.252341}}
-  ]
-}"""
 
 
 def test_parse_flwr_ls_real_output() -> None:
@@ -196,13 +170,6 @@ def test_parse_flwr_ls_real_output() -> None:
         parse_flwr_ls('{"success": false, "error-message": "no connection"}')
 
 
-def fake_flwr(tmp_path: Path, payload: str) -> Path:
-    """An executable that answers like `flwr ls --format json` with the given text."""
-    (tmp_path / "ls.json").write_text(payload)
-    exe = tmp_path / "flwr"
-    exe.write_text(f"#!/bin/sh\ncat {tmp_path / 'ls.json'}\n")
-    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
-    return exe
 
 
 def test_poller_totals_never_decrease(tmp_path: Path) -> None:

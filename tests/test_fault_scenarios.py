@@ -72,7 +72,7 @@ def test_killed_silo_rejoins_and_the_round_completes(fed: FaultFederation, model
 def test_stalled_silos_fail_the_round_and_the_alert_holds(
     fed: FaultFederation, model: Path, tmp_path: Path
 ) -> None:
-    from tests.test_monitoring_prometheus import exporter, prometheus
+    from tests.support.monitoring_stack import exporter, prometheus
 
     with (
         exporter(fed.events_dir, "server", tmp_path / "exporter.log") as central,

@@ -4,31 +4,17 @@ loopback, training a tiny random Llama. Shows how to submit a run (LocalFederati
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 
 from demo.local_federation import LocalFederation, SiloSpec
-from silotune.events import read_events
+from tests.support.federation_runs import RANKS, run_config, run_events, write_silo_data
 
 pytestmark = pytest.mark.slow
 
-RANKS = {"hospital-a": 2, "hospital-b": 4, "bank-c": 8}
-WORDS = {
-    "negative": ["fell", "plunged", "missed", "cut"],
-    "positive": ["rose", "beat", "soared", "raised"],
-    "neutral": ["held", "announced", "scheduled", "filed"],
-}
 
 
-def _write_silo_data(path: Path, seed: int, n: int = 24) -> None:
-    rng = random.Random(seed)
-    with open(path, "w") as fh:
-        for _ in range(n):
-            label = rng.choice(sorted(WORDS))
-            text = f"Company {rng.randint(1, 99)} shares {rng.choice(WORDS[label])} after the report"
-            fh.write(json.dumps({"text": text, "label": label}) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -37,30 +23,14 @@ def federation(tmp_path_factory: pytest.TempPathFactory):
     silos = []
     for i, (name, rank) in enumerate(RANKS.items()):
         data = ws / f"{name}.jsonl"
-        _write_silo_data(data, seed=i)
+        write_silo_data(data, seed=i)
         silos.append(SiloSpec(name, data, {"columns": "input=text,output=label", "lora-rank": rank}))
     with LocalFederation(ws / "workspace", silos) as fed:
         yield fed
 
 
-def _run_config(model: Path, run_dir: str, **extra: object) -> dict:
-    cfg = {
-        "model.name": str(model),
-        "num-rounds": 2,
-        "strategy.min-nodes": 3,
-        "run-dir": run_dir,
-        "train.local-steps": 2,
-        "train.batch-size": 4,
-        "train.seq-length": 64,
-        "train.lr-max": 5e-3,
-        "strategy.round-timeout": 600.0,
-    }
-    cfg.update(extra)
-    return cfg
 
 
-def _events(fed: LocalFederation, run_dir: str) -> list[dict]:
-    return list(read_events(fed.runs_root / run_dir / "events.jsonl"))
 
 
 def _logits(model, ids):  # noqa: ANN001, ANN202
@@ -75,10 +45,10 @@ def test_fedavg_rounds_save_a_loadable_adapter_that_changes_outputs(federation, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    result = federation.submit(_run_config(tiny_model, "fedavg", **{"strategy.name": "fedavg"}), timeout=900)
+    result = federation.submit(run_config(tiny_model, "fedavg", **{"strategy.name": "fedavg"}), timeout=900)
     assert [r["round"] for r in result.rounds] == [1, 2]
     assert all(r["answered"] == 3 for r in result.rounds)
-    events = _events(federation, "fedavg")
+    events = run_events(federation, "fedavg")
     results = [e for e in events if e["kind"] == "silo_result"]
     assert sorted({e["silo"] for e in results}) == sorted(RANKS)
     assert len(results) == 6  # 3 silos x 2 rounds
@@ -102,9 +72,9 @@ def test_flexlora_with_heterogeneous_ranks(federation, tiny_model) -> None:
     from safetensors.numpy import load_file
     from transformers import AutoModelForCausalLM
 
-    result = federation.submit(_run_config(tiny_model, "flex", **{"strategy.name": "flexlora"}), timeout=900)
+    result = federation.submit(run_config(tiny_model, "flex", **{"strategy.name": "flexlora"}), timeout=900)
     assert [r["answered"] for r in result.rounds] == [3, 3]
-    results = [e for e in _events(federation, "flex") if e["kind"] == "silo_result"]
+    results = [e for e in run_events(federation, "flex") if e["kind"] == "silo_result"]
     assert {e["silo"]: e["lora_rank"] for e in results} == RANKS
     # Each silo received and returned factors at its own rank: uplink bytes grow with the rank.
     up = {e["silo"]: e["uplink_bytes"] for e in results if e["round"] == 2}
@@ -119,11 +89,11 @@ def test_flexlora_with_heterogeneous_ranks(federation, tiny_model) -> None:
 
 
 def test_interrupted_run_resumes_from_its_last_checkpoint(federation, tiny_model) -> None:
-    first = federation.submit(_run_config(tiny_model, "resume", **{"num-rounds": 1}), timeout=900)
+    first = federation.submit(run_config(tiny_model, "resume", **{"num-rounds": 1}), timeout=900)
     assert [r["round"] for r in first.rounds] == [1]
-    second = federation.submit(_run_config(tiny_model, "resume", **{"num-rounds": 3}), timeout=900)
+    second = federation.submit(run_config(tiny_model, "resume", **{"num-rounds": 3}), timeout=900)
     assert [r["round"] for r in second.rounds] == [2, 3]
-    starts = [e for e in _events(federation, "resume") if e["kind"] == "run_start"]
+    starts = [e for e in run_events(federation, "resume") if e["kind"] == "run_start"]
     assert [s["start_round"] for s in starts] == [1, 2]
 
 
@@ -141,7 +111,7 @@ def test_compare_and_a_deployed_run_share_one_round_core(federation, tiny_model)
     from silotune.modeling import load_model
     from superlink.checkpoints import CheckpointStore
 
-    values = _run_config(tiny_model, "core", **{"strategy.name": "fedavg"})
+    values = run_config(tiny_model, "core", **{"strategy.name": "fedavg"})
     federation.submit(values, timeout=900)
     deployed = CheckpointStore(federation.runs_root / "core").latest()
     assert deployed is not None and deployed.round == 2
@@ -152,7 +122,7 @@ def test_compare_and_a_deployed_run_share_one_round_core(federation, tiny_model)
     silos = []
     for i, name in enumerate(RANKS):
         data = federation.ws / f"{name}-core.jsonl"
-        _write_silo_data(data, seed=i)
+        write_silo_data(data, seed=i)
         cfg = parse_silo_config({"data-path": str(data), "columns": "input=text,output=label", "name": name})
         train, _ = split_train_eval(load_silo_records(cfg, run.domain), cfg.eval_fraction, run.train.seed)
         examples = encode_records(
@@ -179,10 +149,10 @@ def test_two_rounds_in_each_transport_format(federation, tiny_model, dtype: str)
 
     run_dir = f"transport-{dtype}"
     result = federation.submit(
-        _run_config(tiny_model, run_dir, **{"transport.dtype": dtype, "train.local-steps": 1}), timeout=900
+        run_config(tiny_model, run_dir, **{"transport.dtype": dtype, "train.local-steps": 1}), timeout=900
     )
     assert [r["answered"] for r in result.rounds] == [3, 3]
-    events = _events(federation, run_dir)
+    events = run_events(federation, run_dir)
     assert not [e for e in events if e["kind"] == "update_rejected"]
     results = [e for e in events if e["kind"] == "silo_result"]
     assert len(results) == 6

@@ -13,10 +13,9 @@ import pytest
 import yaml
 
 from silotune import metrics as m
+from tests.support.monitoring_stack import DASHBOARDS, MON, panel_targets
 
-MON = Path(__file__).resolve().parents[1] / "monitoring"
 PROM = MON / "prometheus"
-DASHBOARDS = sorted((MON / "grafana" / "dashboards").glob("*.json"))
 DATASOURCE_UID = "silotune-prometheus"
 
 
@@ -42,14 +41,6 @@ def test_promtool(args: tuple[str, ...]) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-def panel_targets(dashboard: dict) -> list[tuple[str, str]]:
-    """(panel title, expr) for every query of every panel, rows included."""
-    out = []
-    for panel in dashboard["panels"]:
-        for sub in [panel, *panel.get("panels", [])]:
-            for target in sub.get("targets", []):
-                out.append((sub["title"], target["expr"]))
-    return out
 
 
 def used_series(text: str) -> set[str]:

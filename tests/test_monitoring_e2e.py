@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_monitoring_prometheus import empty_panels, exporter, prometheus, query, values
+from tests.support.monitoring_stack import empty_panels, exporter, prometheus, query, values
 from tests.tiny_model import make_tiny_llama
 from tests.waiting import wait_until
 

@@ -13,7 +13,9 @@ import pytest
 
 from demo.local_federation import LocalFederation, SiloSpec
 from silotune import protocol as p
-from tests.test_federation_e2e import _events, _run_config, _write_silo_data
+from tests.support.federation_runs import run_config as _run_config
+from tests.support.federation_runs import run_events as _events
+from tests.support.federation_runs import write_silo_data as _write_silo_data
 from tests.tiny_model import make_tiny_llama
 
 pytestmark = pytest.mark.slow

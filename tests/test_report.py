@@ -16,7 +16,7 @@ import pytest
 
 from monitoring.report import write_report
 from silotune.errors import UserError
-from tests.test_monitoring_synthetic import write_synthetic_run
+from tests.support.synthetic_run import write_synthetic_run
 
 CHART_BLUE, CHART_RED = (0x1F, 0x77, 0xB4), (0xD6, 0x27, 0x28)  # first two series colours
 

@@ -20,7 +20,9 @@ import pytest
 
 from demo.local_federation import CONNECTION, LocalFederation, SiloSpec
 from silotune.events import read_events
-from tests.test_federation_e2e import RANKS, _run_config, _write_silo_data
+from tests.support.federation_runs import RANKS
+from tests.support.federation_runs import run_config as _run_config
+from tests.support.federation_runs import write_silo_data as _write_silo_data
 
 pytestmark = pytest.mark.slow
 
