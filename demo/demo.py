@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from silotune import protocol
 from silotune.config import ModelConfig, parse_run_config
 from silotune.errors import UserError
 from silotune.events import read_events
@@ -309,9 +310,9 @@ def _print_round(info: dict[str, Any]) -> None:
 
 def _collect_events(path: Path, report: DemoReport) -> None:
     for e in read_events(path):
-        if e["kind"] == "run_start":
+        if e["kind"] == protocol.EV_RUN_START:
             report.adapter_raw_bytes = int(e.get("adapter_parameters", 0)) * 4
-        elif e["kind"] == "round_end":
+        elif e["kind"] == protocol.EV_ROUND_END:
             report.rounds.append(
                 {
                     k: e.get(k)
@@ -327,7 +328,7 @@ def _collect_events(path: Path, report: DemoReport) -> None:
                     )
                 }
             )
-        elif e["kind"] == "silo_result":
+        elif e["kind"] == protocol.EV_SILO_RESULT:
             peaks = report.silo_peaks.setdefault(e["silo"], {})
             for k in ("peak_rss_bytes", "peak_gpu_allocated_bytes", "peak_gpu_reserved_bytes"):
                 peaks[k] = max(peaks.get(k, 0), int(e.get(k) or 0))
@@ -377,10 +378,10 @@ def format_summary(r: DemoReport) -> str:
         "",
         "peak memory per silo (per round maximum):",
     ]
-    for silo, p in sorted(r.silo_peaks.items()):
-        gpu = p.get("peak_gpu_allocated_bytes", 0)
+    for silo, peaks in sorted(r.silo_peaks.items()):
+        gpu = peaks.get(protocol.PEAK_GPU_ALLOCATED, 0)
         extra = f", GPU allocated {gpu / mib:.0f} MiB" if gpu else " (no GPU: resident set size)"
-        lines.append(f"  {silo:<12} RSS {p.get('peak_rss_bytes', 0) / mib:.0f} MiB{extra}")
+        lines.append(f"  {silo:<12} RSS {peaks.get(protocol.PEAK_RSS, 0) / mib:.0f} MiB{extra}")
     t = r.timings
     lines += [
         "",

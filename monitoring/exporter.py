@@ -266,7 +266,7 @@ class FederationState:
 
     def _on_silo_result(self, e: dict[str, Any]) -> None:
         labels = (self._silo(e),)
-        if e["kind"] == "silo_result":
+        if e["kind"] == protocol.EV_SILO_RESULT:
             # Start failure counters at 0 so the first failure is an increase alerts can see.
             self._inc(m.SILO_FAILURES, 0, labels)
             self._inc(m.UPDATES_REJECTED, 0, labels)

@@ -111,24 +111,24 @@ class RunData:
 
         for e in events:
             kind, rnd = e.get("kind"), e.get("round")
-            if kind == "run_start":
+            if kind == protocol.EV_RUN_START:
                 self.run = e
-            elif kind == "run_end":
+            elif kind == protocol.EV_RUN_END:
                 self.end = e
-            elif kind == "round_end" and _is_num(rnd):
+            elif kind == protocol.EV_ROUND_END and _is_num(rnd):
                 self.rounds[rnd] = e
-            elif kind in ("silo_result", "local_train") and _is_num(rnd):
+            elif kind in (protocol.EV_SILO_RESULT, protocol.EV_LOCAL_TRAIN) and _is_num(rnd):
                 # The server's view wins; a silo's own file fills what the server lacks.
                 row = self.silo[who(e)].setdefault(rnd, {})
                 for k, v in e.items():
-                    if kind == "silo_result" or k not in row:
+                    if kind == protocol.EV_SILO_RESULT or k not in row:
                         row[k] = v
-            elif kind == "evaluation" and isinstance(e.get("metrics"), dict):
+            elif kind == protocol.EV_EVALUATION and isinstance(e.get("metrics"), dict):
                 vals = {k: v for k, v in e["metrics"].items() if _is_num(v)}
                 self.evaluation[rnd] = vals
-            elif kind == "silo_failed":
+            elif kind == protocol.EV_SILO_FAILED:
                 self.failures[who(e)] += 1
-            elif kind == "update_rejected":
+            elif kind == protocol.EV_UPDATE_REJECTED:
                 self.rejected[who(e)] += 1
 
     def per_round(self, key: str) -> list[tuple[float, float]]:

@@ -362,7 +362,7 @@ def train(msg: Message, context: Context) -> Message:
     downlink = msg.content[p.REC_ARRAYS].count_bytes()
     _audit_payload(silo, context, server_round, "train", arrays)
     events.emit(
-        "local_train",
+        p.EV_LOCAL_TRAIN,
         round=server_round,
         silo=silo.name,
         train_loss=result.train_loss,

@@ -75,13 +75,29 @@ REASON_CODES = (
     R_ENCODING,
 )
 
-# --- event kinds this protocol adds (silotune/events.py lists every kind and its fields) ----------
-EV_UPDATE_REJECTED = "update_rejected"
+# --- event kinds (silotune/events.py documents every kind and its fields) ------------------------
+EV_RUN_START = "run_start"
+EV_ROUND_START = "round_start"
+EV_SILO_REPLY = "silo_reply"
+EV_SILO_RESULT = "silo_result"
 EV_SILO_FAILED = "silo_failed"
+EV_SILO_PENDING = "silo_pending"
+EV_SILO_HANDSHAKE = "silo_handshake"
+EV_UPDATE_REJECTED = "update_rejected"
 EV_EVAL_REJECTED = "evaluation_rejected"
 EV_ANOMALY = "anomaly_score"
 EV_SILO_EXCLUDED = "silo_excluded"
 EV_QUORUM_MISSED = "quorum_missed"
+EV_ROUND_END = "round_end"
+EV_EVALUATION = "evaluation"
+EV_ROUND_STALLED = "round_stalled"
+EV_RUN_END = "run_end"
+EV_LOCAL_TRAIN = "local_train"  # the silo's own record of a round (its events file)
+EVENT_KINDS: tuple[str, ...] = (
+    EV_RUN_START, EV_ROUND_START, EV_SILO_REPLY, EV_SILO_RESULT, EV_SILO_FAILED, EV_SILO_PENDING,
+    EV_SILO_HANDSHAKE, EV_UPDATE_REJECTED, EV_EVAL_REJECTED, EV_ANOMALY, EV_SILO_EXCLUDED,
+    EV_QUORUM_MISSED, EV_ROUND_END, EV_EVALUATION, EV_ROUND_STALLED, EV_RUN_END, EV_LOCAL_TRAIN,
+)  # fmt: skip
 
 # --- the ServerApp's log lines that `silotune run` (superlink/submit.py) follows ------------------
 # `flwr run --stream` relays the ServerApp's log from wherever the SuperLink runs, so progress

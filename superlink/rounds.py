@@ -248,7 +248,7 @@ class Federation:
                 nid = node_of.get(mid, reply.metadata.src_node_id)
                 self.reply_seconds[nid] = seconds = self.clock() - pushed_at
                 # One line per reply: the exporter's progress signal while a round is under way.
-                self.events.emit("silo_reply", round=rnd, node_id=nid, phase=phase, reply_seconds=seconds)
+                self.events.emit(p.EV_SILO_REPLY, round=rnd, node_id=nid, phase=phase, reply_seconds=seconds)
             got.extend(batch)
             if batch:
                 self.watchdog.progress()
@@ -305,7 +305,7 @@ class Federation:
             )
             claimed = {"claimed_name": hs.silo} if hs.silo != name else {}
             self.events.emit(
-                "silo_handshake",
+                p.EV_SILO_HANDSHAKE,
                 node_id=nid,
                 silo=name,
                 rank=hs.rank,
@@ -321,7 +321,7 @@ class Federation:
             again = self.backoff.failed(nid, self.current_round)
             log(WARNING, "silo node %d failed its handshake: %s (asked again: round %d)", nid, reason, again)
             self.events.emit(
-                "silo_failed",
+                p.EV_SILO_FAILED,
                 round=0,
                 node_id=nid,
                 silo=self.silo_name(nid),
@@ -363,7 +363,7 @@ class Federation:
         first = nid not in self.pending
         self.pending.add(nid)
         self.events.emit(
-            "silo_pending", round=rnd, node_id=nid, silo=self.silo_name(nid), code=PENDING, reason=reason
+            p.EV_SILO_PENDING, round=rnd, node_id=nid, silo=self.silo_name(nid), code=PENDING, reason=reason
         )
         if first:
             name = self.silo_name(nid)
@@ -442,7 +442,7 @@ class Federation:
                 return self._run()
             except BaseException as exc:
                 self.events.emit(
-                    "run_end",
+                    p.EV_RUN_END,
                     status="failed" if isinstance(exc, Exception) else "stopped",
                     rounds_completed=self.rounds_completed,
                     reason=f"{type(exc).__name__}: {exc}",
@@ -458,7 +458,7 @@ class Federation:
         if not self.global_state:
             self._initial_adapter()
         self.events.emit(
-            "run_start",
+            p.EV_RUN_START,
             num_rounds=cfg.num_rounds,
             start_round=start_round + 1,
             strategy=cfg.strategy.name,
@@ -478,7 +478,7 @@ class Federation:
             except RoundStalled as exc:
                 stalls += 1
                 log(WARNING, "round %d failed: %s", rnd, exc)
-                self.events.emit("round_stalled", round=rnd, reason=str(exc))
+                self.events.emit(p.EV_ROUND_STALLED, round=rnd, reason=str(exc))
                 if stalls >= MAX_CONSECUTIVE_STALLS:
                     status, reason = "stalled", f"{stalls} rounds in a row made no progress; last: {exc}"
                     log(WARNING, "ending the run: %s", reason)
@@ -499,7 +499,7 @@ class Federation:
                 status = "budget_exceeded"
                 break
         self.events.emit(
-            "run_end",
+            p.EV_RUN_END,
             status=status,
             rounds_completed=self.rounds_completed,
             adapter_dir=str(self.run_dir / "adapter"),
@@ -525,7 +525,7 @@ class Federation:
             )
         sampled = sample_round(cfg, usable, rnd)
         self.events.emit(
-            "round_start",
+            p.EV_ROUND_START,
             round=rnd,
             connected=len(nodes),
             sampled=sampled,
@@ -554,7 +554,7 @@ class Federation:
                 self._pending(rnd, nid, reason)
                 continue
             self.events.emit(
-                "silo_failed",
+                p.EV_SILO_FAILED,
                 round=rnd,
                 node_id=nid,
                 silo=self.silos[nid].name,
@@ -592,7 +592,7 @@ class Federation:
                 **{field: m.get(p.metric_key(field)) for field in p.MEMORY_FIELDS},
             }
             per_silo.append(row)
-            self.events.emit("silo_result", **row)
+            self.events.emit(p.EV_SILO_RESULT, **row)
         downlink = sum(down.values())
         self.cumulative_bytes += uplink + downlink
         ckpt_path = ""
@@ -636,7 +636,7 @@ class Federation:
         if outcome.answered:
             self.watchdog.round_completed(outcome.duration_seconds)
         self.events.emit(
-            "round_end",
+            p.EV_ROUND_END,
             round=rnd,
             duration_seconds=outcome.duration_seconds,
             aggregation_seconds=agg_seconds,
@@ -791,4 +791,4 @@ class Federation:
         if pairs:
             total = sum(n for _, n in pairs)
             loss = sum(v * n for v, n in pairs) / total
-            self.events.emit("evaluation", round=rnd, metrics={"eval_loss": loss, "examples": total})
+            self.events.emit(p.EV_EVALUATION, round=rnd, metrics={"eval_loss": loss, "examples": total})

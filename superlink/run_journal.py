@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from silotune import protocol as p
 from silotune.atomic_files import atomic_write_json
 
 JOURNAL_DIR = "journal"
@@ -106,7 +107,7 @@ def last_run_end(entry: Submission) -> dict[str, Any] | None:
     ends = [
         e
         for e in read_events(resolve(entry) / "events.jsonl")
-        if e.get("kind") == "run_end" and float(e.get("ts", 0)) >= entry.submitted_at
+        if e.get("kind") == p.EV_RUN_END and float(e.get("ts", 0)) >= entry.submitted_at
     ]
     return ends[-1] if ends else None
 

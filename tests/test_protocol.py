@@ -70,3 +70,31 @@ def test_message_keys_are_unique() -> None:
 def test_the_silos_memory_meter_fills_exactly_the_protocols_memory_fields() -> None:
     assert tuple(f.name for f in dataclasses.fields(MemoryPeaks)) == p.MEMORY_FIELDS
     assert all(p.metric_key(f) == f.replace("_", "-") for f in p.MEMORY_FIELDS)
+
+
+def test_every_event_kind_is_emitted_and_read_through_its_constant() -> None:
+    """Writers (`.emit("kind", ...)`) and readers (`e["kind"] == ...`) use protocol.EV_*."""
+    kinds = set(p.EVENT_KINDS)
+    files = [*ROUND_FILES, "monitoring/report.py", "monitoring/exporter.py", "demo/demo.py"]
+    spelled = []
+    for rel in files:
+        tree = ast.parse((REPO / rel).read_text())
+        for node in ast.walk(tree):
+            is_emit = isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            if is_emit and node.func.attr == "emit":
+                first = node.args[0] if node.args else None
+                if isinstance(first, ast.Constant) and first.value in kinds:
+                    spelled.append(f"{rel}:{node.lineno}: emit({first.value!r})")
+            if isinstance(node, ast.Compare):
+                for c in node.comparators:
+                    if isinstance(c, ast.Constant) and c.value in kinds:
+                        spelled.append(f"{rel}:{node.lineno}: == {c.value!r}")
+    assert not spelled, "\n".join(spelled)
+
+
+def test_the_exporter_handles_every_server_and_silo_kind_it_counts() -> None:
+    from monitoring.exporter import FederationState
+
+    handled = {name.removeprefix("_on_") for name in dir(FederationState) if name.startswith("_on_")}
+    unnamed = handled - set(p.EVENT_KINDS)
+    assert not unnamed, f"exporter handlers for kinds the protocol does not name: {unnamed}"
