@@ -325,7 +325,7 @@ def test_federation_round_in_containers(engine: SealedDocker, tmp_path: Path) ->
         )  # fmt: skip
         for name in SILOS:
             central(["silotune", "silos", "admit", f"/keys/{name}.pub", "--name", name,
-                     "--superlink", "127.0.0.1:8000", "--ca", "/run/secrets/ca.crt"])  # fmt: skip
+                     "--superlink", "127.0.0.1:8001", "--ca", "/run/secrets/ca.crt"])  # fmt: skip
         for name in SILOS:
             projects.append(kits / name)
             compose(kits / name, ["up", "-d"])
