@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    executor=args.executor))
         prom = None
         if "stalled-silo" in counts:
-            from tests.test_monitoring_prometheus import exporter, prometheus
+            from tests.support.monitoring_stack import exporter, prometheus
 
             central = stack.enter_context(exporter(fed.events_dir, "server", work / "exporter.log"))
             prom = stack.enter_context(prometheus(work / "prom", central, []))

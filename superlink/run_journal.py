@@ -166,6 +166,14 @@ def resume_open_runs(
     submit = submit or _submit_detached
     started = []
     for path, entry in open_entries(journal):
+        if not (resolve(entry) / "events.jsonl").is_file():
+            # Never started, deleted, or on a disk that is not mounted: nothing to continue from, and
+            # re-submitting would start the whole run over in an empty directory.
+            entry.closed = "nothing_to_resume"
+            _save(path, entry)
+            say(f"run-dir {entry.run_dir}: not resumed: {resolve(entry)} holds no run (no events.jsonl);"
+                " submit it again if it should run")  # fmt: skip
+            continue
         end = last_run_end(entry)
         done = max(int(end.get("rounds_completed", 0)) if end else 0, _checkpointed_rounds(entry))
         if done > entry.rounds_completed:

@@ -77,6 +77,7 @@ def test_an_old_run_end_does_not_close_a_new_submission(tmp_path: Path) -> None:
 def test_resubmissions_without_progress_give_up_and_say_why(tmp_path: Path) -> None:
     journal = tmp_path / "journal"
     record_submission(journal, {"run-dir": "d"}, "c")
+    _event(tmp_path, "d", kind="run_start", start_round=1)
     sub, said = Submitter(), []
     for _ in range(MAX_FRUITLESS_RESUMES):
         _event(tmp_path, "d", kind="run_end", status="failed", rounds_completed=0, reason="boom")
@@ -91,6 +92,7 @@ def test_resubmissions_without_progress_give_up_and_say_why(tmp_path: Path) -> N
 def test_progress_resets_the_count(tmp_path: Path) -> None:
     journal = tmp_path / "journal"
     record_submission(journal, {"run-dir": "e", "num-rounds": 9}, "c")
+    _event(tmp_path, "e", kind="run_start", start_round=1)
     sub = Submitter()
     for done in range(1, MAX_FRUITLESS_RESUMES + 3):
         ckpt = tmp_path / "runs" / "e"
@@ -102,8 +104,9 @@ def test_progress_resets_the_count(tmp_path: Path) -> None:
 
 def test_a_refused_resubmission_is_reported_and_the_others_go_on(tmp_path: Path) -> None:
     journal = tmp_path / "journal"
-    record_submission(journal, {"run-dir": "f1"}, "c")
-    record_submission(journal, {"run-dir": "f2"}, "c")
+    for name in ("f1", "f2"):
+        record_submission(journal, {"run-dir": name}, "c")
+        _event(tmp_path, name, kind="run_start", start_round=1)
     said: list[str] = []
 
     def submit(home: Path, conn: str, cfg: dict[str, Any]) -> str:
@@ -113,6 +116,15 @@ def test_a_refused_resubmission_is_reported_and_the_others_go_on(tmp_path: Path)
 
     assert resume_open_runs(journal, tmp_path, "c", said.append, submit) == ["7"]
     assert any("could not re-submit" in m and "SuperLink said no" in m for m in said)
+
+
+def test_a_run_dir_that_is_gone_is_not_started_over(tmp_path: Path) -> None:
+    journal = tmp_path / "journal"
+    record_submission(journal, {"run-dir": "gone"}, "c")
+    sub, said = Submitter(), []
+    assert resume_open_runs(journal, tmp_path, "c", said.append, sub) == []
+    assert sub.calls == [] and "holds no run" in said[0]
+    assert load(next(journal.glob("*.json"))).closed == "nothing_to_resume"
 
 
 def test_superlink_start_offers_no_resume() -> None:
