@@ -44,7 +44,10 @@ def test_a_poisoning_silo_is_clipped_then_rejected_and_the_run_completes(
         data = tmp_path / f"{name}.jsonl"
         _write_silo_data(data, seed=i)
         silos.append(SiloSpec(name, data, {"columns": "input=text,output=label"}))
-    with LocalFederation(tmp_path / "ws", silos) as fed:
+    # The poisoned app is not the SiloTune the silos installed, so a resident worker would refuse
+    # it (APP_NOT_ALLOWED, tests/test_resident_worker.py): a malicious silo runs its own code, and
+    # Flower's per-message executor runs whatever app it is given, which is what this test needs.
+    with LocalFederation(tmp_path / "ws", silos, executor="per-message") as fed:
         result = fed.submit(_run_config(model, "poisoned"), timeout=900)
         events = _events(fed, "poisoned")
     assert [r["round"] for r in result.rounds] == [1, 2]
