@@ -8,7 +8,6 @@ before the kill), like a supervisor restarting it.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -23,28 +22,14 @@ from silotune.events import read_events
 from silotune.processes import ManagedProcess, start_process
 from superlink.run_journal import _submit_detached, record_submission
 from superlink.watchdog import MIN_BOUND_SECONDS
-
-WORDS = {
-    "negative": ["fell", "plunged", "missed", "cut"],
-    "positive": ["rose", "beat", "soared", "raised"],
-    "neutral": ["held", "announced", "scheduled", "filed"],
-}
-
-
-def write_silo_data(path: Path, seed: int, n: int = 16) -> None:
-    rng = random.Random(seed)
-    with open(path, "w") as fh:
-        for _ in range(n):
-            label = rng.choice(sorted(WORDS))
-            text = f"Company {rng.randint(1, 99)} shares {rng.choice(WORDS[label])} after the report"
-            fh.write(json.dumps({"text": text, "label": label}) + "\n")
+from tests.support.federation_runs import write_silo_data
 
 
 def silo_specs(ws: Path, names: list[str]) -> list[SiloSpec]:
     specs = []
     for i, name in enumerate(names):
         data = ws / f"{name}.jsonl"
-        write_silo_data(data, seed=i)
+        write_silo_data(data, seed=i, n=16)  # small silos: fault runs are about timing, not data
         specs.append(SiloSpec(name, data, {"columns": "input=text,output=label"}))
     return specs
 

@@ -33,8 +33,10 @@ from silotune.processes import ProcessGroup, start_process
 from superlink.admission import admit_silo, list_silos
 from superlink.launch import SuperLinkOptions, start_superlink
 from superlink.submit import format_run_config
-from tests.fault_federation import run_config, write_silo_data
+from tests.fault_federation import run_config
 from tests.netlab import NetLab
+from tests.support.federation_runs import write_silo_data
+from tests.waiting import wait_until
 
 PORT = 8000
 REPO = Path(__file__).resolve().parents[1]
@@ -44,16 +46,6 @@ NFT_LOSS = (
     "table inet fault { chain out { type filter hook output priority 0; policy accept; "
     "ip daddr 198.18.0.0/15 numgen random mod 100 < 20 drop; }; }\n"
 )
-
-
-def _wait(pred: Any, timeout: float, what: str, interval: float = 1.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def _netns(ns: str, *argv: str, stdin: str | None = None) -> None:
@@ -99,7 +91,7 @@ def link_run(work: Path, model: Path, fault: str, rng: random.Random, rounds: in
             key = generate_node_key(work / name / "keys", name)
             admit_silo(key.public_path, name, home, netns=link.netns)
             data = work / f"{name}.jsonl"
-            write_silo_data(data, seed=i)
+            write_silo_data(data, seed=i, n=16)
             sopts = SiloOptions(
                 superlink=address[name], ca_cert=ca, node_key=key.private_path,
                 node_config={"data-path": str(data), "name": name, "columns": "input=text,output=label"},
@@ -111,7 +103,7 @@ def link_run(work: Path, model: Path, fault: str, rng: random.Random, rounds: in
             silos = list_silos(home, netns=link.netns)
             return sorted(s.name for s in silos if s.status == "online") == list(SILOS)
 
-        _wait(online, 300, "both silos online", interval=3)
+        wait_until(online, 300, "both silos online", interval=3)
         run_dir = work / "run"
         cfg = run_config(model, str(run_dir), rounds, len(SILOS), **{"strategy.round-timeout": 300.0})
         res = run_flwr(["run", str(REPO), "silotune", "--run-config", format_run_config(cfg),
@@ -124,14 +116,14 @@ def link_run(work: Path, model: Path, fault: str, rng: random.Random, rounds: in
 
         cut = {}
         if fault == "link-down":
-            _wait(lambda: event(lambda e: e["kind"] == "round_start" and e["round"] == 1), 900,
+            wait_until(lambda: event(lambda e: e["kind"] == "round_start" and e["round"] == 1), 900,
                   "round 1")  # fmt: skip
             time.sleep(rng.uniform(0.0, 8.0))
             cut["at"] = time.time()
             lab.link(a, up=False)
             time.sleep(30.0)
             lab.link(a, up=True)
-        end = _wait(lambda: event(lambda e: e["kind"] == "run_end"), 1800, f"the {fault} run to end",
+        end = wait_until(lambda: event(lambda e: e["kind"] == "run_end"), 1800, f"the {fault} run to end",
                     interval=2)  # fmt: skip
         events = list(read_events(events_path))
         ends = [e for e in events if e["kind"] == "round_end"]
