@@ -249,7 +249,18 @@ class ErrorFeedback:
         if self.path is not None and self.path.exists():
             from safetensors.numpy import load_file
 
-            self.residual = dict(load_file(str(self.path)))
+            try:
+                self.residual = dict(load_file(str(self.path)))
+            except Exception as exc:  # noqa: BLE001 - any unreadable file
+                # The residual only refines later rounds; an unreadable one (a damaged disk, a
+                # file from another version) must not cost this silo every round of the run.
+                import logging
+
+                logging.getLogger(__name__).warning(
+                    "ignoring unreadable error-feedback residual %s (%s); starting from zero",
+                    self.path,
+                    type(exc).__name__,
+                )
 
     def encode_update(self, update: dict[str, np.ndarray], enc: Encoding) -> dict[str, np.ndarray]:
         target = {

@@ -183,3 +183,14 @@ def test_bad_settings_are_named() -> None:
         Encoding("fp8")
     with pytest.raises(CodecError, match="transport.block-size=100"):
         Encoding("int8", 100)
+
+
+def test_an_unreadable_residual_costs_nothing_but_itself(tmp_path) -> None:  # noqa: ANN001
+    path = tmp_path / "residual.safetensors"
+    path.write_bytes(b"not a safetensors file")
+    feedback = ErrorFeedback(path)
+    assert feedback.residual == {}
+    update = lora_like(6, 1e-3)
+    back = decode(feedback.encode_update(update, Encoding("int8")), Encoding("int8"), shapes(update))
+    assert set(back) == set(update)
+    assert ErrorFeedback(path).residual.keys() == update.keys()  # rewritten, readable again
