@@ -14,7 +14,8 @@ number of optimizer steps, at the same batch size:
 
 So each approach performs N x R x S optimizer steps in total (R x S per silo's worth of compute)
 and sees N x R x S x B training examples; all use R phases with the cosine LR of ``lr_for_round``
-and a fresh AdamW per phase, exactly like federated rounds.
+and a fresh AdamW per phase, exactly like federated rounds (``--keep-optimizer-state``: each silo,
+and the central site, carries its AdamW state from phase to phase instead, in every approach).
 """
 
 from __future__ import annotations
@@ -79,6 +80,12 @@ def register_arguments(c: argparse.ArgumentParser) -> None:
         help="training prompt (train.prompt-style): eval (default) trains in the prompt the evaluation "
         "asks with, so the table measures what was learned; alpaca is FlowerTune's training prompt "
         "inside the chat template",
+    )
+    t.add_argument(
+        "--keep-optimizer-state",
+        action="store_true",
+        help="each silo carries its AdamW state across rounds (train.keep-optimizer-state; "
+        "off by default: a fresh AdamW every round, as in FlowerTune)",
     )
     t.add_argument(
         "--approaches",
@@ -197,13 +204,18 @@ def _approaches(text: str) -> list[str]:
     return [a for a in APPROACHES if a in chosen]
 
 
-def step_rule(n: int, rounds: int, steps: int, batch: int) -> str:
+def step_rule(n: int, rounds: int, steps: int, batch: int, keep_optimizer_state: bool = False) -> str:
+    adamw = (
+        "AdamW state kept from phase to phase by each silo (train.keep-optimizer-state)"
+        if keep_optimizer_state
+        else "fresh AdamW per phase"
+    )
     return (
         f"Same compute: every approach performs N x R x S = {n} x {rounds} x {steps} = "
         f"{n * rounds * steps} optimizer steps at batch {batch} ({rounds * steps} per silo's compute). "
         f"Isolated: each silo R x S = {rounds * steps} steps on its own data. Federated: R = {rounds} "
         f"rounds x S = {steps} local steps at each silo. Centralized: R = {rounds} phases x N x S = "
-        f"{n * steps} steps on the pooled data. All: cosine LR per round/phase, fresh AdamW per phase."
+        f"{n * steps} steps on the pooled data. All: cosine LR per round/phase, {adamw}."
     )
 
 
@@ -422,6 +434,7 @@ def run_compare(args: argparse.Namespace) -> int:
             "train.lr-min": args.lr_min,
             "train.seed": args.seed,
             "train.prompt-style": args.prompt_style,
+            "train.keep-optimizer-state": args.keep_optimizer_state,
             "strategy.proximal-mu": args.proximal_mu,
             "strategy.server-lr": args.server_lr,
             "strategy.server-momentum": args.server_momentum,
@@ -543,9 +556,10 @@ def run_compare(args: argparse.Namespace) -> int:
         "lr_min": args.lr_min,
         "seed": args.seed,
         "prompt_style": args.prompt_style,
+        "keep_optimizer_state": args.keep_optimizer_state,
         "silos": silo_meta,
         "silos_desc": "; ".join(f"{m['name']} {m['rows']} rows {m['labels']}" for m in silo_meta),
-        "step_rule": step_rule(n, rounds, steps, args.batch_size),
+        "step_rule": step_rule(n, rounds, steps, args.batch_size, args.keep_optimizer_state),
         "protocol": args.protocol,
         "eval_limit": args.eval_limit,
         "eval_sample": args.eval_sample,

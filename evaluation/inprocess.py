@@ -9,9 +9,11 @@ real federation; ``fp32_bytes`` is the same traffic in fp32.
 Replies come from this process's own training, so the deployment's reply checks are not re-run.
 
 Every approach is trained in the same *phases*: R phases, phase r at ``lr_for_round(train, r, R)``
-with a fresh AdamW (what a federated round does). Isolated and centralized training therefore differ
-from federated training only in what happens between phases (nothing, versus aggregation), and in
-the data each phase draws from. See ``compare.py`` for the step-count rule.
+with a fresh AdamW (what a federated round does), or, with ``train.keep-optimizer-state``, with the
+AdamW state each silo (or the central site) kept from its previous phase, as a deployed silo keeps it
+in its state dir. Isolated and centralized training therefore differ from federated training only in
+what happens between phases (nothing, versus aggregation), and in the data each phase draws from.
+See ``compare.py`` for the step-count rule.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from silo_node.optimizer_state import OptimizerState
 from silo_node.training import Encoded, round_seed, train_round
 from silotune import protocol as p
 from silotune.adapters import adapter_state, attach_adapter, load_adapter_state
@@ -122,11 +125,25 @@ def _phase_train(
     lr: float,
     seed: int,
     proximal_mu: float = 0.0,
+    kept: dict[str, OptimizerState] | None = None,
+    who: str = "",
 ) -> tuple[OrderedDict[str, np.ndarray], float]:
+    """One silo's round (or one phase). ``kept`` (train.keep-optimizer-state): each trainer's AdamW
+    state by name, read before and updated after, as the ClientApp keeps it in the silo's state dir."""
     model = bank.with_state(state, rank)
     settings = train.model_copy(update={"local_steps": steps})
-    result = train_round(model, bank.tokenizer, examples, settings, lr=lr, seed=seed, proximal_mu=proximal_mu)
+    result = train_round(
+        model, bank.tokenizer, examples, settings, lr=lr, seed=seed, proximal_mu=proximal_mu,
+        optimizer_state=kept.get(who) if kept is not None else None,
+    )  # fmt: skip
+    if kept is not None and result.optimizer_state is not None:
+        kept[who] = result.optimizer_state
     return adapter_state(model), result.train_loss
+
+
+def _kept_optimizers(train: TrainSettings) -> dict[str, OptimizerState] | None:
+    """Where the trainers keep their AdamW state between phases, or None for a fresh one each."""
+    return {} if train.keep_optimizer_state else None
 
 
 def train_isolated(
@@ -136,11 +153,12 @@ def train_isolated(
     t0 = time.monotonic()
     state = bank.initial_state(bank.peft.rank)
     losses = []
+    kept = _kept_optimizers(train)
     for phase in range(rounds):
         lr = lr_for_round(train, phase, rounds)
         state, loss = _phase_train(
             bank, state, bank.peft.rank, silo.examples, train, train.local_steps, lr,
-            silo_seed(train.seed, silo.name, phase + 1),
+            silo_seed(train.seed, silo.name, phase + 1), kept=kept, who=silo.name,
         )  # fmt: skip
         losses.append(loss)
         log(f"  isolated {silo.name}: phase {phase + 1}/{rounds} loss {loss:.4f}")
@@ -165,11 +183,12 @@ def train_centralized(
     steps_per_phase = train.local_steps * len(silos)
     state = bank.initial_state(bank.peft.rank)
     losses = []
+    kept = _kept_optimizers(train)
     for phase in range(rounds):
         lr = lr_for_round(train, phase, rounds)
         state, loss = _phase_train(
             bank, state, bank.peft.rank, pooled, train, steps_per_phase, lr,
-            silo_seed(train.seed, "central", phase + 1),
+            silo_seed(train.seed, "central", phase + 1), kept=kept, who="central",
         )  # fmt: skip
         losses.append(loss)
         log(f"  centralized: phase {phase + 1}/{rounds} loss {loss:.4f}")
@@ -206,6 +225,8 @@ def train_federated(
     enc = run_encoding(run)
     # Each silo's quantization residual, as a resident silo keeps it (transport.error-feedback).
     feedback = {s.name: ErrorFeedback() for s in silos} if run.transport.error_feedback else {}
+    # Each silo's AdamW state between its rounds (train.keep-optimizer-state), as its state dir keeps it.
+    kept = _kept_optimizers(run.train)
     up = down = fp32 = 0
     losses = []
     for rnd in range(1, rounds + 1):
@@ -220,7 +241,7 @@ def train_federated(
             state, loss = _phase_train(
                 bank, held[i], silo.rank, silo.examples, run.train, run.train.local_steps,
                 float(cfg[p.LR]), round_seed(run.train.seed, silo.name, rnd),
-                float(cfg.get(p.PROXIMAL_MU, 0.0)),
+                float(cfg.get(p.PROXIMAL_MU, 0.0)), kept=kept, who=silo.name,
             )  # fmt: skip
             reply = encode_uplink(state, held[i], enc, feedback.get(silo.name))
             up += payload_nbytes(reply)

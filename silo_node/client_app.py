@@ -26,6 +26,7 @@ from silo_node import resident
 from silo_node.allotment import allotted, apply_threads_from_env
 from silo_node.audit import append_audit, arrays_sha256, is_approved, pending_since
 from silo_node.memory import MemoryMeter
+from silo_node.optimizer_state import OptimizerStore
 from silo_node.policy import (
     POLICY_ENV,
     PolicyError,
@@ -302,6 +303,17 @@ def _error_feedback(run: RunConfig, silo: SiloConfig, context: Context) -> Error
     return _RESIDUALS.setdefault(name, ErrorFeedback())
 
 
+def _optimizer_store(run: RunConfig, silo: SiloConfig, context: Context) -> OptimizerStore | None:
+    """This silo's AdamW state for this run (train.keep-optimizer-state), on disk in its state dir
+    so that it survives the per-message process and worker restarts; without a state dir, in the
+    resident worker's memory. It never leaves the silo."""
+    if not run.train.keep_optimizer_state:
+        return None
+    if silo.state_dir:
+        return OptimizerStore(Path(silo.state_dir) / "optimizer" / f"run-{context.run_id}-adamw.safetensors")
+    return OptimizerStore(memory=resident.optimizer_slot(context.run_id, silo))
+
+
 def _check_identity(msg_cfg: ConfigRecord, run: RunConfig) -> None:
     expected = str(msg_cfg.get(p.MODEL_SHA256, ""))
     mine = model_identity(run.model.name)
@@ -333,6 +345,7 @@ def train(msg: Message, context: Context) -> Message:
     received = _received_adapter(msg, peft_model, enc)
     load_adapter_state(peft_model, received)
     examples = resident.encoded(slot, run, silo, "train", train_records)
+    optimizer = _optimizer_store(run, silo, context)
     result = train_round(
         peft_model,
         loaded.tokenizer,
@@ -341,10 +354,13 @@ def train(msg: Message, context: Context) -> Message:
         lr=float(cfg[p.LR]),
         seed=round_seed(run.train.seed, silo.name, server_round),
         proximal_mu=float(cfg.get(p.PROXIMAL_MU, 0.0)),
+        optimizer_state=optimizer.load() if optimizer is not None else None,
     )
     peaks = meter.stop()
     trained = adapter_state(peft_model)
     arrays = to_array_record(encode_uplink(trained, received, enc, _error_feedback(run, silo, context)))
+    if optimizer is not None and result.optimizer_state is not None:
+        optimizer.save(result.optimizer_state)  # kept here for the next round; never in the reply
     resident.after_message(slot)  # gradients and graphs go before the reply is built
     gpus = allotted()[1]
     metrics: dict[str, Any] = {

@@ -3,7 +3,9 @@
 A plain loop instead of ``transformers.Trainer``: Flower starts a fresh process per round, and the
 Trainer's start-up cost dominates short rounds on CPU. The loop does exactly what FlowerTune's
 trainer does for a round (fixed number of optimizer steps, constant LR given by the server's cosine
-schedule, fresh AdamW state), plus the numbers operators need: tokens, throughput, wall time.
+schedule, fresh AdamW state), plus the numbers operators need: tokens, throughput, wall time. With
+``train.keep-optimizer-state`` the round starts from the AdamW state the silo kept from its last
+round instead, and hands back the new one (``silo_node/optimizer_state.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
+from silo_node.optimizer_state import OptimizerState, apply_state, export_state
 from silo_node.templates import DomainTemplate
 from silotune.config import PromptStyle, TrainSettings
 from silotune.errors import NoLearningError
@@ -36,6 +39,9 @@ class TrainResult:
     tokens_per_second: float
     train_seconds: float
     steps: int
+    # AdamW's state after the round, by parameter name (train.keep-optimizer-state; else None).
+    # It stays at the silo: the ClientApp keeps it in its state dir and never puts it in a reply.
+    optimizer_state: OptimizerState | None = None
 
 
 def build_prompt(tokenizer: Any, prompt: str, use_chat_template: bool) -> str:
@@ -135,8 +141,14 @@ def train_round(
     seed: int,
     proximal_mu: float = 0.0,
     progress: Any = None,
+    optimizer_state: OptimizerState | None = None,
 ) -> TrainResult:
-    """Run ``settings.local_steps`` optimizer steps on ``examples``; return what happened."""
+    """Run ``settings.local_steps`` optimizer steps on ``examples``; return what happened.
+
+    ``optimizer_state`` (a previous round's ``TrainResult.optimizer_state``) starts AdamW from
+    that state, at this round's ``lr``; one that does not fit this adapter is ignored with a
+    warning. With ``settings.keep_optimizer_state`` the result carries the state after the round.
+    """
     import torch
 
     if not examples:
@@ -144,8 +156,11 @@ def train_round(
     device = next(p.device for p in model.parameters())
     torch.manual_seed(seed)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
+    if optimizer_state:
+        apply_state(opt, named, optimizer_state, lr)
     anchor = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
     sampler = _Sampler(len(examples), seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -188,6 +203,7 @@ def train_round(
         tokens_per_second=tokens / wall if wall > 0 else 0.0,
         train_seconds=wall,
         steps=settings.local_steps,
+        optimizer_state=export_state(opt, named) if settings.keep_optimizer_state else None,
     )
 
 

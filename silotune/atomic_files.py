@@ -1,10 +1,11 @@
 """Whole-file writes that a crash never leaves half done.
 
 Every file SiloTune rewrites in place (checkpoint metadata, the admission ledger, Flower's
-config.toml, compare.json after each row, evaluation reports, the model hash index) goes through
-here: the text is written to a hidden temporary file beside the target, fsynced, then renamed over
-it. A reader, or a run resumed after a crash or a Ctrl-C, sees the old content or the new, never a
-truncated mix; a write that fails leaves the old file and no temporary file behind.
+config.toml, compare.json after each row, evaluation reports, the model hash index, a silo's kept
+optimizer state) goes through here: the content is written to a hidden temporary file beside the
+target, fsynced, then renamed over it. A reader, or a run resumed after a crash or a Ctrl-C, sees
+the old content or the new, never a truncated mix; a write that fails leaves the old file and no
+temporary file behind.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_json", "atomic_write_text", "fsync_dir", "fsync_file"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_dir", "fsync_file"]
 
 
 def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
@@ -26,6 +27,11 @@ def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
     config.toml survives); a new file gets ``mode``, default 0644, set explicitly because the
     temporary file starts as 0600, which would make every report unreadable to the rest of a team.
     """
+    atomic_write_bytes(path, text.encode("utf-8"), mode)
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
+    """``atomic_write_text`` for bytes (e.g. a safetensors file serialised in memory)."""
     path = Path(path)
     if mode is None:
         try:
@@ -36,8 +42,8 @@ def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)

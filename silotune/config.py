@@ -97,6 +97,10 @@ class TrainSettings(_Section):
     # "alpaca": FlowerTune's training prompt; "eval": the prompt its finance evaluation asks with
     # (silo_node/templates.py says why one would train in it).
     prompt_style: PromptStyle = "alpaca"
+    # Each silo carries its AdamW state (moments, step count) from round to round, kept in its
+    # state dir and never sent (silo_node/optimizer_state.py). Off: a fresh AdamW every round,
+    # as in FlowerTune.
+    keep_optimizer_state: bool = False
 
     @model_validator(mode="after")
     def _lr_order(self) -> TrainSettings:

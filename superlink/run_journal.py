@@ -10,8 +10,9 @@ entry stays open.
 ``silotune superlink start`` (and ``LocalFederation.start``) call ``resume_open_runs`` once the
 SuperLink answers: every open entry is submitted again with ``resume=true``, so ``Federation``
 continues from the run dir's last complete checkpoint (superlink/checkpoints.py); the run-dir lock
-(superlink/run_lock.py) refuses a second ServerApp on the same run dir, so a run that Flower itself
-still runs is never doubled.
+(superlink/run_lock.py) refuses a second ServerApp on the same run dir, so a run is never doubled. A
+ServerApp that outlived its killed SuperLink still holds that lock; the restarted site stops it
+first (run_lock.stop_orphaned_holder), since none of the new site's own ServerApps exists yet.
 
 Why re-submit at all: Flower 1.41 does not restart a ServerApp after a crash. A ServerApp that was
 killed (or whose SuperLink was killed) stops sending task heartbeats, and the SuperLink marks its
@@ -36,6 +37,7 @@ from typing import Any
 
 from silotune import protocol as p
 from silotune.atomic_files import atomic_write_json
+from superlink.run_lock import stop_orphaned_holder
 
 JOURNAL_DIR = "journal"
 # run_end statuses that end a run for good (superlink/rounds.py); "failed" and "stopped" do not:
@@ -187,6 +189,11 @@ def resume_open_runs(
                 " fix the cause, then `silotune run` it again"
             )
             continue
+        # A SuperLink killed under its ServerApp can leave that ServerApp alive and holding the run
+        # dir: the re-submission would be refused by the run-dir lock and the run never resumed.
+        stopped = stop_orphaned_holder(resolve(entry))
+        if stopped:
+            say(f"run-dir {entry.run_dir}: {stopped}")
         config = {**entry.run_config, "resume": True}  # continue, even if it first started over
         try:
             run_id = submit(flwr_home, connection, config)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -92,3 +93,65 @@ def _describe(raw: bytes) -> str:
     except (ValueError, KeyError, TypeError):
         # The holder took the lock but has not written its name yet (a few microseconds).
         return "another ServerApp (it has not written its pid yet)"
+
+
+def held_by(run_dir: Path) -> dict | None:
+    """The live holder of ``<run_dir>/run.lock`` as it wrote itself down, or None when it is free.
+
+    Probes with a non-blocking flock that is released at once; a holder that has not written its
+    name yet is reported as ``{}``."""
+    path = Path(run_dir) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                h = json.loads(os.pread(fd, 4096, 0))
+                return h if isinstance(h, dict) else {}
+            except ValueError:
+                return {}
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def stop_orphaned_holder(run_dir: Path, grace: float = 15.0) -> str | None:
+    """Stop the ServerApp that a killed central site left holding ``run_dir``; say what was done.
+
+    Called only when the central site starts, before it resumes the run: a SuperLink killed under
+    its ServerApp can leave that ``flwr-serverapp`` alive (Flower does not stop it), still holding
+    the run dir's lock, and the resumed run would be refused. No ServerApp of the restarted site
+    exists yet, so a holder is a leftover. Only a holder on this host whose command line is
+    ``flwr-serverapp`` is stopped (SIGTERM, then SIGKILL after ``grace`` s); anything else is left
+    alone and reported. Returns None when the lock was free."""
+    holder = held_by(run_dir)
+    if holder is None:
+        return None
+    pid = int(holder.get("pid", 0) or 0)
+    who = _describe(json.dumps(holder).encode()) if holder else "a ServerApp that wrote no name"
+    if not pid or holder.get("host") != socket.gethostname():
+        return f"run-dir {run_dir} is held by {who}, not on this host: not stopped"
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        argv = []
+    if not any(a.endswith(b"flwr-serverapp") for a in argv[:2]):
+        return f"run-dir {run_dir} is held by {who}, which is not a flwr-serverapp: not stopped"
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and held_by(run_dir) is not None:
+            time.sleep(0.2)
+        if held_by(run_dir) is None:
+            break
+    if held_by(run_dir) is not None:
+        return f"run-dir {run_dir} is still held by {who} after SIGKILL"
+    return f"stopped the ServerApp left from before the restart: {who}"

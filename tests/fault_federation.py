@@ -341,13 +341,29 @@ def _round_ends(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in events if e["kind"] == "round_end" and e.get("adapter_updated")]
 
 
-def _mid_round(fed: FaultFederation, run_dir: str, rnd: int, rng: random.Random, spread: float) -> float:
+KILL_ATTEMPTS = 4  # a kill that would land after the round ended is not made; the run is redone
+
+
+def _mid_round(
+    fed: FaultFederation, run_dir: str, rnd: int, rng: random.Random, spread: float
+) -> float | None:
     """Wait for round ``rnd`` to start, then a random moment of it (0..spread s after its training
-    messages went out); returns that moment's time."""
+    messages went out, at most 0.8 x the fastest training reply of the round before: a resident
+    silo answers a tiny model's round in about 3 s, Flower's per-message process in about 8 s).
+    Returns that moment's time, or None when round ``rnd`` already ended by then: a kill then
+    would not be mid-round, and the caller redoes the repetition with a shorter spread."""
     fed.wait_event(run_dir, lambda e: e["kind"] == "round_start" and e["round"] == rnd, 900,
                    f"round {rnd} of {run_dir}")  # fmt: skip
+    before = [e["reply_seconds"] for e in fed.events(run_dir) if e["kind"] == "silo_reply"
+              and e.get("phase") == "train" and e["round"] == rnd - 1]  # fmt: skip
+    if before:
+        spread = min(spread, 0.8 * min(before))
     time.sleep(rng.uniform(0.0, spread))
-    return time.time()
+    return None if _round_ended(fed, run_dir, rnd) else time.time()
+
+
+def _round_ended(fed: FaultFederation, run_dir: str, rnd: int) -> bool:
+    return any(e["kind"] == "round_end" and e["round"] == rnd for e in fed.events(run_dir))
 
 
 def _resumed_run_end(fed: FaultFederation, run_dir: str, since: float) -> dict[str, Any]:
@@ -364,10 +380,17 @@ def central_kill(
 ) -> Tally:  # fmt: skip
     """SIGKILL the SuperLink (``what="superlink"``) or the ServerApp (``"serverapp"``) at a random
     moment of round ``kill_round``, restart the central site, let the journal resume the run."""
-    run_dir = f"{what}-kill-{rep}"
-    path = fed.runs_root / run_dir
-    fed.start_run(run_config(model, run_dir, rounds, len(fed.silos)))
-    _mid_round(fed, run_dir, kill_round, rng, spread)
+    misses = 0
+    for attempt in range(KILL_ATTEMPTS):
+        run_dir = f"{what}-kill-{rep}" + (f"-{attempt}" if attempt else "")
+        path = fed.runs_root / run_dir
+        fed.start_run(run_config(model, run_dir, rounds, len(fed.silos)))
+        if _mid_round(fed, run_dir, kill_round, rng, spread / 2**attempt) is not None:
+            break
+        misses += 1  # the round ended first: let the run finish, then redo it
+        fed.wait_run_end(run_dir, 900)
+    else:
+        raise AssertionError(f"{what}-kill: round {kill_round} always ended before the kill moment")
     if what == "superlink":
         fed.kill_superlink()
         killed = [fed.central.pid]
@@ -393,6 +416,7 @@ def central_kill(
         "killed_pids": killed, "checkpoint_at_kill": at_kill, "resumed_at_round": starts,
         "resubmitted": resumed, "status": end["status"], "rounds_completed": end["rounds_completed"],
         "repeated": sorted(set(repeated)), "missing": missing, "corrupt": corrupt,
+        "redone_because_round_ended_first": misses,
     })  # fmt: skip
 
 
@@ -402,12 +426,19 @@ def silo_kill(
 ) -> Tally:  # fmt: skip
     """SIGKILL one silo's SuperNode at a random moment of a round, restart it with the same
     command line: the round completes with the others and the silo is back in a later round."""
-    run_dir = f"silo-kill-{rep}"
-    path = fed.runs_root / run_dir
     victim = fed.silos[rep % len(fed.silos)].name
-    # The silo's lost message costs the round at most the watchdog's bound (the others answered).
-    fed.start_run(run_config(model, run_dir, rounds, len(fed.silos), **{"strategy.round-timeout": 90.0}))
-    _mid_round(fed, run_dir, kill_round, rng, spread)
+    misses = 0
+    for attempt in range(KILL_ATTEMPTS):
+        run_dir = f"silo-kill-{rep}" + (f"-{attempt}" if attempt else "")
+        path = fed.runs_root / run_dir
+        # The silo's lost message costs the round at most the watchdog's bound (the others answered).
+        fed.start_run(run_config(model, run_dir, rounds, len(fed.silos), **{"strategy.round-timeout": 90.0}))
+        if _mid_round(fed, run_dir, kill_round, rng, spread / 2**attempt) is not None:
+            break
+        misses += 1  # the round ended first: let the run finish, then redo it
+        fed.wait_run_end(run_dir, 900)
+    else:
+        raise AssertionError(f"silo-kill: round {kill_round} always ended before the kill moment")
     snap = fed.kill_silo(victim)
     killed_at = time.time()
     time.sleep(down)
@@ -432,6 +463,7 @@ def silo_kill(
         "answered_in_kill_round": ends.get(kill_round, {}).get("answered"),
         "kill_round_seconds": ends.get(kill_round, {}).get("duration_seconds"),
         "victim_back_in_rounds": back, "status": end["status"], "missing": missing,
+        "redone_because_round_ended_first": misses,
     })  # fmt: skip
 
 

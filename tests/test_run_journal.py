@@ -4,6 +4,8 @@ No processes: the re-submission is a recorded call; the run dirs hold hand-writt
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,9 @@ from superlink.run_journal import (
     record_submission,
     resume_open_runs,
 )
+from superlink.run_lock import held_by, stop_orphaned_holder
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -116,6 +121,53 @@ def test_a_refused_resubmission_is_reported_and_the_others_go_on(tmp_path: Path)
 
     assert resume_open_runs(journal, tmp_path, "c", said.append, submit) == ["7"]
     assert any("could not re-submit" in m and "SuperLink said no" in m for m in said)
+
+
+def _lock_holder(tmp_path: Path, run_dir: Path, name: str) -> subprocess.Popen[bytes]:
+    """A real process named ``name`` that takes the run dir's lock the way a ServerApp does and
+    sleeps (SIGTERM ends it), like a flwr-serverapp that outlived its killed SuperLink."""
+    script = tmp_path / name
+    script.write_text(
+        f"import sys, time\nsys.path.insert(0, {str(ROOT)!r})\n"
+        "from superlink.run_lock import RunLock\n"
+        f"with RunLock({str(run_dir)!r}, 'old-run'):\n"
+        "    print('locked', flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"locked\n"
+    return proc
+
+
+def test_a_serverapp_left_from_a_killed_superlink_is_stopped_before_the_resume(tmp_path: Path) -> None:
+    journal = tmp_path / "journal"
+    record_submission(journal, {"run-dir": "orphan", "num-rounds": 3}, "c")
+    _event(tmp_path, "orphan", kind="run_start", start_round=1)
+    orphan = _lock_holder(tmp_path, tmp_path / "runs" / "orphan", "flwr-serverapp")
+    try:
+        assert held_by(tmp_path / "runs" / "orphan")["run_id"] == "old-run"
+        sub, said = Submitter(), []
+        assert resume_open_runs(journal, tmp_path, "c", said.append, sub) == ["101"]
+        assert orphan.wait(timeout=20) is not None  # stopped, so the resumed run can take the lock
+        assert held_by(tmp_path / "runs" / "orphan") is None
+        assert any("stopped the ServerApp left from before the restart" in m and str(orphan.pid) in m
+                   for m in said)  # fmt: skip
+    finally:
+        orphan.kill()
+        orphan.wait(timeout=10)
+
+
+def test_a_lock_holder_that_is_not_a_serverapp_is_left_alone_and_reported(tmp_path: Path) -> None:
+    run_dir = tmp_path / "runs" / "other"
+    holder = _lock_holder(tmp_path, run_dir, "something-else")
+    try:
+        said = stop_orphaned_holder(run_dir, grace=1.0)
+        assert said is not None and "not a flwr-serverapp: not stopped" in said
+        assert holder.poll() is None and held_by(run_dir) is not None
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    assert stop_orphaned_holder(run_dir) is None  # free once its holder is gone
 
 
 def test_a_run_dir_that_is_gone_is_not_started_over(tmp_path: Path) -> None:

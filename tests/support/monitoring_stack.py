@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -146,7 +147,9 @@ def prometheus_config(tmp: Path, central: str, silos: list[str]) -> Path:
 
 
 @contextmanager
-def prometheus(tmp: Path, central: str, silos: list[str]) -> Iterator[str]:
+def prometheus(tmp: Path, central: str, silos: list[str], args: tuple[str, ...] = ()) -> Iterator[str]:
+    """Run Prometheus on a free loopback port with ``tmp`` as its config and storage; ``args`` are
+    extra flags. Skips the test when it is not installed."""
     exe = shutil.which("prometheus")
     if exe is None:
         pytest.skip("prometheus not installed (apt-get install --no-install-recommends prometheus)")
@@ -155,7 +158,7 @@ def prometheus(tmp: Path, central: str, silos: list[str]) -> Iterator[str]:
     with open(tmp / "prometheus.log", "w") as fh:
         proc = subprocess.Popen(
             [exe, f"--config.file={prometheus_config(tmp, central, silos)}",
-             f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address={addr}"],
+             f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address={addr}", *args],
             stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
@@ -163,6 +166,50 @@ def prometheus(tmp: Path, central: str, silos: list[str]) -> Iterator[str]:
         yield addr
     finally:
         stop(proc)
+
+
+def exposition(addr: str) -> str:
+    """The raw text an exporter (or anything serving /metrics) answers a scrape with."""
+    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def api(prom: str, path: str, params: list[tuple[str, str]] | None = None) -> object:
+    """The ``data`` of a Prometheus HTTP API answer (``status`` must be success)."""
+    url = f"http://{prom}{path}" + ("?" + urllib.parse.urlencode(params) if params else "")
+    with urllib.request.urlopen(url, timeout=30) as r:
+        body = json.load(r)
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+EVERY_SERIES = '{__name__=~".+"}'
+
+
+def everything(prom: str, since: float) -> dict[str, object]:
+    """Prometheus's answer for every series it has held since ``since`` (Unix seconds), by endpoint:
+    the series and their label sets, every label name and every value of each, every sample of every
+    series, the metric metadata (HELP texts), targets, alerts, rules, TSDB status and /federate."""
+    window = [("start", str(int(since) - 60)), ("end", str(int(time.time()) + 60))]
+    every = ("match[]", EVERY_SERIES)
+    out: dict[str, object] = {
+        "series": api(prom, "/api/v1/series", [every, *window]),
+        "labels": api(prom, "/api/v1/labels", window),
+    }
+    for name in out["labels"]:  # type: ignore[union-attr]
+        path = f"/api/v1/label/{urllib.parse.quote(name, safe='')}/values"
+        out[f"label/{name}/values"] = api(prom, path, window)
+    span = int(time.time() - since) + 60
+    out["samples"] = api(prom, "/api/v1/query", [("query", f"{EVERY_SERIES}[{span}s]")])
+    out["metadata"] = api(prom, "/api/v1/metadata")
+    out["targets"] = api(prom, "/api/v1/targets", [("state", "any")])
+    out["alerts"] = api(prom, "/api/v1/alerts")
+    out["rules"] = api(prom, "/api/v1/rules")
+    out["tsdb"] = api(prom, "/api/v1/status/tsdb")
+    federate = f"http://{prom}/federate?" + urllib.parse.urlencode([every])
+    with urllib.request.urlopen(federate, timeout=30) as r:
+        out["federate"] = r.read().decode()
+    return out
 
 
 def query(prom: str, expr: str) -> list[dict]:
