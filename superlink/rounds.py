@@ -163,6 +163,8 @@ class Federation:
         self.grid_calls = GridCalls(sleep, clock)
         self.watchdog = Watchdog(cfg.strategy.watchdog_factor, cfg.strategy.round_timeout, clock)
         self.backoff = HandshakeBackoff()
+        # Each node's last handshake failure code, so that "no usable silo" can say why.
+        self.handshake_failed: dict[int, str] = {}
         # Silos whose operator has not yet approved this run: asked again every round, not backed off.
         self.pending: set[int] = set()
         self.admitted = load_admitted_names()  # node id -> admitted name; None: no ledger
@@ -319,6 +321,7 @@ class Federation:
             self.pending.discard(nid)
             # Not refused for good: a silo whose data check failed may be fixed and come back.
             again = self.backoff.failed(nid, self.current_round)
+            self.handshake_failed[nid] = failure_code(reason)
             log(WARNING, "silo node %d failed its handshake: %s (asked again: round %d)", nid, reason, again)
             self.events.emit(
                 p.EV_SILO_FAILED,
@@ -407,7 +410,18 @@ class Federation:
                 self.peft_config["base_model_name_or_path"] = self.cfg.model.name
                 return
             log(WARNING, "silo node %d could not provide the initial adapter: %s", nid, errors.get(nid))
-        raise RuntimeError("no silo could provide the initial adapter; check the silos' logs")
+        raise RuntimeError(
+            f"no silo could provide the initial adapter{self._handshake_failures()}; check the silos' logs"
+        )
+
+    def _handshake_failures(self) -> str:
+        """``": their handshakes failed (a CODE, b CODE)"`` for connected silos that failed theirs."""
+        failed = sorted(
+            (self.silo_name(n), code) for n, code in self.handshake_failed.items() if n not in self.silos
+        )
+        if not failed:
+            return ""
+        return ": their handshakes failed (" + ", ".join(f"{name} {code}" for name, code in failed) + ")"
 
     # -- resume -------------------------------------------------------------------------------
     def _resume(self) -> int:
@@ -519,6 +533,11 @@ class Federation:
         self.handshake(nodes)
         usable = [n for n in nodes if n in self.silos and not self.silos[n].refused]
         if not usable:
+            if any(n in self.handshake_failed for n in nodes):  # connected, but none answered usably
+                raise RuntimeError(
+                    f"round {rnd}: no usable silo among the {len(nodes)} connected"
+                    f"{self._handshake_failures()}; check the silos' logs"
+                )
             raise RuntimeError(
                 f"round {rnd}: no usable silo connected within {cfg.strategy.wait_for_nodes:.0f} s "
                 "(strategy.wait-for-nodes); check the silos' logs and admissions"

@@ -4,6 +4,7 @@ budget, resume. The real-process version is tests/test_federation_e2e.py."""
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +99,36 @@ def test_no_silo_at_all_fails_clearly(tmp_path: Path) -> None:
     fed = _fed(tmp_path, FakeGrid({}))
     with pytest.raises(RuntimeError, match="no silo could provide the initial adapter|no usable silo"):
         fed.run()
+
+
+def test_connected_silos_that_all_fail_their_handshake_are_named_with_their_codes(tmp_path: Path) -> None:
+    from flwr.app import Error, Message
+
+    from silotune.silo_failures import SiloFailure, reason_for
+
+    class RefusingGrid(FakeGrid):
+        """Every silo refuses the run's app (a resident silo pinned to other code)."""
+
+        def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+            ids = []
+            for i, m in enumerate(messages):
+                mid = f"{len(self.outbox)}-{i}"
+                m.metadata.__dict__["_message_id"] = mid
+                code = SiloFailure.APP_NOT_ALLOWED
+                reply = Message(Error(code=int(code), reason=reason_for(code)), reply_to=m)
+                reply.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
+                reply.metadata.__dict__["_reply_to_message_id"] = mid
+                self.outbox[mid] = reply
+                ids.append(mid)
+            return ids
+
+    silos = {1: FakeSilo("a"), 2: FakeSilo("b")}
+    with pytest.raises(RuntimeError) as err:
+        _fed(tmp_path, RefusingGrid(silos)).run()  # a new run: no silo gives the initial adapter
+    named = "handshakes failed (node-1 APP_NOT_ALLOWED, node-2 APP_NOT_ALLOWED)"
+    assert named in str(err.value)
+    _fed(tmp_path, FakeGrid(silos), **{"num-rounds": 1}).run()
+    with pytest.raises(RuntimeError) as err:
+        _fed(tmp_path, RefusingGrid(silos), **{"num-rounds": 2}).run()  # resumed at round 2
+    assert "round 2: no usable silo among the 2 connected" in str(err.value) and named in str(err.value)
+    assert "within" not in str(err.value)  # not "none connected within wait-for-nodes": they were
