@@ -72,8 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", action="append", choices=CHOICES, help="run only these scenarios")
     ap.add_argument("--runs", type=int, help="repetitions of each chosen scenario")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--executor", choices=["per-message", "resident"], default="per-message",
-                    help="the silos' executor (tests/fault_federation.py says why per-message)")
+    ap.add_argument(
+        "--executor",
+        choices=["per-message", "resident"],
+        default="resident",
+        help="the silos' executor: SiloTune's resident worker (the default) or Flower's "
+        "fresh process per message",
+    )
     ap.add_argument("--workdir", type=Path, help="keep workspaces and logs here (default: a temp dir)")
     args = ap.parse_args(argv)
 
@@ -97,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack:
         fed = None
         if counts:
-            fed = stack.enter_context(FaultFederation(work / "workspace", silo_specs(work, SILOS),
-                                                   executor=args.executor))
+            fed = stack.enter_context(
+                FaultFederation(work / "workspace", silo_specs(work, SILOS), executor=args.executor)
+            )
         prom = None
         if "stalled-silo" in counts:
             from tests.support.monitoring_stack import exporter, prometheus

