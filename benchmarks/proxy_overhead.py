@@ -4,8 +4,14 @@ Two set-ups with the same TLS certificate, node authentication on: the SuperLink
 ("direct", i.e. `--no-proxy`), and the SuperLink on 127.0.0.1 behind the proxy ("proxy", the
 default). For each: the handshake (SuperNode process start -> the operator sees it online, over
 real node-auth Fleet calls) and the round trip of Fleet requests (a fresh TLS connection per POST
-to /v1/fleet/..., answered by the SuperLink; keep-alive requests too). Prints figures, then one
-JSON line. Run: python benchmarks/proxy_overhead.py --quick
+to /v1/fleet/..., answered by the SuperLink; keep-alive requests too). Then a whole federation
+each way (demo.local_federation.LocalFederation, 2 silos on the resident worker, a tiny random
+Llama, 1 local step per round, so that the transport's share of a round is as large as it gets):
+the ServerApp's handshake (query out -> reply in, slowest silo) and the round time (rounds 2 on;
+round 1 loads the model). Prints figures, then one JSON line.
+
+    python benchmarks/proxy_overhead.py --quick   # 100 requests, 2 handshakes, 1 x 5 rounds each way
+    python benchmarks/proxy_overhead.py           # 500 requests, 5 handshakes, 2 x 8 rounds each way
 """
 
 from __future__ import annotations
@@ -108,22 +114,57 @@ def measure(tmp: Path, proxy: bool, n_requests: int, n_handshakes: int) -> dict[
     return {**rtt, "handshake_s": statistics.median(handshakes)}
 
 
+def federation(tmp: Path, model: Path, proxy: bool, rounds: int, tag: str) -> dict[str, float]:
+    """A real 2-silo federation with (or without) the proxy: handshake and round seconds."""
+    from demo.local_federation import LocalFederation, SiloSpec
+    from silotune.events import read_events
+    from tests.support.federation_runs import write_silo_data
+
+    ws = tmp / f"fed-{tag}"
+    silos = []
+    for i in range(2):
+        data = ws / f"silo-{i}.jsonl"
+        data.parent.mkdir(parents=True, exist_ok=True)
+        write_silo_data(data, seed=i, n=16)
+        silos.append(SiloSpec(f"silo-{i}", data, {"columns": "input=text,output=label"}))
+    with LocalFederation(ws / "workspace", silos, proxy=proxy) as fed:
+        cfg = {"model.name": str(model), "num-rounds": rounds, "strategy.min-nodes": 2, "run-dir": "r",
+               "train.local-steps": 1, "train.batch-size": 2, "train.seq-length": 48}  # fmt: skip
+        fed.submit(cfg, timeout=900)
+        events = list(read_events(fed.runs_root / "r" / "events.jsonl"))
+    handshake = max(e["reply_seconds"] for e in events if e["kind"] == "silo_reply" and e["phase"] == "query")
+    later = [e["duration_seconds"] for e in events if e["kind"] == "round_end" and e["round"] >= 2]
+    return {"handshake_reply_s": handshake, "round_s": statistics.median(later)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions (about a minute)")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions (a few minutes)")
     args = ap.parse_args()
     n_requests, n_handshakes = (100, 2) if args.quick else (500, 5)
+    fed_reps, fed_rounds = (1, 5) if args.quick else (2, 8)
     with tempfile.TemporaryDirectory(prefix="proxy-overhead-") as d:
         tmp = Path(d)
         create_ca(tmp / "ca")
         issue_server_cert(tmp / "ca", tmp / "srv", ["localhost"], [])
         direct = measure(tmp, proxy=False, n_requests=n_requests, n_handshakes=n_handshakes)
         proxied = measure(tmp, proxy=True, n_requests=n_requests, n_handshakes=n_handshakes)
+        from tests.tiny_model import make_tiny_llama
+
+        model = make_tiny_llama(tmp / "tiny-llama")
+        fed_runs: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+        for rep in range(fed_reps):  # alternated, so that a change in the machine's load hits both
+            for proxy in (False, True):
+                fed_runs[proxy].append(federation(tmp, model, proxy, fed_rounds, f"{int(proxy)}-{rep}"))
+        for side, runs in ((direct, fed_runs[False]), (proxied, fed_runs[True])):
+            for key in runs[0]:
+                side[key] = statistics.median(r[key] for r in runs)
     ratios = {k: proxied[k] / direct[k] for k in direct}
     for key in direct:
         print(f"{key:<14} direct {direct[key]:9.3f}   proxy {proxied[key]:9.3f}   ratio {ratios[key]:.2f}")
     print(json.dumps({"direct": direct, "proxy": proxied, "ratio": ratios,
-                      "requests": n_requests, "handshakes": n_handshakes}))  # fmt: skip
+                      "requests": n_requests, "handshakes": n_handshakes,
+                      "federation_runs_each_way": fed_reps, "federation_rounds": fed_rounds}))  # fmt: skip
     return 0
 
 

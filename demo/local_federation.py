@@ -44,6 +44,7 @@ class LocalFederation:
         insecure: bool = False,
         run_domain: str = "finance",
         executor: str = "resident",
+        proxy: bool = True,
     ) -> None:
         self.ws = Path(workspace).resolve()
         self.silos = silos
@@ -60,6 +61,8 @@ class LocalFederation:
         self.runs_root = self.ws / "central" / "runs"
         self.journal = self.ws / "central" / "journal"  # submitted runs, resumed on restart
         self.executor = executor  # "resident" worker or Flower's "per-message" flwr-clientapp
+        # False: the SuperLink alone on the public port (`--no-proxy`; benchmarks/proxy_overhead.py).
+        self.proxy = proxy
 
     # -- identity -----------------------------------------------------------------------------
     def create_identity(self) -> None:
@@ -100,6 +103,7 @@ class LocalFederation:
             host="127.0.0.1",
             port=self.port,
             internal_port=self.internal_port,
+            proxy=self.proxy,
             database=self.ws / "central" / "state.db",
             events_dir=self.events_dir,
             flwr_home=self.flwr_home,
