@@ -1,30 +1,33 @@
-"""Flower's wire bytes against the adapter payload: HTTP framing, object chunking and TLS.
+"""Flower's wire bytes against the adapter payload: HTTP framing, object requests and TLS.
 
 A real TLS federation on loopback (demo.local_federation.LocalFederation: SuperLink behind the
 Fleet-only Envoy proxy, silos with node keys, the resident worker) trains a tiny random Llama
 (tests/tiny_model.py) with LoRA on every linear layer, so that one adapter is a few MB and the
-payload dominates. Silos reach the proxy through a byte-counting TCP relay in this process, so
-the bytes are counted at three layers, for the silos' traffic only:
+payload dominates. The silos reach the proxy through a byte-counting TCP relay in this process,
+and the bytes of the silos' traffic are counted at three layers:
 
 - payload: the adapter bytes SiloTune counts (``silo_result`` events' uplink_bytes +
   downlink_bytes, i.e. ``ArrayRecord.count_bytes()``);
-- HTTP wire bytes: the proxy's access log (superlink/proxy.py ``ACCESS_LOG_FORMAT``), request and
-  response as sent (request/status line, headers, chunk framing, protobuf body), before TLS;
+- HTTP wire bytes: the proxy's access log (superlink/proxy.py ``ACCESS_LOG_FORMAT``), each request
+  and response as sent (request/status line, headers, body), before TLS;
 - TLS bytes: what crossed the relay (records, handshakes, session tickets), both ways.
 
-It runs one federation and submits one run per transport.dtype (fp32, then int8), each measured
-in its own time window, and reports wire/payload for the requests that carry adapters
-(push-object up, pull-object down) and for all Fleet traffic of the run (polling, heartbeats,
-get-run, get-fab, message envelopes included), with a per-endpoint breakdown.
+One federation, one run per transport.dtype (fp32, then int8), each in its own time window. Per
+run: wire/payload for the requests that carry adapters (push-object up, pull-object down: Flower
+moves every array as its own objects, one POST each) and for all Fleet traffic of the run
+(polling, heartbeats, get-run, get-fab, message envelopes), a per-endpoint breakdown, and the same
+for rounds 2..N alone (steady state: no app download, no initial adapter upload, which one silo
+makes in fp32 and no silo_result counts, and no round-1 adapter whose LoRA B matrices are all zero:
+identical arrays are one object to Flower, moved once).
 
-    python benchmarks/wire_bytes.py --quick   # 2 silos, 3 rounds, ~2.1 MB fp32 adapter (minutes)
-    python benchmarks/wire_bytes.py           # 3 silos, 5 rounds, ~8.4 MB fp32 adapter: Flower
-                                              # splits arrays into 5 MiB chunks (about 10 min)
+    python benchmarks/wire_bytes.py --quick   # 2 silos x 3 rounds, 2.1 MB fp32 adapter (~3 min)
+    python benchmarks/wire_bytes.py           # 3 silos x 5 rounds, 8.4 MB fp32 adapter in 56
+                                              # tensors (not timed yet)
 
-Prints figures per dtype, then a last line holding one JSON object: per dtype
+Prints the figures per dtype, then a last line holding one JSON object: fp32's whole-run
 `wire_to_payload_ratio_adapter_requests`, `wire_to_payload_ratio_all_fleet`,
-`tls_to_payload_ratio`, `payload_bytes`, `endpoints` (count and bytes per Fleet path); the
-top-level ratio keys are fp32's.
+`tls_to_payload_ratio`, `payload_bytes`, `endpoints` (requests and bytes per Fleet path) and
+`steady_state`; every figure per dtype under `per_dtype`.
 """
 
 from __future__ import annotations
@@ -205,7 +208,13 @@ def _wire(rows: dict[str, dict[str, int]]) -> int:
 
 
 def window(
-    entries: list[dict[str, Any]], relay: CountingRelay, t0: float, t1: float, payload: int, silos: int
+    entries: list[dict[str, Any]],
+    relay: CountingRelay,
+    t0: float,
+    t1: float,
+    payload: int,
+    messages: int,
+    silos: int,
 ) -> dict[str, Any]:
     """Ratios and the per-endpoint breakdown of the silos' traffic that started in [t0, t1]."""
     inside = [e for e in entries if t0 <= _ts(e) <= t1]
@@ -232,6 +241,13 @@ def window(
         "adapter_request_http_framing_bytes": adapter_wire - adapter_body,
         "adapter_request_header_bytes": adapter_headers,
         "header_bytes_per_adapter_request": round(adapter_headers / n_adapter) if n_adapter else 0,
+        "adapter_messages": messages,
+        "requests_per_adapter_message": round(n_adapter / messages, 1) if messages else 0,
+        # Where wire/payload above 1 comes from, as fractions of the payload:
+        "overhead_http_framing": (adapter_wire - adapter_body) / payload,
+        # Protobuf envelope and object ids; over a whole run also the initial adapter upload (+)
+        # and objects Flower did not move twice (identical arrays are one object: -).
+        "overhead_bodies": (adapter_body - payload) / payload,
         "fleet_wire_bytes": fleet_wire,
         "silo_http_wire_bytes": http_wire,  # Fleet plus any /health probe of the silos
         "tls_bytes": tls_bytes,
@@ -256,6 +272,18 @@ def _audit_init_bytes(fed: Any, t0: float, t1: float) -> int:
             if e.get("kind") == "payload" and e.get("phase") == "init" and t0 <= e["ts"] <= t1:
                 total += int(e["bytes"])
     return total
+
+
+def _settle(path: Path, quiet: float = 2.5, limit: float = 30.0) -> None:
+    """Wait until the access log has not grown for ``quiet`` seconds (Envoy flushes every second)."""
+    deadline, size, since = time.monotonic() + limit, -1, time.monotonic()
+    while time.monotonic() < deadline:
+        now = path.stat().st_size if path.exists() else 0
+        if now != size:
+            size, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+        time.sleep(0.5)
 
 
 def measure_run(
@@ -286,10 +314,10 @@ def measure_run(
     round2 = next(e["ts"] for e in events if e["kind"] == "round_start" and e["round"] == 2)
     payload = sum(int(e["uplink_bytes"]) + int(e["downlink_bytes"]) for e in results)
     later = sum(int(e["uplink_bytes"]) + int(e["downlink_bytes"]) for e in results if e["round"] >= 2)
-    time.sleep(2.5)  # the access log is flushed about once a second
+    _settle(access_log)
     silo_ports = {f"127.0.0.1:{p}" for p in relay.upstream_ports}
     entries = [e for e in read_access_log(access_log) if e.get("client") in silo_ports]
-    whole = window(entries, relay, t0, t1, payload, mode["silos"])
+    whole = window(entries, relay, t0, t1, payload, 2 * len(results), mode["silos"])
     init = _audit_init_bytes(fed, t0, t1)
     whole["initial_adapter_bytes"] = init
     whole["adapter_request_body_to_moved_adapter_ratio"] = whole["adapter_request_body_bytes"] / (
@@ -304,7 +332,9 @@ def measure_run(
         "downlink_payload_bytes": sum(int(e["downlink_bytes"]) for e in results),
         **whole,
         # Rounds 2..N: no app download, no initial adapter, no LoRA-B-is-zero round.
-        "steady_state": window(entries, relay, round2, t1, later, mode["silos"]),
+        "steady_state": window(
+            entries, relay, round2, t1, later, 2 * sum(e["round"] >= 2 for e in results), mode["silos"]
+        ),
     }
 
 
@@ -324,6 +354,10 @@ def _table(w: dict[str, Any]) -> None:
         f"  adapter requests (push-object, pull-object): wire/payload "
         f"{w['wire_to_payload_ratio_adapter_requests']:.4f} (goal <= {GOAL}); bodies {body:,} B, "
         f"HTTP framing {framing:,} B ({n} requests, {per} B of headers each)"
+    )
+    print(
+        f"    above 1: HTTP framing {w['overhead_http_framing']:+.2%} ({w['requests_per_adapter_message']} "
+        f"requests per adapter message), bodies vs payload {w['overhead_bodies']:+.2%}"
     )
     rate = w["requests_per_second_per_silo"]
     print(

@@ -282,7 +282,7 @@ def _received_adapter(msg: Message, peft_model: Any, enc: Encoding) -> dict[str,
     """The adapter in the message, decoded from the run's transport.dtype (silotune/wire_codec.py);
     a payload in another encoding or of other shapes is refused before it is loaded."""
     arrays = from_array_record(msg.content[p.REC_ARRAYS])
-    if not enc.quantized:
+    if not enc.packed:
         return arrays
     expected = {k: tuple(v.shape) for k, v in adapter_state(peft_model).items()}
     return decode(arrays, enc, expected)

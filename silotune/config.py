@@ -166,6 +166,9 @@ class TransportSettings(_Section):
     block_size: Literal[0, 64, 128, 256, 512, 1024, 2048, 4096] = 0
     # Silos carry their quantization residual to the next round (on disk, in their state dir).
     error_feedback: bool = True
+    # fp32 packed into two arrays like the other formats (Flower moves every array as its own HTTP
+    # requests: per-tensor arrays cost seconds per round); false: one array per tensor.
+    pack: bool = True
 
 
 class RunConfig(_Section):

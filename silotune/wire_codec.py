@@ -1,14 +1,17 @@
 """The protocol's one codec for adapter tensors on the wire: fp32, bf16, int8 or int4 (``transport.dtype``).
 
 Both roles use it: the server encodes the downlink and decodes the uplink, a silo the reverse, so
-an encoding can never be read differently at the two ends. fp32 leaves the adapter as it is (one
-float32 array per tensor, as before). Every other format packs the whole adapter into three arrays,
-so Flower's per-array header is paid three times, not once per tensor:
+an encoding can never be read differently at the two ends. Every format packs the whole adapter
+into two or three arrays (fp32 too, unless ``transport.pack = false``), because Flower 1.41 moves
+each array as its own objects, one HTTP request each through the SuperLink, the proxy and the
+SuperNode's Runtime API: an adapter of 120 tensors cost about 18 s per direction per round on the
+2-core machine (benchmarks/round_overhead.py), two arrays cost well under a second. The arrays:
 
 - ``codec.meta``: uint8 JSON with the version, the format, the block size and every tensor's key and
   shape, in order;
-- ``codec.data``: the values of all tensors, flattened in that order and concatenated. bf16 is the
-  upper half of each float32 (round to nearest even, by torch). int8 and int4 are block-wise
+- ``codec.data``: the values of all tensors, flattened in that order and concatenated. fp32 is the
+  float32 values (little-endian) as they are; bf16 is the upper half of each float32 (round to
+  nearest even, by torch). int8 and int4 are block-wise
   absmax quantization by bitsandbytes' own kernels: ``quantize_blockwise`` (8-bit dynamic map) and
   ``quantize_4bit`` (NF4, two values per byte);
 - ``codec.scales``: float32, the absmax of every block (int8 and int4 only). The scales travel with
@@ -54,6 +57,8 @@ class Encoding:
 
     dtype: str = "fp32"
     block_size: int = 0  # 0: the format's default
+    # fp32 only: False sends one float32 array per tensor (Flower's own layout, transport.pack=false).
+    pack: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in TRANSPORT_DTYPES:
@@ -67,20 +72,27 @@ class Encoding:
 
     @property
     def quantized(self) -> bool:
+        """Lossy: the uplink is an update against what was received, with error feedback."""
         return self.dtype != "fp32"
+
+    @property
+    def packed(self) -> bool:
+        """The adapter travels as ``codec.meta`` + ``codec.data`` (+ ``codec.scales``)."""
+        return self.quantized or self.pack
 
 
 def encoding_for(transport: TransportSettings) -> Encoding:
     """The run's wire format from its ``transport.*`` settings, the same at both ends."""
-    return Encoding(transport.dtype, transport.block_size)
+    return Encoding(transport.dtype, transport.block_size, transport.pack)
 
 
 def float32_nbytes(state: dict[str, np.ndarray]) -> int:
-    """What ``state`` weighs on the wire in fp32 (``ArrayRecord.count_bytes()``, headers and keys
-    included): the figure every format is measured against, like with like."""
+    """What ``state`` weighs as plain float32 tensors, one array per tensor (Flower's own layout;
+    ``ArrayRecord.count_bytes()``, headers and keys included): the fixed figure every format,
+    packed fp32 included, is measured against."""
     from silotune.adapters import to_array_record
 
-    return int(to_array_record(encode(state, Encoding("fp32"))).count_bytes())
+    return int(to_array_record(encode(state, Encoding("fp32", pack=False))).count_bytes())
 
 
 def payload_nbytes(arrays: dict[str, np.ndarray]) -> int:
@@ -93,14 +105,14 @@ def payload_nbytes(arrays: dict[str, np.ndarray]) -> int:
 
 def packed_sizes(n_values: int, enc: Encoding) -> tuple[int, int]:
     """(data bytes, number of scales) a payload of ``n_values`` must have: checked before decoding."""
+    if enc.dtype == "fp32":
+        return 4 * n_values, 0
     if enc.dtype == "bf16":
         return 2 * n_values, 0
     blocks = math.ceil(n_values / enc.block)
     if enc.dtype == "int8":
         return n_values, blocks
-    if enc.dtype == "int4":
-        return (n_values + 1) // 2, blocks
-    return 4 * n_values, 0
+    return (n_values + 1) // 2, blocks  # int4
 
 
 def _flatten(state: dict[str, np.ndarray]) -> np.ndarray:
@@ -111,7 +123,7 @@ def _flatten(state: dict[str, np.ndarray]) -> np.ndarray:
 
 def encode(state: dict[str, np.ndarray], enc: Encoding) -> dict[str, np.ndarray]:
     """``state`` (float32 tensors) in the run's wire format."""
-    if not enc.quantized:
+    if not enc.packed:
         return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}
     import torch
 
@@ -123,6 +135,9 @@ def encode(state: dict[str, np.ndarray], enc: Encoding) -> dict[str, np.ndarray]
         "tensors": [[k, list(np.shape(v))] for k, v in state.items()],
     }
     out = {META_KEY: np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8).copy()}
+    if enc.dtype == "fp32":
+        out[DATA_KEY] = flat.numpy().astype("<f4", copy=False).view(np.uint8).copy()
+        return out
     if enc.dtype == "bf16":
         out[DATA_KEY] = flat.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8).copy()
         return out
@@ -150,10 +165,30 @@ def _read_meta(arrays: dict[str, np.ndarray]) -> dict:
 
 
 def encoding_of(arrays: dict[str, np.ndarray]) -> str:
-    """The format a payload claims: 'fp32' for plain tensors, else what its metadata says."""
+    """The format a payload claims: 'fp32' for plain tensors, else what its metadata says (which
+    may be 'fp32' too: packed fp32)."""
     if META_KEY not in arrays:
         return "fp32"
     return str(_read_meta(arrays).get("dtype", "?"))
+
+
+def encoding_in(arrays: dict[str, np.ndarray]) -> Encoding:
+    """The encoding a payload says it is in (for a reader that holds no run config)."""
+    if META_KEY not in arrays:
+        return Encoding("fp32", pack=False)
+    meta = _read_meta(arrays)
+    dtype = str(meta.get("dtype", "?"))
+    return Encoding(dtype, int(meta.get("block_size", 0)) if dtype in DEFAULT_BLOCK else 0)
+
+
+def payload_shapes(arrays: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """The tensors and shapes a payload describes (its metadata, or its arrays when plain)."""
+    if META_KEY not in arrays:
+        return {k: tuple(np.shape(v)) for k, v in arrays.items()}
+    try:
+        return {str(k): tuple(int(d) for d in shape) for k, shape in _read_meta(arrays)["tensors"]}
+    except (TypeError, ValueError):
+        raise CodecError(f"malformed tensor list in {META_KEY}") from None
 
 
 def decode(
@@ -167,7 +202,9 @@ def decode(
     claimed = encoding_of(arrays)
     if claimed != enc.dtype:
         raise CodecError(f"payload is encoded as {claimed}, the run's transport.dtype is {enc.dtype}")
-    if not enc.quantized:
+    if not enc.packed:
+        if META_KEY in arrays:
+            raise CodecError("a packed payload in a run whose transport.pack is false")
         return {k: np.asarray(v) for k, v in arrays.items()}
     allowed = {META_KEY, DATA_KEY} | ({SCALES_KEY} if enc.dtype in ("int8", "int4") else set())
     if set(arrays) != allowed:
@@ -203,6 +240,8 @@ def _unpack(
 ) -> np.ndarray:
     import torch
 
+    if enc.dtype == "fp32":
+        return data.view("<f4").astype(np.float32)
     if enc.dtype == "bf16":
         bits = torch.from_numpy(data.copy().view(np.int16))
         return bits.view(torch.bfloat16).to(torch.float32).numpy()

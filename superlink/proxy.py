@@ -20,8 +20,9 @@ port, forwarded or refused (403/404/400): start time, client address, connection
 without its query string, status, Envoy's response flags, body bytes and wire bytes (HTTP/1.1 as
 sent: request line, headers, chunk framing and body, before TLS) each way, header bytes, duration
 and TLS version (`ACCESS_LOG_FORMAT`). No header values and no bodies are logged: Flower's node-auth
-headers (public key, signature) stay out of it. Envoy writes it buffered (flushed about every
-second) and reopens it on SIGUSR1, so logrotate's ``postrotate`` can send that signal.
+headers (public key, signature) stay out of it. Envoy writes it buffered (flushed every second,
+``--file-flush-interval-msec``) and reopens it on SIGUSR1, so logrotate's ``postrotate`` can send
+that signal.
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ ACCESS_LOG_FORMAT: dict[str, str] = {
     "duration_ms": "%DURATION%",
     "tls_version": "%DOWNSTREAM_TLS_VERSION%",
 }
+
+
+ACCESS_LOG_FLUSH_MS = 1000
 
 
 def _abs(path: Path) -> str:
@@ -287,6 +291,8 @@ def build_envoy_argv(config_path: Path, opts: ProxyOptions) -> list[str]:
     return [
         find_envoy(), "--config-path", _abs(config_path), "--disable-hot-restart",
         "--concurrency", str(opts.concurrency), "--log-level", opts.log_level,
+        # The access log reaches the file within a second (Envoy's default is 10 s).
+        "--file-flush-interval-msec", str(ACCESS_LOG_FLUSH_MS),
     ]  # fmt: skip
 
 

@@ -180,7 +180,7 @@ def check_arrays(content: Any, expected: dict[str, tuple[int, ...]]) -> OrderedD
 def check_encoded_arrays(
     content: Any, sent: dict[str, np.ndarray], enc: Encoding
 ) -> OrderedDict[str, np.ndarray]:
-    """A reply in a packed transport format: the silo's adapter rebuilt from its update.
+    """A reply in a packed transport format: the silo's adapter (fp32), or rebuilt from its update.
 
     The size is bounded by what the run's format needs for the adapter that was sent before
     anything is decoded; the codec then checks format, block size, tensor list and exact byte
@@ -236,12 +236,12 @@ def check_train_reply(
     for key in OPTIONAL_TRAIN_METRICS:
         if key in metrics:
             checked[key] = real(metrics[key], key, 0.0, math.inf)
-    if enc is not None and enc.quantized and sent is not None:
+    if enc is not None and enc.packed and sent is not None:
         state = check_encoded_arrays(content, sent, enc)
     else:
         rec = _record(content, p.REC_ARRAYS, ArrayRecord)
         if META_KEY in rec.keys():
-            raise ReplyRejected(p.R_ENCODING, "a packed payload in a run whose transport.dtype is fp32")
+            raise ReplyRejected(p.R_ENCODING, "a packed payload in a run whose transport.pack is false")
         state = check_arrays(content, expected)
     return TrainReply(state, n, checked)
 

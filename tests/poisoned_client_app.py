@@ -11,6 +11,7 @@ from flwr.clientapp import ClientApp
 from silo_node import client_app as real
 from silotune import protocol as p
 from silotune.adapters import from_array_record, to_array_record
+from silotune.wire_codec import decode, decode_uplink, encode_uplink, encoding_in, payload_shapes
 
 EVIL = "evil"
 SCALE = 100.0
@@ -34,9 +35,13 @@ def train(msg: Message, context: Context) -> Message:
     if str(context.node_config.get(p.SILO, "")) != EVIL and str(context.node_config.get("name", "")) != EVIL:
         return reply
     if int(msg.content[p.REC_CONFIG][p.SERVER_ROUND]) == 1:
-        sent = from_array_record(msg.content[p.REC_ARRAYS])
-        got = from_array_record(reply.content[p.REC_ARRAYS])
-        reply.content[p.REC_ARRAYS] = to_array_record({k: sent[k] + SCALE * (got[k] - sent[k]) for k in got})
+        # In the run's wire format (fp32 adapters, packed by default), as the honest code sends.
+        wire = from_array_record(msg.content[p.REC_ARRAYS])
+        enc = encoding_in(wire)
+        sent = decode(wire, enc, payload_shapes(wire))
+        got = decode_uplink(from_array_record(reply.content[p.REC_ARRAYS]), sent, enc)
+        poisoned = {k: sent[k] + SCALE * (got[k] - sent[k]) for k in got}
+        reply.content[p.REC_ARRAYS] = to_array_record(encode_uplink(poisoned, sent, enc))
     else:
         reply.content[p.REC_METRICS][p.NUM_EXAMPLES] = 10**9
     return reply

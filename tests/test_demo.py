@@ -322,8 +322,12 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
     # Every silo sends one adapter up per round: payload = silos x raw adapter size (+ small headers).
     for r in report.rounds:
         assert 3 * report.adapter_raw_bytes <= r["uplink_bytes"] < 3 * report.adapter_raw_bytes * 1.1
-        # fp32 transport: the fp32 equivalent of both directions is what travelled.
-        assert r["fp32_bytes"] == r["uplink_bytes"] + r["downlink_bytes"]
+        # fp32 transport, packed: a little less than the same tensors one array each (fp32 figure).
+        assert (
+            r["uplink_bytes"] + r["downlink_bytes"]
+            < r["fp32_bytes"]
+            < 1.05 * (r["uplink_bytes"] + r["downlink_bytes"])
+        )
     for key in ("setup", "model_load", "rounds", "evaluation", "total"):
         assert report.timings[key] >= 0
     summary = format_summary(report)

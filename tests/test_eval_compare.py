@@ -137,7 +137,8 @@ def test_compare_rows_bytes_and_steps(tiny_model: Path, tmp_path: Path) -> None:
     payloads = SILOS * 2 * ROUNDS
     raw = _lora_params(RANK) * 4 * payloads
     assert raw < fedavg["adapter_bytes"] <= raw + 256 * 8 * payloads
-    assert fedavg["adapter_bytes"] == fedavg["fp32_bytes"]  # fp32 transport: nothing saved
+    # fp32 transport, packed: one header per payload instead of one per tensor (the fp32 figure).
+    assert raw < fedavg["adapter_bytes"] < fedavg["fp32_bytes"]
     assert fedavg["uplink_bytes"] == fedavg["downlink_bytes"]
     # FlexLoRA: each silo sends and receives factors at its own rank.
     flex = rows["federated FlexLoRA"]
@@ -258,7 +259,7 @@ def test_fedavg_with_one_silo_is_isolated_training(tiny_model: Path) -> None:
         np.testing.assert_array_equal(iso.state[k], fed.state[k])
     assert any(np.abs(v).sum() > 0 for k, v in iso.state.items() if "lora_B" in k)  # it trained
     raw = _lora_params(4) * 4 * 2 * 2
-    assert raw < fed.adapter_bytes <= raw + 256 * 8 * 4 and fed.adapter_bytes == fed.fp32_bytes
+    assert raw < fed.adapter_bytes <= raw + 256 * 8 * 4 and fed.adapter_bytes < fed.fp32_bytes
 
 
 @pytest.mark.parametrize(

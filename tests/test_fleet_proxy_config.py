@@ -119,6 +119,7 @@ def test_envoy_accepts_the_config(pki: dict[str, Path], tmp_path: Path) -> None:
     path = write_envoy_config(popts, tmp_path / "envoy.json")
     assert (tmp_path / "logs").is_dir()  # Envoy creates the log file, not its folder
     argv = [*build_envoy_argv(path, popts), "--mode", "validate"]
+    assert argv[argv.index("--file-flush-interval-msec") + 1] == "1000"  # the access log: ~1 s late
     res = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert res.returncode == 0 and "OK" in res.stdout + res.stderr, res.stderr[-2000:]
 

@@ -22,6 +22,7 @@ from silotune.flwr_connection import write_connection
 from silotune.processes import ManagedProcess, ProcessFailed, ProcessGroup, start_process
 from superlink.admission import admit_silo, list_silos, remove_silo
 from superlink.launch import SuperLinkOptions, start_superlink
+from superlink.proxy import read_access_log
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -116,6 +117,13 @@ def test_cli_admit_and_list(federation: dict[str, Any], capsys: pytest.CaptureFi
     public = ["--workspace", ws, "--superlink", fed["address"], "--ca", str(fed["ca"])]
     assert main(["silos", "admit", str(nk.public_path), "--name", "bank-1", *public]) == 2
     assert "403" in capsys.readouterr().err
+    # ... and the proxy's access log (on by default, beside the SuperLink's log) records it.
+    access = fed["tmp"] / "logs" / "superlink-proxy-access.log"
+    refused = wait_until(
+        lambda: [e for e in read_access_log(access) if e["status"] == 403], 30, "a 403 in the access log", 0.5
+    )
+    assert refused[0]["path"].startswith("/v1/control/") and refused[0]["client"].startswith("127.0.0.1:")
+    assert refused[0]["wire_bytes_received"] > 0 and refused[0]["wire_bytes_sent"] > 0
     common = ["--workspace", ws, "--superlink", fed["operator"], "--ca", str(fed["ca"])]
     assert main(["silos", "admit", str(nk.public_path), "--name", "bank-1", *common]) == 0
     out = capsys.readouterr().out
@@ -177,6 +185,10 @@ def test_cli_superlink_and_refused_silo(tmp_path: Path, capsys: pytest.CaptureFi
     try:
         wait_for_superlink(f"localhost:{port}", tmp_path / "certs" / "ca.crt", 90, process=cli)
         assert (ws / "superlink" / "state.db").exists()  # persistent state in the workspace
+        # The proxy's access log beside --log-file: the readiness probes on the public port are in it.
+        access = tmp_path / "superlink-proxy-access.log"
+        health = wait_until(lambda: read_access_log(access), 30, "the proxy's access log", 0.5)
+        assert any(e["path"] == "/health" and e["status"] == 200 for e in health), health
         # The operator connection was saved, pointing at the SuperLink's loopback port.
         config = ws / "flwr-home" / "config.toml"
         wait_until(lambda: config.exists() and "127.0.0.1" in config.read_text(), 30, "connection")

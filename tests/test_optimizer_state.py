@@ -237,6 +237,7 @@ def silo(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch):  # 
 
     from silo_node import client_app, resident
     from silotune.adapters import from_array_record, to_array_record
+    from silotune.wire_codec import Encoding, decode, encode, payload_shapes
 
     monkeypatch.delenv("SILOTUNE_SILO_POLICY", raising=False)
     data = tmp_path / "silo.jsonl"
@@ -264,10 +265,12 @@ def silo(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch):  # 
             run_id=RUN_ID, node_id=1, node_config=node, state=RecordDict(), run_config={**base, **extra}
         )
         config = ConfigRecord({"server-round": server_round, "lr": 5e-3})
-        content = RecordDict({"arrays": to_array_record(arrays or init), "config": config})
+        wire = encode(arrays or init, Encoding())  # the run's transport: fp32, packed
+        content = RecordDict({"arrays": to_array_record(wire), "config": config})
         reply = client_app.train(Message(content, dst_node_id=1, message_type="train"), context)
         assert not reply.has_error(), reply.error
-        return reply, from_array_record(reply.content["arrays"])
+        got = from_array_record(reply.content["arrays"])
+        return reply, decode(got, Encoding(), payload_shapes(got))
 
     call.path = tmp_path / "state" / "optimizer" / f"run-{RUN_ID}-adamw.safetensors"  # type: ignore[attr-defined]
     call.init = init  # type: ignore[attr-defined]

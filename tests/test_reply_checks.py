@@ -8,6 +8,7 @@ a and b alone make of it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from silotune import protocol as p
 from silotune.adapters import to_array_record
+from silotune.wire_codec import DATA_KEY, META_KEY, Encoding, decode, payload_shapes
 from superlink.reply_checks import ReplyRejected, check_eval_reply, check_handshake
 from tests.support.scripted_grid import INIT, FakeGrid, FakeSilo
 from tests.support.scripted_grid import events_of as _kinds
@@ -123,12 +125,25 @@ TRAIN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("mutate,code", [c[1:] for c in TRAIN_CASES], ids=[c[0] for c in TRAIN_CASES])
+# Per-tensor cases: the layout of transport.pack=false (one array per tensor). The packed layout's
+# own cases (tensor list, shapes, byte counts) are refused by the codec: PACKED_CASES below.
+PLAIN_LAYOUT = {
+    "extra tensor",
+    "missing tensor",
+    "wrong shape",
+    "wrong dtype",
+    "oversized",
+    "NaN in a tensor",
+}
+
+
+@pytest.mark.parametrize("name,mutate,code", TRAIN_CASES, ids=[c[0] for c in TRAIN_CASES])
 def test_bad_train_reply_is_rejected_and_the_round_goes_on(
-    tmp_path: Path, mutate: Mutator, code: str
+    tmp_path: Path, name: str, mutate: Mutator, code: str
 ) -> None:
     silos = {1: FakeSilo("a"), 2: FakeSilo("b"), 3: EvilSilo("c", "train", mutate)}
-    fed = _fed(tmp_path, FakeGrid(silos), **{"num-rounds": 1})
+    layout = {"transport.pack": False} if name in PLAIN_LAYOUT else {}
+    fed = _fed(tmp_path, FakeGrid(silos), **{"num-rounds": 1, **layout})
     fed.run()
     rejected = _kinds(tmp_path, "update_rejected")
     assert [(e["node_id"], e["code"], e["phase"]) for e in rejected] == [(3, code, "train")]
@@ -136,6 +151,55 @@ def test_bad_train_reply_is_rejected_and_the_round_goes_on(
     assert end["answered"] == 2 and end["adapter_updated"]
     np.testing.assert_allclose(fed.global_state["m.lora_A.weight"], 2.0)  # a and b: 1 + 1
     assert _kinds(tmp_path, "run_end")[0]["status"] == "completed"
+
+
+def _packed(edit: Callable[[dict[str, np.ndarray]], None]) -> Mutator:
+    """Edit the packed fp32 payload's arrays (codec.meta, codec.data) as they travel."""
+
+    def f(c: RecordDict) -> None:
+        arrays = {k: c["arrays"][k].numpy() for k in c["arrays"].keys()}
+        edit(arrays)
+        c["arrays"] = to_array_record(arrays)
+
+    return f
+
+
+def _as_plain(c: RecordDict) -> None:
+    arrays = {k: c["arrays"][k].numpy() for k in c["arrays"].keys()}
+    c["arrays"] = to_array_record(decode(arrays, Encoding("fp32"), payload_shapes(arrays)))
+
+
+def _meta_shape(arrays: dict[str, np.ndarray]) -> None:
+    meta = json.loads(arrays[META_KEY].tobytes())
+    meta["tensors"][0][1] = [3, 3]
+    arrays[META_KEY] = np.frombuffer(json.dumps(meta).encode(), np.uint8).copy()
+
+
+def _packed_nan(arrays: dict[str, np.ndarray]) -> None:
+    values = arrays[DATA_KEY].view("<f4").copy()
+    values[0] = np.nan
+    arrays[DATA_KEY] = values.view(np.uint8)
+
+
+PACKED_CASES = [
+    ("plain arrays", _as_plain, p.R_ENCODING),  # one array per tensor, in a packed run
+    ("tensor shape in metadata", _packed(_meta_shape), p.R_ENCODING),
+    ("short data", _packed(lambda a: a.__setitem__(DATA_KEY, a[DATA_KEY][:-4].copy())), p.R_ENCODING),
+    ("oversized data", _packed(lambda a: a.__setitem__(DATA_KEY, np.zeros(10**6, np.uint8))), p.R_OVERSIZED),
+    ("NaN in the values", _packed(_packed_nan), p.R_TENSOR_VALUES),
+]
+
+
+@pytest.mark.parametrize("mutate,code", [c[1:] for c in PACKED_CASES], ids=[c[0] for c in PACKED_CASES])
+def test_bad_packed_fp32_reply_is_rejected_and_the_round_goes_on(
+    tmp_path: Path, mutate: Mutator, code: str
+) -> None:
+    silos = {1: FakeSilo("a"), 2: FakeSilo("b"), 3: EvilSilo("c", "train", mutate)}
+    fed = _fed(tmp_path, FakeGrid(silos), **{"num-rounds": 1})  # fp32, packed: the default
+    fed.run()
+    rejected = _kinds(tmp_path, "update_rejected")
+    assert [(e["node_id"], e["code"], e["phase"]) for e in rejected] == [(3, code, "train")]
+    np.testing.assert_allclose(fed.global_state["m.lora_A.weight"], 2.0)  # a and b: 1 + 1
 
 
 HANDSHAKE_CASES = [

@@ -63,7 +63,9 @@ def test_model_loads_once_data_reloads_on_change_and_rss_stays_flat(resident_mod
     data = _data(tmp_path / "data.jsonl")
     run = parse_run_config({"model.name": str(model)})
     init = resident_mode.model_with_adapter(run.model, run.peft, run.peft.rank, run.train.seed).init_state
-    arrays = to_array_record(init)
+    from silotune.wire_codec import Encoding, encode
+
+    arrays = to_array_record(encode(init, Encoding()))  # fp32, packed: the default transport
     rss: dict[int, int] = {}
     for rnd in range(1, 21):
         msg, ctx = _message_and_context(model, data, rnd, arrays)

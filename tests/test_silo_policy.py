@@ -22,6 +22,7 @@ from silotune.config import parse_run_config
 from silotune.errors import PolicyRefused, UserError
 from silotune.events import read_events
 from silotune.silo_failures import SiloFailure, describe_error, reason_for
+from silotune.wire_codec import Encoding, encode
 from superlink.rounds import Federation, load_admitted_names
 from tests.support.scripted_grid import FakeGrid, FakeSilo
 
@@ -151,7 +152,7 @@ def _message(kind: str, server_round: int = 1, arrays: dict | None = None) -> Me
     config = ConfigRecord({"want-init": False, "server-round": server_round, "lr": 1e-3})
     content = RecordDict({"config": config})
     if arrays is not None:
-        content["arrays"] = to_array_record(arrays)
+        content["arrays"] = to_array_record(encode(arrays, Encoding()))  # fp32, packed: the default
     msg = Message(content=content, dst_node_id=7, message_type=kind)
     msg.metadata.__dict__["_message_id"] = "m-1"
     return msg

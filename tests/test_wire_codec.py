@@ -46,12 +46,33 @@ def block_absmax(state: dict[str, np.ndarray], block: int) -> np.ndarray:
     return np.repeat(blocks, block)[: flat.size]
 
 
-def test_fp32_is_exact_and_unchanged_on_the_wire() -> None:
+def test_fp32_is_exact_packed_and_plain() -> None:
     state = lora_like()
     arrays = encode(state, Encoding("fp32"))
-    assert set(arrays) == set(state)
+    assert set(arrays) == {META_KEY, DATA_KEY}  # two arrays, whatever the tensor count
     back = decode(arrays, Encoding("fp32"), shapes(state))
+    assert all(np.array_equal(back[k], state[k]) and back[k].dtype == np.float32 for k in state)
+    assert payload_nbytes(arrays) < float32_nbytes(state)  # one header, not one per tensor
+    plain = encode(state, Encoding("fp32", pack=False))  # transport.pack=false: Flower's layout
+    assert set(plain) == set(state) and payload_nbytes(plain) == float32_nbytes(state)
+    back = decode(plain, Encoding("fp32", pack=False), shapes(state))
     assert all(np.array_equal(back[k], state[k]) for k in state)
+
+
+def test_packed_and_plain_fp32_refuse_each_other() -> None:
+    state = lora_like()
+    with pytest.raises(CodecError, match="payload arrays"):
+        decode(encode(state, Encoding("fp32", pack=False)), Encoding("fp32"), shapes(state))
+    with pytest.raises(CodecError, match="transport.pack is false"):
+        decode(encode(state, Encoding("fp32")), Encoding("fp32", pack=False), shapes(state))
+
+
+def test_fp32_uplink_is_the_adapter_itself() -> None:
+    received = lora_like(5)
+    trained = {k: v * 1.5 for k, v in received.items()}
+    enc = Encoding("fp32")
+    rebuilt = decode_uplink(encode_uplink(trained, received, enc), received, enc)
+    assert all(np.array_equal(rebuilt[k], trained[k]) for k in trained)
 
 
 @pytest.mark.parametrize(
@@ -93,7 +114,8 @@ def test_wire_bytes_against_fp32_on_the_demo_adapter(dtype: str, max_ratio: floa
     from silotune.adapters import to_array_record
 
     state = smollm2_demo_adapter()
-    fp32 = to_array_record(encode(state, Encoding("fp32"))).count_bytes()
+    fp32 = float32_nbytes(state)  # the fixed reference: one float32 array per tensor
+    assert fp32 == to_array_record(encode(state, Encoding("fp32", pack=False))).count_bytes()
     packed = to_array_record(encode(state, Encoding(dtype))).count_bytes()
     assert packed <= max_ratio * fp32, f"{dtype}: {packed / fp32:.4f}x fp32"
 

@@ -15,6 +15,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from silotune.adapters import from_array_record, to_array_record
 from silotune.config import parse_run_config
 from silotune.events import read_events
+from silotune.wire_codec import decode, encode_uplink, encoding_in, payload_shapes
 from superlink.rounds import Federation
 
 SHA = "a" * 64
@@ -39,13 +40,16 @@ class FakeSilo:
                 content["arrays"] = to_array_record(INIT)
                 content["info"]["peft-config"] = '{"r": 2, "peft_type": "LORA"}'
             return content
-        state = from_array_record(msg.content["arrays"])
+        # Like a real silo: decode what came in the run's wire format, answer in the same one.
+        wire = from_array_record(msg.content["arrays"])
+        enc = encoding_in(wire)
+        state = decode(wire, enc, payload_shapes(wire))
         new = {k: v + self.delta for k, v in state.items()}
         if self.bad_shape:
             new["m.lora_A.weight"] = np.ones((3, 3), np.float32)
         return RecordDict(
             {
-                "arrays": to_array_record(new),
+                "arrays": to_array_record(encode_uplink(new, state, enc)),
                 "metrics": MetricRecord({"train-loss": 1.0, "num-examples": self.n}),
                 "info": ConfigRecord({"silo": self.name, "model-sha256": self.sha}),
             }
