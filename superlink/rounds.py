@@ -137,6 +137,11 @@ def load_admitted_names(spec: str | None = None) -> dict[int, str] | None:
     return names
 
 
+# How often the ServerApp asks the SuperLink for replies while a round is out: a loopback call,
+# cheap; every second cost a round half a second on average (benchmarks/round_overhead.py).
+REPLY_POLL_SECONDS = 0.25
+
+
 class Federation:
     """Runs one federated job on a Grid (``sleep`` is injectable for tests)."""
 
@@ -260,7 +265,7 @@ class Federation:
                     raise RoundStalled(late)  # nothing at all came back: the round has failed
                 if late:
                     return got, late  # the rest are dropped; the round goes on with what came
-                self.sleep(1.0)
+                self.sleep(REPLY_POLL_SECONDS)
         return got, ""
 
     def _wait_for_nodes(self, needed: int) -> list[int]:
