@@ -46,13 +46,13 @@ def _silo(s: dict, data: Path) -> dict:
     from silo_node.client_app import train
     from silotune.adapters import to_array_record
     from silotune.config import parse_run_config
+    from silotune.wire_codec import encode, encoding_for
 
     resident.RESIDENT = True
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
     run = parse_run_config(_run_config(s))
-    arrays = to_array_record(
-        resident.model_with_adapter(run.model, run.peft, run.peft.rank, run.train.seed).init_state
-    )
+    init = resident.model_with_adapter(run.model, run.peft, run.peft.rank, run.train.seed).init_state
+    arrays = to_array_record(encode(init, encoding_for(run.transport)))  # as the server sends it
     node_config = {"data-path": str(data), "name": "bench"}
     tokens, seconds = 0, 0.0
     for rnd in range(1, s["rounds"] + 1):
