@@ -54,6 +54,7 @@ from silotune.wire_codec import (
     Encoding,
     ErrorFeedback,
     decode,
+    encode,
     encode_uplink,
     encoding_for,
     float32_nbytes,
@@ -272,7 +273,9 @@ def handshake(msg: Message, context: Context) -> Message:
         # The adapter's seeded initial state, kept aside when it was attached: a resident
         # worker's live adapter may hold an earlier round's weights.
         slot = resident.model_with_adapter(run.model, run.peft, silo_rank(run, silo), run.train.seed)
-        content[p.REC_ARRAYS] = init_arrays = to_array_record(slot.init_state)
+        # Full precision whatever transport.dtype says, packed unless transport.pack is off.
+        init_wire = encode(slot.init_state, Encoding("fp32", pack=run.transport.pack))
+        content[p.REC_ARRAYS] = init_arrays = to_array_record(init_wire)
         info[p.PEFT_CONFIG] = json.dumps(peft_config_dict(slot.peft_model))
         _audit_payload(silo, context, 0, "init", init_arrays)
     return Message(content=content, reply_to=msg)

@@ -24,7 +24,15 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from silotune import protocol as p
-from silotune.wire_codec import META_KEY, CodecError, Encoding, decode_uplink, packed_sizes
+from silotune.wire_codec import (
+    META_KEY,
+    CodecError,
+    Encoding,
+    decode,
+    decode_uplink,
+    packed_sizes,
+    payload_shapes,
+)
 
 # A silo declaring more examples than this is lying or misconfigured (FlowerTune's largest
 # domain has ~10^5); the bound keeps float weights exact and sums far from overflow.
@@ -277,5 +285,26 @@ def check_init_reply(content: Any) -> tuple[OrderedDict[str, np.ndarray], dict[s
         raise ReplyRejected(p.R_MALFORMED, f"{p.PEFT_CONFIG} is not a JSON object")
     if not list(rec.keys()):
         raise ReplyRejected(p.R_TENSOR_SET, "the initial adapter has no tensors")
+    if META_KEY in rec.keys():  # packed fp32 (transport.pack): the shapes are in its metadata
+        return _packed_init(rec), peft_config
     shapes = {k: tuple(int(d) for d in rec[k].shape) for k in rec.keys()}
     return check_arrays(content, shapes), peft_config
+
+
+def _packed_init(rec: ArrayRecord) -> OrderedDict[str, np.ndarray]:
+    """A packed fp32 initial adapter: the codec checks its byte counts against its own tensor list."""
+    try:
+        arrays = {key: rec[key].numpy() for key in rec.keys()}
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is the silo's fault
+        raise ReplyRejected(p.R_MALFORMED, f"packed arrays cannot be decoded: {type(exc).__name__}") from None
+    try:
+        shapes = payload_shapes(arrays)
+        state = decode(arrays, Encoding("fp32"), shapes)
+    except CodecError as exc:
+        raise ReplyRejected(p.R_ENCODING, str(exc)) from None
+    if not state:
+        raise ReplyRejected(p.R_TENSOR_SET, "the initial adapter has no tensors")
+    bad = [k for k, v in state.items() if not np.isfinite(v).all()]
+    if bad:
+        raise ReplyRejected(p.R_TENSOR_VALUES, f"{bad[0]} holds NaN or Inf")
+    return OrderedDict(sorted(state.items()))

@@ -307,3 +307,25 @@ def test_checks_directly() -> None:
     with pytest.raises(ReplyRejected) as err:
         check_eval_reply(RecordDict({"metrics": MetricRecord({"num-examples": 0, "eval-loss": 1.0})}), 5)
     assert err.value.code == p.R_OUT_OF_RANGE
+
+
+def test_a_packed_initial_adapter_is_checked_by_its_own_tensor_list() -> None:
+    from silotune.wire_codec import encode
+    from superlink.reply_checks import check_init_reply
+
+    def content(arrays: dict[str, np.ndarray]) -> RecordDict:
+        info = ConfigRecord({p.PEFT_CONFIG: '{"r": 2, "peft_type": "LORA"}'})
+        return RecordDict({"arrays": to_array_record(arrays), "info": info})
+
+    packed = encode(INIT, Encoding("fp32"))
+    state, cfg = check_init_reply(content(packed))
+    assert cfg["r"] == 2 and all(np.array_equal(state[k], INIT[k]) for k in INIT)
+    short = {**packed, DATA_KEY: packed[DATA_KEY][:-4].copy()}
+    with pytest.raises(ReplyRejected) as err:
+        check_init_reply(content(short))
+    assert err.value.code == p.R_ENCODING
+    values = packed[DATA_KEY].view("<f4").copy()
+    values[1] = np.inf
+    with pytest.raises(ReplyRejected) as err:
+        check_init_reply(content({**packed, DATA_KEY: values.view(np.uint8)}))
+    assert err.value.code == p.R_TENSOR_VALUES
