@@ -34,6 +34,7 @@ class SiloFailure(IntEnum):
     POLICY_REFUSED = 1007  # the run asks for more than the silo's own policy allows
     APPROVAL_PENDING = 1008  # not a failure: the run waits for the silo operator's approval
     APP_NOT_ALLOWED = 1009  # the run's app (FAB) is not the code the silo installed or allowed
+    ENCODING_REFUSED = 1010  # the adapter the silo received is not in the run's wire format
     INTERNAL = 1099
 
 
@@ -48,6 +49,7 @@ FIXED_TEXT: dict[SiloFailure, str] = {
     SiloFailure.POLICY_REFUSED: "the silo's policy refused this run; see the silo's log",
     SiloFailure.APPROVAL_PENDING: "the run waits for the silo operator's approval",
     SiloFailure.APP_NOT_ALLOWED: "the silo runs only the app it installed or allowed; see the silo's log",
+    SiloFailure.ENCODING_REFUSED: "the adapter received is not in the run's transport format",
     SiloFailure.INTERNAL: "the silo failed; see the silo's log",
 }
 
@@ -85,6 +87,10 @@ def classify(exc: BaseException) -> SiloFailure:
         return SiloFailure.OUT_OF_MEMORY
     if isinstance(exc, UserError):
         return SiloFailure.CONFIG_REFUSED
+    from silotune.wire_codec import CodecError  # here: the codec needs numpy, this module does not
+
+    if isinstance(exc, CodecError):
+        return SiloFailure.ENCODING_REFUSED
     return SiloFailure.INTERNAL
 
 

@@ -17,6 +17,7 @@ from silotune.silo_failures import (
     failure_code,
     reason_for,
 )
+from silotune.wire_codec import CodecError
 
 CANARY = "CANARY-7f3a diagnosis: patient 0042 has condition X"
 
@@ -30,6 +31,7 @@ CANARY = "CANARY-7f3a diagnosis: patient 0042 has condition X"
         (FloatingPointError(CANARY), SiloFailure.NONFINITE_LOSS),
         (MemoryError(CANARY), SiloFailure.OUT_OF_MEMORY),
         (UserError(CANARY), SiloFailure.CONFIG_REFUSED),
+        (CodecError(CANARY), SiloFailure.ENCODING_REFUSED),
         (KeyError(CANARY), SiloFailure.INTERNAL),
     ],
 )
