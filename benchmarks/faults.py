@@ -3,9 +3,9 @@
 A TLS SuperLink with node authentication and silos training a tiny random Llama
 (tests/tiny_model.py), started by tests/fault_federation.py (LocalFederation's steps). Scenarios:
 
-  silo-kill       SIGKILL one silo's SuperNode at a random moment of round 1, restart it with the
-                  same command line 3 s later: round 1 completes with the other silo, the killed
-                  silo answers again in a later round.
+  silo-kill       SIGKILL one silo's SuperNode at a random moment of round 1 (of 3), restart it
+                  with the same command line 3 s later: round 1 completes with the other silo, the
+                  killed silo answers again in a later round.
   superlink-kill  SIGKILL flower-superlink at a random moment of round 2, restart the central site:
                   the run journal re-submits the run, which resumes from its last checkpoint.
   serverapp-kill  the same with the ServerApp process (flwr-serverapp) killed instead.
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             for rep in range(n):
                 started = time.monotonic()
                 if scenario == "silo-kill":
-                    t = silo_kill(fed, model, rep, rng, rounds=2, kill_round=1)
+                    t = silo_kill(fed, model, rep, rng, rounds=3, kill_round=1)
                 elif scenario in ("superlink-kill", "serverapp-kill"):
                     t = central_kill(fed, model, rep, rng, scenario.split("-")[0], rounds=2, kill_round=2)
                 elif scenario == "stalled-silo":

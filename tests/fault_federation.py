@@ -423,7 +423,12 @@ def silo_kill(
     kill_round: int = 2, spread: float = 8.0, down: float = 3.0,
 ) -> Tally:  # fmt: skip
     """SIGKILL one silo's SuperNode at a random moment of a round, restart it with the same
-    command line: the round completes with the others and the silo is back in a later round."""
+    command line: the round completes with the others and the silo is back in a later round.
+
+    Use at least kill_round + 2 rounds: until the SuperLink marks the killed node offline (2 missed
+    heartbeats, about a minute) it still counts as connected, so the next round is sent to it and
+    completes without it; the round after that waits for min-nodes silos, i.e. for the restarted
+    one. (With rounds of a few seconds the run would otherwise end before the silo can rejoin.)"""
     victim = fed.silos[rep % len(fed.silos)].name
     misses = 0
     for attempt in range(KILL_ATTEMPTS):

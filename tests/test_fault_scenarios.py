@@ -63,7 +63,7 @@ def test_serverapp_killed_mid_round_resumes_on_restart(fed: FaultFederation, mod
 
 
 def test_killed_silo_rejoins_and_the_round_completes(fed: FaultFederation, model: Path) -> None:
-    t = silo_kill(fed, model, 0, random.Random(3), rounds=2, kill_round=1)
+    t = silo_kill(fed, model, 0, random.Random(3), rounds=3, kill_round=1)
     _report(t)
     assert t.survived, t.detail
 
