@@ -39,7 +39,11 @@ GPU_ONLY_PANELS = frozenset({"GPU memory vs capacity"})
 
 
 def adapter_truth(model_dir: Path) -> tuple[int, int]:
-    """(parameter count, bytes one adapter occupies in count_bytes) from PEFT and numpy alone."""
+    """(parameter count, bytes one adapter occupies in count_bytes) from PEFT, json and numpy alone.
+
+    The default wire layout (transport.pack): two uint8 arrays, ``codec.meta`` (JSON: version,
+    dtype, block size, every tensor's key and shape) and ``codec.data`` (the float32 values), each
+    counted by Flower as its np.save bytes plus its key."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
@@ -47,12 +51,22 @@ def adapter_truth(model_dir: Path) -> tuple[int, int]:
     peft_model = get_peft_model(model, LoraConfig(r=RANK, target_modules=TARGETS))
     state = get_peft_model_state_dict(peft_model)
     params = sum(t.numel() for t in state.values())
-    framing = 0
-    for key, tensor in state.items():
+    meta = {
+        "v": 1,
+        "dtype": "fp32",
+        "block_size": 0,
+        "tensors": [[k, list(t.shape)] for k, t in state.items()],
+    }
+    arrays = {
+        "codec.meta": np.frombuffer(json.dumps(meta).encode(), np.uint8),
+        "codec.data": np.zeros(4 * params, np.uint8),
+    }
+    total = 0
+    for key, array in arrays.items():
         buf = io.BytesIO()
-        np.save(buf, tensor.detach().float().numpy(), allow_pickle=False)
-        framing += len(buf.getvalue()) - tensor.numel() * 4 + len(key)
-    return params, params * 4 + framing
+        np.save(buf, array, allow_pickle=False)
+        total += len(buf.getvalue()) + len(key)
+    return params, total
 
 
 def test_prometheus_sees_a_real_federation(tmp_path: Path) -> None:
@@ -105,7 +119,7 @@ def test_prometheus_sees_a_real_federation(tmp_path: Path) -> None:
             down = values(prom, f"silotune_downlink_bytes_total{central}")
             assert up == dict.fromkeys(SILOS, expected) == down
             total = values(prom, f"sum(silotune_uplink_bytes_total{central})")[""]
-            # parameter count x 4 bytes (fp32) x silos x rounds, plus np.save framing per tensor
+            # parameter count x 4 bytes (fp32) x silos x rounds, plus the metadata and np.save framing
             framing = per_adapter_bytes - params * 4
             assert total == (params * 4 + framing) * len(SILOS) * ROUNDS
             assert values(prom, f"silotune_comm_bytes{central}") == {"": 2 * total}
