@@ -53,9 +53,14 @@ def test_superlink_admit_and_silo_work_with_a_path_that_lacks_the_environment(tm
         )  # fmt: skip
         wait_for_superlink(address, certs / "ca.crt", 90, process=central)
         key = generate_node_key(tmp_path / "silo-key", "lab-1")
+        # As the operator does on the central host: the workspace's saved connection is the
+        # SuperLink's loopback port (the public address is the Fleet proxy, which refuses admits).
+        # `superlink start` saves it just after the SuperLink answers.
+        saved = tmp_path / "central" / "flwr-home" / "config.toml"
+        wait_until(lambda: central.check() or saved.exists(), 60, "the operator connection", 0.2)
         admit = subprocess.run(
             [str(SILOTUNE), "silos", "admit", str(key.public_path), "--name", "lab-1",
-             "--workspace", str(tmp_path / "central"), "--superlink", address, "--ca", str(certs / "ca.crt")],
+             "--workspace", str(tmp_path / "central")],
             env=env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert admit.returncode == 0, admit.stdout + admit.stderr
