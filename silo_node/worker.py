@@ -35,6 +35,11 @@ from typing import Any
 # before this process starts, so torch sees only the devices it was given when it is imported.
 
 TASK_POLL_SECONDS = 0.2  # idle poll of the Runtime API; Flower's SuperExec polls every 1 s
+# A task's message is pulled from the SuperNode on this host, which stores it only once it has all
+# of it: its objects are there at once, or never (the SuperNode dropped the message of a run that
+# is no longer running, e.g. after a SuperLink restart). Flower's own pull waits up to 2 hours for
+# them; a worker that serves one task at a time must give up sooner, or the silo stops answering.
+TASK_INPUT_SECONDS = 60.0
 MAX_IDLE_BACKOFF = 5.0
 PIDFILE = "worker.pid"
 TASKFILE = "worker.task"  # present while a task is being served: what the worker is doing now
@@ -178,7 +183,8 @@ class Worker:
         from flwr.common.constant import SubStatus
         from flwr.supercore import log
         from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-        from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+        from flwr.supercore.inflatable.inflatable_utils import ObjectPullError
+        from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
         from silo_node.pinning import fab_digest, installed_digest, is_own_app
         from silotune.silo_failures import SiloFailure, classify, reason_for
@@ -190,7 +196,7 @@ class Worker:
         self.signals.in_task = True
         try:
             heartbeat.start()
-            message, context, run, fab = pull_task_input(client)
+            message, context, run, fab = pull_task_input(client, TASK_INPUT_SECONDS)
             self._mark_busy(f"{task.task_id} run {run.run_id} {message.metadata.message_type}")
             digest = fab_digest(fab.content)  # the zip is read in memory; nothing is installed
             if not is_own_app(run.fab_id, digest):
@@ -216,6 +222,12 @@ class Worker:
         except TaskAbandoned as exc:
             log(WARNING, "task %d dropped: %s", task.task_id, exc)
             reply, details = None, str(exc)
+        except ObjectPullError:
+            # Nobody waits for this message any more (its run ended or was interrupted): drop it
+            # and serve the next task, instead of blocking the silo behind it.
+            log(WARNING, "task %d dropped: its message was not available within %.0f s (its run "
+                "is probably no longer running)", task.task_id, TASK_INPUT_SECONDS)  # fmt: skip
+            reply, details = None, "message unavailable"
         except Exception as exc:  # noqa: BLE001 - the reply carries a code, the log the detail
             code = classify(exc)
             log(ERROR, "task %d failed (%s)", task.task_id, code.name, exc_info=exc)
@@ -271,6 +283,44 @@ class Worker:
             append_audit(self.state_dir, kind, **fields)
         except OSError:
             pass
+
+
+def pull_task_input(client: Any, max_time: float) -> tuple[Any, Any, Any, Any]:
+    """(message, context, run, FAB) of the acquired task, as Flower's ``pull_task_input``
+    (flwr/supernode/runtime/run_clientapp.py) pulls them, except that the message's objects are
+    waited for at most ``max_time`` seconds (ObjectPullError after that), not Flower's 2 hours."""
+    from flwr.app import Message
+    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+    from flwr.proto.node_pb2 import Node
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.task_identity import TaskIdentity
+
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id = res.task_id
+    TaskIdentity.run_id = res.run.run_id
+    TaskIdentity.node_id = res.context.node_id
+    context = context_from_proto(res.context)
+    run = run_from_proto(res.run)
+    fab = fab_from_proto(res.fab)
+    msgs = client.PullMessages(PullAppMessagesRequest())
+    if not msgs.messages_list:
+        raise RuntimeError("No messages received from Runtime API")
+    node = Node(node_id=context.node_id)
+    tree = msgs.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree,
+        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message,
+        max_time=max_time,
+    )
+    message.metadata.__dict__["_message_id"] = tree.object_id  # not part of the deflated message
+    return message, context, run, fab
 
 
 def _flwr_clientapp() -> str:
