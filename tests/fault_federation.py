@@ -360,6 +360,20 @@ def _mid_round(
     return None if _round_ended(fed, run_dir, rnd) else time.time()
 
 
+def _start_until_mid_round(
+    fed: FaultFederation, name: str, cfg: dict[str, Any], rnd: int, rng: random.Random, spread: float
+) -> tuple[str, int]:
+    """Start runs ``name``, ``name-1``, ... until one is caught mid-round ``rnd`` (the spread
+    halves after each miss); returns its run dir and how many runs were redone."""
+    for attempt in range(KILL_ATTEMPTS):
+        run_dir = name + (f"-{attempt}" if attempt else "")
+        fed.start_run({**cfg, "run-dir": run_dir})
+        if _mid_round(fed, run_dir, rnd, rng, spread / 2**attempt) is not None:
+            return run_dir, attempt
+        fed.wait_run_end(run_dir, 900)  # the round ended first: let the run finish, then redo it
+    raise AssertionError(f"{name}: round {rnd} always ended before the kill moment")
+
+
 def _round_ended(fed: FaultFederation, run_dir: str, rnd: int) -> bool:
     return any(e["kind"] == "round_end" and e["round"] == rnd for e in fed.events(run_dir))
 
@@ -378,17 +392,10 @@ def central_kill(
 ) -> Tally:  # fmt: skip
     """SIGKILL the SuperLink (``what="superlink"``) or the ServerApp (``"serverapp"``) at a random
     moment of round ``kill_round``, restart the central site, let the journal resume the run."""
-    misses = 0
-    for attempt in range(KILL_ATTEMPTS):
-        run_dir = f"{what}-kill-{rep}" + (f"-{attempt}" if attempt else "")
-        path = fed.runs_root / run_dir
-        fed.start_run(run_config(model, run_dir, rounds, len(fed.silos)))
-        if _mid_round(fed, run_dir, kill_round, rng, spread / 2**attempt) is not None:
-            break
-        misses += 1  # the round ended first: let the run finish, then redo it
-        fed.wait_run_end(run_dir, 900)
-    else:
-        raise AssertionError(f"{what}-kill: round {kill_round} always ended before the kill moment")
+    run_dir, misses = _start_until_mid_round(
+        fed, f"{what}-kill-{rep}", run_config(model, "", rounds, len(fed.silos)), kill_round, rng, spread
+    )
+    path = fed.runs_root / run_dir
     if what == "superlink":
         fed.kill_superlink()
         killed = [fed.central.pid]
@@ -430,18 +437,10 @@ def silo_kill(
     completes without it; the round after that waits for min-nodes silos, i.e. for the restarted
     one. (With rounds of a few seconds the run would otherwise end before the silo can rejoin.)"""
     victim = fed.silos[rep % len(fed.silos)].name
-    misses = 0
-    for attempt in range(KILL_ATTEMPTS):
-        run_dir = f"silo-kill-{rep}" + (f"-{attempt}" if attempt else "")
-        path = fed.runs_root / run_dir
-        # The silo's lost message costs the round at most the watchdog's bound (the others answered).
-        fed.start_run(run_config(model, run_dir, rounds, len(fed.silos), **{"strategy.round-timeout": 90.0}))
-        if _mid_round(fed, run_dir, kill_round, rng, spread / 2**attempt) is not None:
-            break
-        misses += 1  # the round ended first: let the run finish, then redo it
-        fed.wait_run_end(run_dir, 900)
-    else:
-        raise AssertionError(f"silo-kill: round {kill_round} always ended before the kill moment")
+    # The silo's lost message costs the round at most the watchdog's bound (the others answered).
+    cfg = run_config(model, "", rounds, len(fed.silos), **{"strategy.round-timeout": 90.0})
+    run_dir, misses = _start_until_mid_round(fed, f"silo-kill-{rep}", cfg, kill_round, rng, spread)
+    path = fed.runs_root / run_dir
     snap = fed.kill_silo(victim)
     killed_at = time.time()
     time.sleep(down)
