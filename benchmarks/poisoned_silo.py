@@ -190,13 +190,19 @@ def main(argv: list[str] | None = None) -> int:
             round1[i] = (copy.deepcopy(state), loss)
         return state
 
-    def federate(config: str, scenario: str | None) -> dict[str, np.ndarray]:
+    def federate(config: str, scenario: str | None) -> tuple[dict[str, np.ndarray], int | None]:
+        """The run's final adapter, and the first round in which the attacker was flagged.
+
+        Flagged: its reply rejected (claim1e9's examples_grew) or its anomaly score over the
+        threshold (superlink/defences.anomaly_scores, what the anomaly_score event reports).
+        """
         agg = "mean" if config in ("fedavg", "clip+caps") else config
         st = run.strategy.model_copy(update={"aggregator": agg})
         strategy = get_strategy(st, run.peft)
         defence = None if config == "fedavg" else Defence(st, run.peft.alpha)
         rng = np.random.default_rng(args.seed)
         glob: dict[str, np.ndarray] = copy.deepcopy(init)
+        flagged: int | None = None
         for rnd in range(1, args.rounds + 1):
             updates, refs = [], []
             for i, silo in enumerate(silos):
@@ -205,13 +211,16 @@ def main(argv: list[str] | None = None) -> int:
                 if scenario and i == ATTACKER:
                     state, n = attack(scenario, payload, state, n, rng)
                     if defence is not None and n > len(silo.examples):
+                        flagged = flagged or rnd
                         continue  # superlink/reply_checks.py: examples_grew, the reply is rejected
                 updates.append(SiloUpdate(i, state, n, silo.rank))
                 refs.append(payload)
             if defence is not None:
-                defence.apply(updates, refs)
+                score = defence.apply(updates, refs).by_node().get(ATTACKER)
+                if scenario and score is not None and score.flagged:
+                    flagged = flagged or rnd
             glob = dict(strategy.aggregate(glob, updates))
-        return glob
+        return glob, flagged
 
     def evaluate(state: dict[str, np.ndarray]) -> dict[str, float]:
         model = bank.with_state(state, run.peft.rank)
@@ -223,18 +232,20 @@ def main(argv: list[str] | None = None) -> int:
         f"5 silos x {args.rows_per_silo} rows, {args.rounds} rounds x {args.local_steps} steps, "
         f"{len(items)} eval items"
     )
-    clean = evaluate(federate("fedavg", None))
+    clean = evaluate(federate("fedavg", None)[0])
     _log(f"clean 5-silo FedAvg: accuracy {clean['accuracy']:.2f}  macro-F1 {clean['macro_f1']:.2f}")
     table: dict[str, dict[str, dict[str, float]]] = {}
     for scenario in scenarios:
         table[scenario] = {}
         for config in configs:
             t0 = time.monotonic()
-            table[scenario][config] = evaluate(federate(config, scenario))
-            r = table[scenario][config]
+            final, flagged = federate(config, scenario)
+            table[scenario][config] = r = evaluate(final)
+            if config != "fedavg":  # no defence, no scoring
+                r["flagged_round"] = flagged
             _log(
                 f"  {scenario:9s} {config:13s} acc {r['accuracy']:6.2f}  F1 {r['macro_f1']:6.2f}  "
-                f"({time.monotonic() - t0:.0f} s)"
+                f"attacker flagged in round {flagged}  ({time.monotonic() - t0:.0f} s)"
             )
 
     print(f"\nPoisoned silo (1 of 5), accuracy / macro-F1 on {len(items)} TFNS items; clean run "
@@ -251,10 +262,21 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "worst accuracy gap to the clean run (points): " + ", ".join(f"{c} {worst[c]:.2f}" for c in configs)
     )
+    defended = [c for c in configs if c != "fedavg"]
+    flag_rounds = [table[s][c].get("flagged_round") for s in scenarios for c in defended]
+    flagged_within = None if not flag_rounds or None in flag_rounds else max(flag_rounds)
+    print("round in which the attacker was first flagged (rejected or anomaly score over the threshold):")
+    print(f"{'scenario':10s}" + "".join(f"{c:>14s}" for c in defended))
+    for scenario in scenarios:
+        cells = (str(table[scenario][c].get("flagged_round")) for c in defended)
+        print(f"{scenario:10s}" + "".join(f"{x:>14s}" for x in cells))
     print(f"total {time.monotonic() - t_start:.0f} s")
     summary: dict[str, Any] = {
         "worst_gap_to_clean_points": round(worst[best], 2),
         "best_defence": best,
+        # the latest round, over every scenario and defended config, in which the attacker was
+        # first flagged; null when it went unflagged in some run
+        "attacker_flagged_within_rounds": flagged_within,
         "worst_gap_by_config": {c: round(v, 2) for c, v in worst.items()},
         "clean": clean,
         "scenarios": table,
