@@ -125,9 +125,7 @@ def records(run: RunConfig, silo: SiloConfig) -> tuple[list[dict], list[dict]]:
     return value
 
 
-def encoded(
-    slot: ModelSlot, run: RunConfig, silo: SiloConfig, part: str, rows: list[dict]
-) -> list[Any]:
+def encoded(slot: ModelSlot, run: RunConfig, silo: SiloConfig, part: str, rows: list[dict]) -> list[Any]:
     """Tokenized examples of ``part`` ('train' or 'eval'); encoded once per data and settings."""
     from silo_node.templates import get_template
     from silo_node.training import encode_records

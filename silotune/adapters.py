@@ -113,7 +113,6 @@ def from_array_record(rec: Any) -> OrderedDict[str, np.ndarray]:
     return OrderedDict((k, rec[k].numpy()) for k in rec.keys())
 
 
-
 def save_adapter_dir(directory: Path, state: dict[str, np.ndarray], peft_config: dict[str, Any]) -> None:
     """Write a directory that ``PeftModel.from_pretrained(base, directory)`` loads.
 

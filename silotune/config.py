@@ -190,9 +190,7 @@ class RunConfig(_Section):
             # QLoRA *is* LoRA on a 4-bit base; make the pairing explicit rather than silent.
             object.__setattr__(self, "model", self.model.model_copy(update={"quantization": "4bit"}))
         if self.peft.rank > self.strategy.max_rank:
-            raise ValueError(
-                f"peft.rank={self.peft.rank} exceeds strategy.max-rank={self.strategy.max_rank}"
-            )
+            raise ValueError(f"peft.rank={self.peft.rank} exceeds strategy.max-rank={self.strategy.max_rank}")
         if self.strategy.name == "flexlora" and self.peft.method not in ("lora", "qlora"):
             raise ValueError(
                 f"strategy.name=flexlora needs peft.method lora or qlora (got {self.peft.method!r})"

@@ -127,16 +127,21 @@ def link_run(work: Path, model: Path, fault: str, rng: random.Random, rounds: in
                     interval=2)  # fmt: skip
         events = list(read_events(events_path))
         ends = [e for e in events if e["kind"] == "round_end"]
+        survived = (
+            end["status"] == "completed"
+            and end["rounds_completed"] == rounds
+            and all(e.get("adapter_updated") for e in ends)
+        )
         return {
             "fault": fault,
             "status": end["status"],
             "rounds_completed": end["rounds_completed"],
             "round_seconds": [round(e["duration_seconds"], 1) for e in ends],
             "answered": [e["answered"] for e in ends],
-            "silo_a_rounds": sorted(e["round"] for e in events
-                                    if e["kind"] == "silo_result" and e["silo"] == "silo-a"),  # fmt: skip
-            "survived": end["status"] == "completed" and end["rounds_completed"] == rounds
-            and all(e.get("adapter_updated") for e in ends),
+            "silo_a_rounds": sorted(
+                e["round"] for e in events if e["kind"] == "silo_result" and e["silo"] == "silo-a"
+            ),
+            "survived": survived,
         }
 
 

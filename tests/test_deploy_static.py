@@ -91,12 +91,6 @@ def test_dockerfile_conventions(dockerfile: Path) -> None:
 # --- Compose ---------------------------------------------------------------------------------
 
 
-
-
-
-
-
-
 def test_compose_schema() -> None:
     files = sorted({str(f) for fs in COMPOSE_BUNDLES.values() for f in fs})
     res = run([tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", *files])

@@ -302,8 +302,14 @@ def test_server_strategy_rows_fedprox_fedadam(tiny_model: Path, tmp_path: Path) 
     from silotune.adapters import load_adapter_dir
 
     doc = _compare(
-        tiny_model, tmp_path, "--approaches", "fedavg,fedprox,fedadam", "--proximal-mu", "0",
-        "--server-lr", "0.01",
+        tiny_model,
+        tmp_path,
+        "--approaches",
+        "fedavg,fedprox,fedadam",
+        "--proximal-mu",
+        "0",
+        "--server-lr",
+        "0.01",
     )
     labels = [r["label"] for r in doc["rows"]]
     assert labels == ["federated FedAvg", "federated FedProx (mu 0)", "federated FedAdam (lr 0.01)"]

@@ -159,8 +159,6 @@ def test_restart_rebuilds_identical_values(tmp_path: Path) -> None:
     assert scrape(second) == before  # counters do not reset across exporter restarts
 
 
-
-
 def test_parse_flwr_ls_real_output() -> None:
     runs = parse_flwr_ls(FLWR_LS_JSON)
     assert [r.run_id for r in runs] == ["715974047237713702", "487746571464526860"]
@@ -168,8 +166,6 @@ def test_parse_flwr_ls_real_output() -> None:
     assert parse_flwr_ls('{"success": true, "runs": []}') == []
     with pytest.raises(ValueError):
         parse_flwr_ls('{"success": false, "error-message": "no connection"}')
-
-
 
 
 def test_poller_totals_never_decrease(tmp_path: Path) -> None:

@@ -84,9 +84,7 @@ def test_stalled_silos_fail_the_round_and_the_alert_holds(
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
-def test_disk_full_during_a_checkpoint_keeps_the_last_and_resumes(
-    fed: FaultFederation, model: Path
-) -> None:
+def test_disk_full_during_a_checkpoint_keeps_the_last_and_resumes(fed: FaultFederation, model: Path) -> None:
     t = disk_full(fed, model, 0, random.Random(5))
     _report(t)
     assert t.survived, t.detail

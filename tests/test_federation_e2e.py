@@ -14,9 +14,6 @@ from tests.support.federation_runs import RANKS, run_config, run_events, write_s
 pytestmark = pytest.mark.slow
 
 
-
-
-
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory):
     ws = tmp_path_factory.mktemp("fed")
@@ -27,10 +24,6 @@ def federation(tmp_path_factory: pytest.TempPathFactory):
         silos.append(SiloSpec(name, data, {"columns": "input=text,output=label", "lora-rank": rank}))
     with LocalFederation(ws / "workspace", silos) as fed:
         yield fed
-
-
-
-
 
 
 def _logits(model, ids):  # noqa: ANN001, ANN202

@@ -42,11 +42,14 @@ def test_every_contract_is_kept() -> None:
 def test_an_upward_import_breaks_the_contract_even_inside_a_function(tree_copy: Path) -> None:
     target = tree_copy / "silotune" / "config.py"
     original = target.read_text()
-    target.write_text(original + textwrap.dedent("""
+    target.write_text(
+        original
+        + textwrap.dedent("""
 
         def _sneaky() -> None:
             from monitoring.exporter import FederationState  # noqa: F401 - upward, on purpose
-        """))
+        """)
+    )
     try:
         res = lint_imports(tree_copy)
     finally:

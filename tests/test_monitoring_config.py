@@ -41,8 +41,6 @@ def test_promtool(args: tuple[str, ...]) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-
-
 def used_series(text: str) -> set[str]:
     return set(re.findall(r"\bsilotune_[a-z_]+\b", text))
 

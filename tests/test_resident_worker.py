@@ -140,7 +140,7 @@ out = ""
 marker-dir = ""
 """
 
-FOREIGN_APPS = '''
+FOREIGN_APPS = """
 import json
 import time
 from pathlib import Path
@@ -175,7 +175,7 @@ def main(grid: Grid, context: Context) -> None:
     replies = list(grid.send_and_receive(msgs, timeout=120))
     out = [{"error": r.has_error(), "code": r.error.code if r.has_error() else None} for r in replies]
     Path(str(context.run_config["out"])).write_text(json.dumps(out))
-'''
+"""
 
 
 def _foreign_app(root: Path) -> Path:
