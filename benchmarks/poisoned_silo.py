@@ -19,11 +19,18 @@ Round 1 of every run starts from the same initial adapter, so the five silos' ro
 done once and reused; later rounds train afresh.
 
     python benchmarks/poisoned_silo.py --quick    # 2 rounds, 2 steps, 5 x 16 rows, 24 eval items
-    python benchmarks/poisoned_silo.py            # 3 rounds, 5 steps, 5 x 200 rows, 300 eval items
+    python benchmarks/poisoned_silo.py            # 2 rounds, 10 steps, 5 x 200 rows, 200 eval items
 
-Prints readable tables, then a last line with one JSON object: ``worst_gap_to_clean_points`` (the
-best defence's worst accuracy gap to the clean run over the scenarios, in points), the best
-defence's name, and every scenario's figures.
+The full mode is the smallest budget at which the clean adapter has learned the task (3 rounds x 5
+steps had not: it scored below the untrained model). TFNS is scored as `silotune eval` and
+`silotune compare` score it by default: the generated answer (8 new tokens); ``--protocol loglik``
+ranks the three labels by log-likelihood instead (it barely moves at these budgets).
+
+Prints readable tables (accuracy / macro-F1, and the round in which the attacker was first flagged:
+its reply rejected, or its anomaly score over ``strategy.anomaly-threshold``), then a last line with
+one JSON object: ``worst_gap_to_clean_points`` (the best defence's worst accuracy gap to the clean
+run over the scenarios, in points), the best defence's name, ``attacker_flagged_within_rounds``, and
+every scenario's figures.
 """
 
 from __future__ import annotations
@@ -111,9 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument(
+        "--protocol",
+        choices=("generate", "loglik"),
+        default="generate",
+        help="how TFNS is scored: generated answer (silotune eval's and compare's default) or log-likelihood",
+    )
     args = ap.parse_args(argv)
     quick = {"rounds": 2, "local_steps": 2, "rows_per_silo": 16, "eval_limit": 24}
-    full = {"rounds": 3, "local_steps": 5, "rows_per_silo": 200, "eval_limit": 300}
+    full = {"rounds": 2, "local_steps": 10, "rows_per_silo": 200, "eval_limit": 200}
     for k, v in (quick if args.quick else full).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -171,7 +184,13 @@ def main(argv: list[str] | None = None) -> int:
             silos.append(Silo(cfg.name, ex, run.peft.rank))
     bench = next(b for b in SUITES["finance"] if b.name == "tfns")
     items = select_items(bench, bench.load(DataSource(root=root)), args.eval_limit, "random", args.seed)
-    settings = EvalSettings(protocol="loglik", limit=args.eval_limit, batch_size=8, log=lambda m: None)
+    settings = EvalSettings(
+        protocol=args.protocol,
+        limit=args.eval_limit,
+        batch_size=8,
+        finance_max_new_tokens=8,  # as benchmarks/transport.py: a label is 1-2 tokens
+        log=lambda m: None,
+    )
     bank = AdapterBank(loaded.model, loaded.tokenizer, run.peft, args.seed)
     init = bank.initial_state(run.peft.rank)
     round1: dict[int, tuple[dict[str, np.ndarray], float]] = {}  # identical in every run: train once
@@ -188,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         if rnd == 1:
             round1[i] = (copy.deepcopy(state), loss)
+            _log(f"  round 1, silo-{i}: training loss {loss:.4f} (shared by every run)")
         return state
 
     def federate(config: str, scenario: str | None) -> tuple[dict[str, np.ndarray], int | None]:
@@ -256,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{table[scenario][c]['accuracy']:>8.2f}/{table[scenario][c]['macro_f1']:<7.2f}" for c in configs
         )
         print(f"{scenario:10s}{cells}")
-    worst = {c: max(clean["accuracy"] - table[s][c]["accuracy"] for s in scenarios) for c in configs}
+    worst = {
+        c: max((clean["accuracy"] - table[s][c]["accuracy"] for s in scenarios), default=0.0) for c in configs
+    }
     defences = [c for c in configs if c != "fedavg"] or configs
     best = min(defences, key=lambda c: worst[c])
     print(
@@ -286,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             "local_steps": args.local_steps,
             "rows_per_silo": args.rows_per_silo,
             "eval_items": len(items),
+            "protocol": args.protocol,
             "seed": args.seed,
         },
     }
