@@ -27,9 +27,10 @@ steps had not: it scored below the untrained model). TFNS is scored as `silotune
 ranks the three labels by log-likelihood instead (it barely moves at these budgets).
 
 Prints readable tables (accuracy / macro-F1, and the round in which the attacker was first flagged:
-its reply rejected, or its anomaly score over ``strategy.anomaly-threshold``), then a last line with
-one JSON object: ``worst_gap_to_clean_points`` (the best defence's worst accuracy gap to the clean
-run over the scenarios, in points), the best defence's name, ``attacker_flagged_within_rounds``, and
+its reply rejected, or its anomaly scores beyond ``strategy.anomaly-threshold`` or
+``strategy.anomaly-min-cosine``), then a last line with one JSON object:
+``worst_gap_to_clean_points`` (the best defence's worst accuracy gap to the clean run over the
+scenarios, in points), the best defence's name, ``attacker_flagged_within_rounds``, and
 every scenario's figures.
 """
 
@@ -214,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         """The run's final adapter, and the first round in which the attacker was flagged.
 
         Flagged: its reply rejected (claim1e9's examples_grew) or its anomaly score over the
-        threshold (superlink/defences.anomaly_scores, what the anomaly_score event reports).
+        threshold or its cosine under the minimum (superlink/defences.anomaly_scores, what the
+        anomaly_score event reports).
         """
         agg = "mean" if config in ("fedavg", "clip+caps") else config
         st = run.strategy.model_copy(update={"aggregator": agg})
@@ -236,9 +238,19 @@ def main(argv: list[str] | None = None) -> int:
                 updates.append(SiloUpdate(i, state, n, silo.rank))
                 refs.append(payload)
             if defence is not None:
-                score = defence.apply(updates, refs).by_node().get(ATTACKER)
+                scores = defence.apply(updates, refs).by_node()
+                score = scores.get(ATTACKER)
                 if scenario and score is not None and score.flagged:
                     flagged = flagged or rnd
+                honest = [sc for node, sc in scores.items() if node != ATTACKER]
+                seen = "rejected" if score is None else (
+                    f"norm x{score.norm_ratio:.3g}, distance {score.distance:.3g}, cosine {score.cosine:.3f}"
+                )  # fmt: skip
+                far, low = max(sc.distance for sc in honest), min(sc.cosine for sc in honest)
+                _log(
+                    f"    {config} round {rnd}: attacker {seen}; honest silos: max distance {far:.3g}, "
+                    f"min cosine {low:.3f}"
+                )
             glob = dict(strategy.aggregate(glob, updates))
         return glob, flagged
 

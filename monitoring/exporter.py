@@ -299,6 +299,7 @@ class FederationState:
         self._inc(m.SILO_EXCLUSIONS, 0, labels)  # start at 0: the first exclusion is an increase
         self._set(m.SILO_ANOMALY_DISTANCE, finite_number(e.get("distance")), labels)
         self._set(m.SILO_NORM_RATIO, finite_number(e.get("norm_ratio")), labels)
+        self._set(m.SILO_UPDATE_COSINE, finite_number(e.get("cosine")), labels)
         self._set(m.SILO_ANOMALY_FLAGGED, 1.0 if e.get("flagged") is True else 0.0, labels)
         self._set(m.SILO_ANOMALY_STREAK, finite_number(e.get("streak")), labels)
         self._set(m.SILO_WEIGHT_SHARE, finite_number(e.get("weight_share")), labels)

@@ -145,6 +145,10 @@ class StrategySettings(_Section):
     # A silo is flagged when its distance from the others (or its norm) exceeds this multiple of
     # the round's median norm; flagged in anomaly-rounds consecutive rounds: excluded (0 = never).
     anomaly_threshold: float = Field(3.0, gt=1, allow_inf_nan=False)
+    # ... or when its update points against the others': cosine with the sum of the others' updates
+    # below this (-1 = never). Norm and distance cannot see a sign flip: an update of the usual
+    # norm is never more than 2 norms from another, under any threshold > 2.
+    anomaly_min_cosine: float = Field(0.0, ge=-1, le=1, allow_inf_nan=False)
     anomaly_rounds: int = Field(3, ge=0)
     # Largest LoRA rank a silo may declare (FlexLoRA); bounds the memory a handshake can claim.
     max_rank: int = Field(64, ge=1, le=1024)

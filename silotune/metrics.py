@@ -214,6 +214,12 @@ SILO_NORM_RATIO = MetricDef(
     "Norm of the silo's last update over the median norm of the others' updates.",
     _S,
 )
+SILO_UPDATE_COSINE = MetricDef(
+    "silotune_silo_update_cosine",
+    "gauge",
+    "Cosine of the silo's last update with the others' summed update (flagged below anomaly-min-cosine).",
+    _S,
+)
 SILO_ANOMALY_FLAGGED = MetricDef(
     "silotune_silo_anomaly_flagged", "gauge", "1 if the silo's last update was flagged as anomalous.", _S
 )

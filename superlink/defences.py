@@ -194,6 +194,7 @@ class SiloScore:
     norm: float  # ||update|| over all modules
     norm_ratio: float  # its norm / the median norm of the other silos
     distance: float  # median distance to the other updates / the round's median norm
+    cosine: float  # cosine of its update with the sum of the others' (1: same direction, -1: opposed)
     flagged: bool
     weight_share: float  # capped share of the round's weight
     clip_factor: float  # smallest clipping factor over its modules (1: not clipped)
@@ -213,19 +214,22 @@ def _lower_median(x: np.ndarray) -> float:
     return float(np.sort(x)[(x.size - 1) // 2])
 
 
-def anomaly_scores(g: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(norms, norm ratios, distance scores, flags) from the whole-update Gram matrix ``g``.
+def anomaly_scores(
+    g: np.ndarray, threshold: float, min_cosine: float = -1.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(norms, norm ratios, distance scores, cosines, flags) from the whole-update Gram matrix ``g``.
 
     distance_i = lowmed_j≠i ||Δ_i − Δ_j|| / median_k ||Δ_k||, norm_ratio_i = ||Δ_i|| / lowmed_j≠i ||Δ_j||,
     where lowmed is the lower median (of two values, the smaller): so one far-off silo does not make
-    the honest ones look far off too, also with three silos. A silo is
-    flagged when either exceeds ``threshold``; with fewer than 3 silos nobody is flagged (two
-    disagreeing updates do not say which one is wrong).
+    the honest ones look far off too, also with three silos. cosine_i = <Δ_i, Σ_j≠i Δ_j> /
+    (||Δ_i|| ||Σ_j≠i Δ_j||), all from ``g`` (no update is formed). A silo is flagged when the ratio or
+    the distance exceeds ``threshold`` or the cosine is below ``min_cosine``; with fewer than 3
+    silos nobody is flagged (two disagreeing updates do not say which one is wrong).
     """
     n = g.shape[0]
     norms = np.sqrt(np.maximum(np.diag(g), 0.0))
     dist = distances_from_gram(g)
-    ratios, scores = np.zeros(n), np.zeros(n)
+    ratios, scores, cosines = np.zeros(n), np.zeros(n), np.ones(n)
     med = float(np.median(norms)) if n else 0.0
     tiny = 1e-30
     for i in range(n):
@@ -236,8 +240,14 @@ def anomaly_scores(g: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndar
         ratios[i] = norms[i] / other_med if other_med > tiny else (0.0 if norms[i] <= tiny else np.inf)
         d = _lower_median(dist[i, others])
         scores[i] = d / med if med > tiny else (0.0 if d <= tiny else np.inf)
-    flags = (ratios > threshold) | (scores > threshold) if n >= 3 else np.zeros(n, dtype=bool)
-    return norms, ratios, scores, flags
+        rest = float(g[np.ix_(others, others)].sum())  # ||Σ_j≠i Δ_j||²
+        denom = norms[i] * np.sqrt(max(rest, 0.0))
+        # A zero update, or zero others, has no direction: it is not "against" anything.
+        cosines[i] = float(np.clip(g[i, others].sum() / denom, -1.0, 1.0)) if denom > tiny else 1.0
+    flags = (ratios > threshold) | (scores > threshold) | (cosines < min_cosine)
+    if n < 3:
+        flags = np.zeros(n, dtype=bool)
+    return norms, ratios, scores, cosines, flags
 
 
 class Defence:
@@ -261,7 +271,9 @@ class Defence:
         groups = module_groups(updates[0].state)
         grams = module_grams([u.state for u in updates], refs, self.alpha)
         total = sum(grams.values())
-        norms, ratios, dist, flags = anomaly_scores(total, st.anomaly_threshold)
+        norms, ratios, dist, cosines, flags = anomaly_scores(
+            total, st.anomaly_threshold, st.anomaly_min_cosine
+        )
         masks = self.aggregator.select(grams, st)
         clip_min = np.ones(n)
         for module, keys in groups.items():
@@ -297,6 +309,7 @@ class Defence:
                     float(norms[i]),
                     float(ratios[i]),
                     float(dist[i]),
+                    float(cosines[i]),
                     bool(flags[i]),
                     float(shares[i]),
                     float(clip_min[i]),

@@ -31,7 +31,7 @@ from silotune.protocol import PROGRESS_PREFIX  # `silotune run` parses these lin
 from silotune.silo_failures import SiloFailure, describe_error, failure_code
 from silotune.wire_codec import encode, float32_nbytes
 from superlink.checkpoints import CheckpointStore
-from superlink.defences import Defence, DefenceReport
+from superlink.defences import Defence, DefenceReport, SiloScore
 from superlink.grid_calls import GridCalls, GridUnavailable
 from superlink.handshake_backoff import HandshakeBackoff
 from superlink.reply_checks import (
@@ -725,6 +725,13 @@ class Federation:
         )
         log(WARNING, "round %d: rejected %s reply of silo %s (node %d): %s", rnd, phase, name, nid, exc)
 
+    @staticmethod
+    def _anomaly_figures(sc: SiloScore) -> str:
+        return (
+            f"distance {sc.distance:.3g}, norm {sc.norm_ratio:.3g} x the others' median, "
+            f"cosine with the others' update {sc.cosine:.3g}"
+        )
+
     def _report_anomalies(self, rnd: int, report: DefenceReport) -> None:
         """One anomaly_score event per silo; a silo flagged in strategy.anomaly-rounds consecutive
         rounds is excluded from the rest of the run, with the reason in an event and the log."""
@@ -741,6 +748,7 @@ class Federation:
                 norm=_finite_or_none(sc.norm),
                 norm_ratio=_finite_or_none(sc.norm_ratio),
                 distance=_finite_or_none(sc.distance),
+                cosine=_finite_or_none(sc.cosine),
                 flagged=sc.flagged,
                 streak=streak,
                 weight_share=sc.weight_share,
@@ -751,19 +759,18 @@ class Federation:
             if sc.flagged:
                 log(
                     WARNING,
-                    "round %d: silo %s flagged as anomalous (distance %.3g, norm %.3g x the others' median; "
-                    "%d consecutive round(s))",
+                    "round %d: silo %s flagged as anomalous (%s; %d consecutive round(s))",
                     rnd,
                     silo.name,
-                    sc.distance,
-                    sc.norm_ratio,
+                    self._anomaly_figures(sc),
                     streak,
                 )
             if k and streak >= k and not silo.refused:
+                st = self.cfg.strategy
                 silo.refused = (
-                    f"update anomalous in {streak} consecutive rounds (distance {sc.distance:.3g}, norm "
-                    f"{sc.norm_ratio:.3g} x the others' median; strategy.anomaly-threshold="
-                    f"{self.cfg.strategy.anomaly_threshold:g})"
+                    f"update anomalous in {streak} consecutive rounds ({self._anomaly_figures(sc)}; "
+                    f"strategy.anomaly-threshold={st.anomaly_threshold:g}, "
+                    f"strategy.anomaly-min-cosine={st.anomaly_min_cosine:g})"
                 )
                 log(WARNING, "excluding silo %s (node %d): %s", silo.name, sc.node_id, silo.refused)
                 self.events.emit(

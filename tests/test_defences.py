@@ -167,11 +167,34 @@ def test_anomaly_scores_flag_only_the_outlier() -> None:
     base = RNG.normal(size=20)
     rows = [base + 0.1 * RNG.normal(size=20) for _ in range(4)] + [100 * base]
     d = np.stack(rows)
-    norms, ratios, dist, flags = anomaly_scores(d @ d.T, threshold=3.0)
+    norms, ratios, dist, cosines, flags = anomaly_scores(d @ d.T, threshold=3.0)
     assert flags.tolist() == [False, False, False, False, True]
     assert ratios[4] > 50 and dist[4] > 50 and max(dist[:4]) < 1
     # Two silos: nobody can be told apart, nobody is flagged.
-    assert not anomaly_scores(d[[0, 4]] @ d[[0, 4]].T, 3.0)[3].any()
+    assert not anomaly_scores(d[[0, 4]] @ d[[0, 4]].T, 3.0, 0.0)[4].any()
+
+
+def test_anomaly_scores_flag_a_sign_flip_by_direction_only() -> None:
+    """A sign-flipped update has the honest norm and is at most 2 norms from any other, so norm and
+    distance cannot see it at a threshold of 3; its cosine with the others' sum can."""
+    rng = np.random.default_rng(11)  # its own: the module's RNG depends on which tests ran first
+    base = rng.normal(size=40)
+    honest = [base + 0.5 * rng.normal(size=40) for _ in range(4)]
+    d = np.stack([*honest, -honest[0]])
+    g = d @ d.T
+    _, ratios, dist, cosines, flags = anomaly_scores(g, threshold=3.0, min_cosine=0.0)
+    assert flags.tolist() == [False, False, False, False, True]
+    assert ratios[4] < 3 and dist[4] < 3  # not what flagged it
+    assert cosines[4] < -0.5 and min(cosines[:4]) > 0.5
+    # The cosine is the one of the dense vectors, computed from the Gram matrix alone.
+    others = d[:4].sum(axis=0)
+    want = d[4] @ others / (np.linalg.norm(d[4]) * np.linalg.norm(others))
+    assert cosines[4] == pytest.approx(want, rel=1e-9)
+    # -1 turns the direction test off; the others still flag nothing here.
+    assert not anomaly_scores(g, 3.0, -1.0)[4].any()
+    # A zero update points nowhere: not flagged for its direction.
+    z = np.stack([*honest, np.zeros(40)])
+    assert not anomaly_scores(z @ z.T, 1e9, 0.0)[4][4]
 
 
 def test_krum_on_lora_factors_drops_a_scaled_update() -> None:
@@ -200,6 +223,8 @@ def test_defence_settings_are_validated() -> None:
         ("strategy.clip-relative", 0.5),
         ("strategy.min-answers", 0),
         ("strategy.anomaly-threshold", 1.0),
+        ("strategy.anomaly-min-cosine", 1.5),
+        ("strategy.anomaly-min-cosine", float("nan")),
         ("strategy.max-rank", 0),
     ]:
         with pytest.raises(ConfigError, match=key):
@@ -230,6 +255,7 @@ _DEFENCE_KEYS = {
     "max-byzantine",
     "consensus-tolerance",
     "anomaly-threshold",
+    "anomaly-min-cosine",
     "anomaly-rounds",
     "max-rank",
 }
@@ -248,6 +274,7 @@ def test_exporter_turns_defence_events_into_series() -> None:
             "silo": "c",
             "distance": 40.0,
             "norm_ratio": None,
+            "cosine": -0.75,
             "flagged": True,
             "streak": 2,
             "weight_share": 0.5,
@@ -258,6 +285,7 @@ def test_exporter_turns_defence_events_into_series() -> None:
     st.apply({"kind": "quorum_missed", "round": 4})
     assert st.counters[m.UPDATES_REJECTED_BY_REASON.name] == {("c", "shape", "train"): 1.0}
     assert st.gauges[m.SILO_ANOMALY_DISTANCE.name] == {("c",): 40.0}
+    assert st.gauges[m.SILO_UPDATE_COSINE.name] == {("c",): -0.75}
     assert m.SILO_NORM_RATIO.name not in st.gauges  # null (infinite) is not a measurement
     assert st.gauges[m.SILO_ANOMALY_FLAGGED.name] == {("c",): 1.0}
     assert st.counters[m.SILO_EXCLUSIONS.name] == {("c",): 1.0}
