@@ -236,19 +236,8 @@ class Federation:
         rnd = int(messages[0].metadata.group_id or 0)
         phase = messages[0].metadata.message_type
         got: list[Message] = []
-        while pending and self.clock() < deadline:
-            try:
-                batch = list(
-                    self.grid_calls.call(
-                        "pull_messages", lambda: self.grid.pull_messages(pending), deadline, check
-                    )
-                )
-            except GridUnavailable as exc:
-                return got, str(exc)
-            except RoundStalled as exc:  # while retrying a busy SuperLink
-                if got:
-                    return got, str(exc)
-                raise
+
+        def take(batch: list[Message]) -> None:
             for reply in batch:
                 mid = reply.metadata.reply_to_message_id
                 pending.discard(mid)
@@ -259,14 +248,52 @@ class Federation:
             got.extend(batch)
             if batch:
                 self.watchdog.progress()
-            if pending:
-                late = self.watchdog.overdue() if watched else ""
-                if late and not got:
-                    raise RoundStalled(late)  # nothing at all came back: the round has failed
-                if late:
-                    return got, late  # the rest are dropped; the round goes on with what came
+
+        while pending and self.clock() < deadline:
+            try:
+                take(
+                    list(
+                        self.grid_calls.call(
+                            "pull_messages", lambda: self.grid.pull_messages(pending), deadline, check
+                        )
+                    )
+                )
+            except GridUnavailable as exc:
+                return got, str(exc)
+            except RoundStalled as exc:  # while retrying a busy SuperLink
+                if got:
+                    return got, str(exc)
+                raise
+            if not pending:
+                break
+            late = self.watchdog.overdue() if watched else ""
+            if late or self.clock() >= deadline:
+                # A pull can block far past the deadline: Flower's Grid waits for every object of
+                # a reply whose sender died mid-upload (minutes, until the SuperLink gives up on
+                # it). Replies that arrived meanwhile are collected before the rest are given up.
+                take(self._last_pull(pending))
+                if not pending:
+                    break
+            if late and not got:
+                raise RoundStalled(late)  # nothing at all came back: the round has failed
+            if late:
+                return got, late  # the rest are dropped; the round goes on with what came
+            if self.clock() < deadline:
                 self.sleep(REPLY_POLL_SECONDS)
         return got, ""
+
+    def _last_pull(self, pending: set[str]) -> list[Message]:
+        """One more pull of ``pending`` once the wait is over; nothing if the SuperLink fails it."""
+        try:
+            return list(
+                self.grid_calls.call(
+                    "pull_messages",
+                    lambda: self.grid.pull_messages(pending),
+                    self.clock() + REPLY_POLL_SECONDS,
+                )
+            )
+        except GridUnavailable:
+            return []
 
     def _wait_for_nodes(self, needed: int) -> list[int]:
         deadline = self.clock() + self.cfg.strategy.wait_for_nodes

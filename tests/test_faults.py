@@ -391,6 +391,37 @@ def test_watchdog_drops_only_the_silent_silo_when_others_answered(tmp_path: Path
     assert clock() - t0 < 400  # not the 1000 s round timeout
 
 
+def test_replies_that_came_while_a_pull_blocked_past_the_deadline_are_kept(tmp_path: Path) -> None:
+    """Seen in CI on the silo-kill scenario: silo a died while uploading its reply, Flower's Grid
+    waited ~180 s for that reply's objects inside one pull_messages call, and silo b's reply, there
+    since 3 s, was dropped as "no reply within 90 s" because the deadline had passed meanwhile."""
+    clock = Clock()
+
+    class BlocksOnce(TimedGrid):
+        blocked = False
+
+        def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+            ids = list(message_ids)
+            if self.round == 1 and not self.blocked:
+                self.blocked = True
+                self.clock.t += 200.0  # waiting for the dead silo's objects
+                return []
+            return super().pull_messages(ids)
+
+    grid = BlocksOnce(
+        _two_silos(),
+        clock,
+        delay=lambda nid, mtype, rnd: 3.0 if mtype == "train" else 0.0,
+        silent=lambda nid, mtype, rnd: (nid, mtype, rnd) == (1, "train", 1),
+    )
+    _fed(tmp_path, grid, clock, **{"num-rounds": 1, "strategy.round-timeout": 90.0}).run()
+    assert grid.blocked
+    ends = _events(tmp_path, "round_end")
+    assert [(e["answered"], e["adapter_updated"]) for e in ends] == [(1, True)]
+    assert [e["silo"] for e in _events(tmp_path, "silo_result")] == ["b"]
+    assert [e["silo"] for e in _events(tmp_path, "silo_failed")] == ["a"]
+
+
 def test_rounds_stalled_in_a_row_end_the_run_cleanly(tmp_path: Path) -> None:
     from superlink.watchdog import MAX_CONSECUTIVE_STALLS
 
