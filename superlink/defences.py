@@ -200,6 +200,13 @@ class SiloScore:
     clip_factor: float  # smallest clipping factor over its modules (1: not clipped)
     modules_used: float  # fraction of modules whose average uses this silo
 
+    def figures(self) -> str:
+        """What flagged it, for the log and the exclusion reason."""
+        return (
+            f"distance {self.distance:.3g}, norm {self.norm_ratio:.3g} x the others' median, "
+            f"cosine with the others' update {self.cosine:.3g}"
+        )
+
 
 @dataclass
 class DefenceReport:

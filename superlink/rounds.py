@@ -31,7 +31,7 @@ from silotune.protocol import PROGRESS_PREFIX  # `silotune run` parses these lin
 from silotune.silo_failures import SiloFailure, describe_error, failure_code
 from silotune.wire_codec import encode, float32_nbytes
 from superlink.checkpoints import CheckpointStore
-from superlink.defences import Defence, DefenceReport, SiloScore
+from superlink.defences import Defence, DefenceReport
 from superlink.grid_calls import GridCalls, GridUnavailable
 from superlink.handshake_backoff import HandshakeBackoff
 from superlink.reply_checks import (
@@ -251,13 +251,7 @@ class Federation:
 
         while pending and self.clock() < deadline:
             try:
-                take(
-                    list(
-                        self.grid_calls.call(
-                            "pull_messages", lambda: self.grid.pull_messages(pending), deadline, check
-                        )
-                    )
-                )
+                take(self._pull(pending, deadline, check))
             except GridUnavailable as exc:
                 return got, str(exc)
             except RoundStalled as exc:  # while retrying a busy SuperLink
@@ -271,7 +265,10 @@ class Federation:
                 # A pull can block far past the deadline: Flower's Grid waits for every object of
                 # a reply whose sender died mid-upload (minutes, until the SuperLink gives up on
                 # it). Replies that arrived meanwhile are collected before the rest are given up.
-                take(self._last_pull(pending))
+                try:
+                    take(self._pull(pending, self.clock() + REPLY_POLL_SECONDS))
+                except GridUnavailable:
+                    pass  # the SuperLink failed it: the rest are given up as they would have been
                 if not pending:
                     break
             if late and not got:
@@ -282,18 +279,13 @@ class Federation:
                 self.sleep(REPLY_POLL_SECONDS)
         return got, ""
 
-    def _last_pull(self, pending: set[str]) -> list[Message]:
-        """One more pull of ``pending`` once the wait is over; nothing if the SuperLink fails it."""
-        try:
-            return list(
-                self.grid_calls.call(
-                    "pull_messages",
-                    lambda: self.grid.pull_messages(pending),
-                    self.clock() + REPLY_POLL_SECONDS,
-                )
-            )
-        except GridUnavailable:
-            return []
+    def _pull(
+        self, pending: set[str], deadline: float, check: Callable[[], None] | None = None
+    ) -> list[Message]:
+        """The replies to ``pending`` that have come, retried on transient errors until ``deadline``."""
+        return list(
+            self.grid_calls.call("pull_messages", lambda: self.grid.pull_messages(pending), deadline, check)
+        )
 
     def _wait_for_nodes(self, needed: int) -> list[int]:
         deadline = self.clock() + self.cfg.strategy.wait_for_nodes
@@ -752,13 +744,6 @@ class Federation:
         )
         log(WARNING, "round %d: rejected %s reply of silo %s (node %d): %s", rnd, phase, name, nid, exc)
 
-    @staticmethod
-    def _anomaly_figures(sc: SiloScore) -> str:
-        return (
-            f"distance {sc.distance:.3g}, norm {sc.norm_ratio:.3g} x the others' median, "
-            f"cosine with the others' update {sc.cosine:.3g}"
-        )
-
     def _report_anomalies(self, rnd: int, report: DefenceReport) -> None:
         """One anomaly_score event per silo; a silo flagged in strategy.anomaly-rounds consecutive
         rounds is excluded from the rest of the run, with the reason in an event and the log."""
@@ -789,13 +774,13 @@ class Federation:
                     "round %d: silo %s flagged as anomalous (%s; %d consecutive round(s))",
                     rnd,
                     silo.name,
-                    self._anomaly_figures(sc),
+                    sc.figures(),
                     streak,
                 )
             if k and streak >= k and not silo.refused:
                 st = self.cfg.strategy
                 silo.refused = (
-                    f"update anomalous in {streak} consecutive rounds ({self._anomaly_figures(sc)}; "
+                    f"update anomalous in {streak} consecutive rounds ({sc.figures()}; "
                     f"strategy.anomaly-threshold={st.anomaly_threshold:g}, "
                     f"strategy.anomaly-min-cosine={st.anomaly_min_cosine:g})"
                 )
