@@ -291,12 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     worst = {
         c: max((clean["accuracy"] - table[s][c]["accuracy"] for s in scenarios), default=0.0) for c in configs
     }
-    defences = [c for c in configs if c != "fedavg"] or configs
-    best = min(defences, key=lambda c: worst[c])
+    defended = [c for c in configs if c != "fedavg"]
+    best = min(defended or configs, key=lambda c: worst[c])
     print(
         "worst accuracy gap to the clean run (points): " + ", ".join(f"{c} {worst[c]:.2f}" for c in configs)
     )
-    defended = [c for c in configs if c != "fedavg"]
     flag_rounds = [table[s][c].get("flagged_round") for s in scenarios for c in defended]
     flagged_within = None if not flag_rounds or None in flag_rounds else max(flag_rounds)
     print("round in which the attacker was first flagged (rejected or anomaly score over the threshold):")
