@@ -97,6 +97,40 @@ def majority_baseline(golds: Sequence[str]) -> dict[str, float]:
     return {"accuracy": majority_accuracy(golds), "macro_f1": macro_f1([top] * len(golds), golds)}
 
 
+def prediction_shares(predictions: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
+    """Share of items predicted as each label (every label listed, zeros included).
+
+    Accuracy alone hides a collapsed model: a 135M model that answers "positive" 97 % of the time
+    still scores 60 % on FiQA, whose items are 60 % positive. Any prediction outside ``labels``
+    gets its own key, so the shares always sum to 1.
+    """
+    if not predictions:
+        return {label: 0.0 for label in labels}
+    counts = Counter(predictions)
+    others = sorted(set(counts) - set(labels))
+    return {label: counts[label] / len(predictions) for label in (*labels, *others)}
+
+
+def constant_baselines(golds: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
+    """Accuracy of always giving each label, on exactly the items scored (label -> accuracy).
+
+    The floor any finance score must be read against: on FlowerTune's full sets always-"neutral"
+    averages 44.54 and always-"positive" 35.77, above several leaderboard rows.
+    """
+    counts = Counter(golds)
+    return {label: counts[label] / len(golds) if golds else 0.0 for label in labels}
+
+
+def average_constant_baselines(results: Sequence[BenchmarkResult]) -> dict[str, float]:
+    """Per label, the unweighted mean over benchmarks of its constant baseline (as the domain score
+    averages benchmarks); benchmarks without ``constant_baselines`` in ``extra`` are left out."""
+    tables = [r.extra["constant_baselines"] for r in results if "constant_baselines" in r.extra]
+    if not tables:
+        return {}
+    labels = sorted({label for t in tables for label in t})
+    return {label: sum(t.get(label, 0.0) for t in tables) / len(tables) for label in labels}
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c,k)/C(n,k)."""
     if not 0 <= c <= n or k < 1:

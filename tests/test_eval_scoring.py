@@ -166,3 +166,60 @@ def test_label_recall_shows_which_labels_are_found() -> None:
     assert label_recall(preds, golds) == {"negative": 0.5, "neutral": 0.5, "positive": 0.5}
     with pytest.raises(ValueError):
         label_recall(["a"], ["a", "b"])
+
+
+def test_prediction_shares_cover_every_label() -> None:
+    from evaluation.scoring import prediction_shares
+
+    labels = ("negative", "neutral", "positive")
+    preds = ["positive"] * 6 + ["neutral"] * 2
+    # A label never predicted is listed with 0; the shares sum to 1.
+    assert prediction_shares(preds, labels) == {"negative": 0.0, "neutral": 0.25, "positive": 0.75}
+    # Anything outside the label set keeps its own key (sorted after the labels).
+    assert prediction_shares(["a", "x", "x", "b"], ("a", "b")) == {"a": 0.25, "b": 0.25, "x": 0.5}
+    assert prediction_shares([], labels) == {"negative": 0.0, "neutral": 0.0, "positive": 0.0}
+
+
+def test_constant_baselines_and_their_suite_average() -> None:
+    from evaluation.scoring import average_constant_baselines, constant_baselines
+
+    labels = ("negative", "neutral", "positive")
+    golds = ["neutral"] * 6 + ["positive"] * 3 + ["negative"]
+    assert constant_baselines(golds, labels) == pytest.approx(
+        {"negative": 0.1, "neutral": 0.6, "positive": 0.3}
+    )
+    # Equal to scoring the constant prediction, label by label.
+    for label in labels:
+        assert constant_baselines(golds, labels)[label] == accuracy([label] * len(golds), golds)
+    assert constant_baselines([], labels) == {"negative": 0.0, "neutral": 0.0, "positive": 0.0}
+    a = BenchmarkResult(
+        "a", "A", "accuracy", 0.5, 10, extra={"constant_baselines": {"neutral": 0.6, "positive": 0.3}}
+    )
+    b = BenchmarkResult(
+        "b", "B", "accuracy", 0.5, 4, extra={"constant_baselines": {"neutral": 0.0, "positive": 1.0}}
+    )
+    code = BenchmarkResult("c", "C", "pass@1", 0.5, 4)  # has none: left out of the average
+    # Unweighted over benchmarks, like the domain score (not weighted by n).
+    assert average_constant_baselines([a, b, code]) == pytest.approx({"neutral": 0.3, "positive": 0.65})
+    assert average_constant_baselines([code]) == {}
+
+
+@needs_data
+def test_constant_baselines_on_the_full_finance_suite() -> None:
+    """The figures docs/evaluation.md quotes: always-neutral 44.54, always-positive 35.77."""
+    from evaluation.scoring import average_constant_baselines, constant_baselines
+
+    results = []
+    for bench in SUITES["finance"]:
+        golds = [it.gold for it in bench.load(DataSource(root=DATA))]
+        table = constant_baselines(golds, ("negative", "neutral", "positive"))
+        results.append(
+            BenchmarkResult(
+                bench.name, bench.title, "accuracy", 0.0, len(golds), extra={"constant_baselines": table}
+            )
+        )
+    assert [r.n for r in results] == [1212, 304, 2388]
+    average = average_constant_baselines(results)
+    assert round(100 * average["neutral"], 2) == 44.54
+    assert round(100 * average["positive"], 2) == 35.77
+    assert round(100 * average["negative"], 2) == 19.69
