@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Any
 
 from silotune.errors import UserError
 
 DATA_ENV = "SILOTUNE_EVAL_DATA"
+FLOWERTUNE_BATCH = 32  # evaluation.generation.FLOWERTUNE_BATCH_SIZE, not imported: keeps --help fast
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,15 +40,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--protocol",
-        choices=("generate", "loglik"),
+        choices=("generate", "loglik", "flowertune"),
         default="generate",
-        help="generate: FlowerTune's greedy decoding + answer extraction (default); "
-        "loglik: pick the most likely option (faster, NOT comparable to FlowerTune)",
+        help="generate: FlowerTune's prompts and answer extraction, greedy, bounded answers (default, "
+        "fast); loglik: pick the most likely option (faster, NOT comparable to FlowerTune); "
+        "flowertune: FlowerTune's exact finance protocol, as the leaderboard runs it (slow on CPU)",
     )
     p.add_argument("--benchmarks", help="comma-separated subset of the suite, e.g. tfns,fpb")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--batch-size", type=int, help=f"default {FLOWERTUNE_BATCH} for flowertune (its README), else 8"
+    )
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
-    p.add_argument("--finance-max-new-tokens", type=int, default=32)
+    p.add_argument(
+        "--quantization",
+        choices=("none", "4bit"),
+        help="4bit: bitsandbytes 4-bit weights (flowertune: FlowerTune's config, its default; falls back "
+        "to float32 where bitsandbytes cannot run, and says so); other protocols default to none",
+    )
+    p.add_argument(
+        "--finance-max-new-tokens", type=int, default=32, help="generate only (flowertune: 512 in total)"
+    )
     p.add_argument("--code-max-new-tokens", type=int, default=512)
     p.add_argument(
         "--code-timeout",
@@ -89,27 +102,50 @@ def _source(args: argparse.Namespace):  # -> DataSource (imported lazily: keeps 
     return DataSource(root=root)
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def _load(args: argparse.Namespace, quantization: str) -> tuple[Any, str, str]:
+    """(loaded model, quantization used, note on it) for the chosen protocol."""
+    if args.protocol == "flowertune":
+        from evaluation.generation import load_flowertune_model
+
+        if args.dtype != "fp32":
+            raise UserError("--protocol flowertune loads float32 weights, as FlowerTune does; drop --dtype")
+        loaded = load_flowertune_model(args.base, args.adapter, quantization)
+        return loaded, loaded.quantization, loaded.quantization_note
     from evaluation.models import load_for_eval
+
+    # The fast protocols load as training does; its 4-bit is not FlowerTune's eval config.
+    note = "silotune.modeling's 4-bit (nf4, double quantization)" if quantization == "4bit" else ""
+    return load_for_eval(args.base, args.adapter, args.dtype, quantization), quantization, note
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
     from evaluation.report import to_markdown, write_report
     from evaluation.runner import EvalSettings, evaluate_suite
     from evaluation.sandbox import SandboxLimits
 
     if args.limit is not None and args.limit < 1:
         raise UserError("--limit must be at least 1")
+    flowertune = args.protocol == "flowertune"
+    batch_size = args.batch_size if args.batch_size is not None else (FLOWERTUNE_BATCH if flowertune else 8)
+    if batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if flowertune and args.suite != "finance":
+        raise UserError("--protocol flowertune is FlowerTune's finance protocol: use it with --suite finance")
     source = _source(args)
+    if args.require_sandbox_isolation:
+        os.environ["SILOTUNE_SANDBOX_REQUIRE_ISOLATION"] = "1"
+    loaded, quantization, note = _load(args, args.quantization or ("4bit" if flowertune else "none"))
     settings = EvalSettings(
         protocol=args.protocol,
         limit=args.limit,
-        batch_size=args.batch_size,
+        batch_size=batch_size,
         finance_max_new_tokens=args.finance_max_new_tokens,
         code_max_new_tokens=args.code_max_new_tokens,
         sandbox=SandboxLimits(timeout_s=args.code_timeout),
         benchmarks=tuple(b.strip() for b in args.benchmarks.split(",")) if args.benchmarks else None,
+        quantization=quantization,
+        quantization_note=note,
     )
-    if args.require_sandbox_isolation:
-        os.environ["SILOTUNE_SANDBOX_REQUIRE_ISOLATION"] = "1"
-    loaded = load_for_eval(args.base, args.adapter, args.dtype)
     report = evaluate_suite(
         args.suite,
         loaded.model,

@@ -3,6 +3,12 @@
 Finance (``change_target`` in evaluation/finance/utils.py): any mention of "positive" wins, then
 "negative", and everything else (including empty output) counts as "neutral".
 
+Finance under ``--protocol flowertune`` (``inference`` in evaluation/finance/benchmarks.py): the WHOLE
+sequence, prompt included, is decoded and the answer is the text between the first and second
+"Answer: " (the prompt's own ends the first), or "None" when there is no "Answer: " at all. A model
+that does not stop and restates the instruction ("...from {negative/neutral/positive}") therefore
+answers "positive" whatever it said first.
+
 Multiple choice and yes/no (``format_answer`` in evaluation/{medical,general-nlp}/utils.py): the
 output is lower-cased, non-alphanumerics become spaces, and for multiple choice the FIRST character
 is the answer ("B) aspirin" -> "b"; "The answer is B" -> "t", i.e. wrong). An output that does not
@@ -28,6 +34,15 @@ def sentiment_label(text: str) -> str:
     if "negative" in text or "Negative" in text:
         return "negative"
     return "neutral"
+
+
+FLOWERTUNE_ANSWER_MARK = "Answer: "
+
+
+def flowertune_answer_segment(decoded: str) -> str:
+    """FlowerTune finance: ``o.split("Answer: ")[1]`` of the whole decoded sequence, else "None"."""
+    parts = decoded.split(FLOWERTUNE_ANSWER_MARK)
+    return parts[1] if len(parts) > 1 else "None"
 
 
 def _ascii(text: str) -> str:

@@ -1,5 +1,6 @@
 """Write a suite's results: JSON (everything), JSONL per benchmark (every item), and a markdown
-table shaped like the FlowerTune leaderboard (benchmarks, then the domain average)."""
+table shaped like the FlowerTune leaderboard (benchmarks, then the domain average), followed, for
+finance, by what the label prior alone would score on the same items."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.runner import PROTOCOL_LABELS, SuiteReport
+from evaluation.scoring import BenchmarkResult
 from silotune.atomic_files import atomic_write_json, atomic_write_text
 
 SCHEMA = "silotune.eval/v1"
@@ -28,11 +30,63 @@ def to_json(report: SuiteReport) -> dict[str, Any]:
         "settings": report.settings,
         "benchmarks": [r.summary() for r in report.results],
         "average": report.average,
+        **_baseline_json(report),
     }
+
+
+def _baseline_json(report: SuiteReport) -> dict[str, Any]:
+    averages = report.constant_baselines_average
+    return {"constant_baselines_average": averages} if averages else {}
 
 
 def _pct(x: float) -> str:
     return f"{100 * x:.2f}"
+
+
+def _weights_line(settings: dict[str, Any]) -> list[str]:
+    if not settings.get("quantization"):
+        return []  # reports written by callers that do not record it (compare)
+    note = settings.get("quantization_note")
+    return [f"- weights: {settings['quantization']}" + (f" ({note})" if note else "")]
+
+
+def _md_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _prior_columns(results: list[BenchmarkResult]) -> list[str]:
+    labels: list[str] = []
+    for r in results:
+        labels += [k for k in r.extra["constant_baselines"] if k not in labels]
+    return labels
+
+
+def _prior_row(r: BenchmarkResult, labels: list[str]) -> str:
+    shares = r.extra.get("prediction_shares", {})
+    cells = [r.title, str(r.n), _pct(r.value), _pct(r.extra.get("macro_f1", 0.0))]
+    cells += [_pct(shares.get(x, 0.0)) for x in labels]
+    return _md_row(cells + [_pct(r.extra["constant_baselines"].get(x, 0.0)) for x in labels])
+
+
+def prior_table(report: SuiteReport) -> list[str]:
+    """Accuracy beside macro-F1, the share of each predicted label and the constant baselines.
+
+    A finance accuracy means little alone: always-"neutral" scores 44.54 on the full suite and a
+    collapsed model's accuracy is its collapsed label's gold share.
+    """
+    rows = [r for r in report.results if "constant_baselines" in r.extra]
+    if not rows:
+        return []
+    labels = _prior_columns(rows)
+    head = ["Benchmark", "n", "Accuracy", "Macro-F1"]
+    head += [f"Predicted {x}" for x in labels] + [f"Always {x}" for x in labels]
+    lines = ["### Against the label prior (%)", "", _md_row(head), "|" + "---|" * len(head)]
+    lines += [_prior_row(r, labels) for r in rows]
+    averages = report.constant_baselines_average
+    mean_acc = sum(r.value for r in rows) / len(rows)
+    mean_f1 = sum(r.extra.get("macro_f1", 0.0) for r in rows) / len(rows)
+    cells = ["Average", "", _pct(mean_acc), _pct(mean_f1)] + [""] * len(labels)
+    return [*lines, _md_row(cells + [_pct(averages.get(x, 0.0)) for x in labels]), ""]
 
 
 def to_markdown(report: SuiteReport) -> str:
@@ -45,6 +99,7 @@ def to_markdown(report: SuiteReport) -> str:
         + (f" (weights `{report.base_identity}`)" if report.base_identity else ""),
         f"- adapter: `{report.adapter or 'none'}`",
         f"- protocol: {PROTOCOL_LABELS[report.protocol]}",
+        *_weights_line(report.settings),
         "- items: "
         + ", ".join(f"{r.title} {r.n}" for r in report.results)
         + (f" (--limit {report.settings['limit']})" if report.settings.get("limit") else ""),
@@ -55,6 +110,7 @@ def to_markdown(report: SuiteReport) -> str:
         + " | ".join(_pct(r.value) for r in report.results)
         + f" | {_pct(report.average)} |",
         "",
+        *prior_table(report),
     ]
     return "\n".join(lines)
 

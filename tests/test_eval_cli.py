@@ -55,8 +55,20 @@ def test_finance_limit_8(tiny_model: Path, tmp_path: Path, capsys: pytest.Captur
     for b in report["benchmarks"]:
         assert b["n"] == 8 and b["metric"] == "accuracy" and 0.0 <= b["value"] <= 1.0
     assert report["average"] == pytest.approx(sum(b["value"] for b in report["benchmarks"]) / 3)
+    for b in report["benchmarks"]:  # every finance score comes with what the prior alone scores
+        assert (
+            set(b["prediction_shares"]) == set(b["constant_baselines"]) == {"negative", "neutral", "positive"}
+        )
+        assert sum(b["prediction_shares"].values()) == pytest.approx(1.0)
+        assert max(b["constant_baselines"].values()) == pytest.approx(b["majority_accuracy"])
+    means = report["constant_baselines_average"]
+    assert means["neutral"] == pytest.approx(
+        sum(b["constant_baselines"]["neutral"] for b in report["benchmarks"]) / 3
+    )
+    assert report["settings"]["quantization"] == "none"
     md = (out / "finance-generate.md").read_text()
     assert "| Base model | Adapter | Protocol | FPB | FiQA | TFNS | Average |" in md
+    assert "### Against the label prior (%)" in md and "| Always neutral | Always positive |" in md
     assert f"| {tiny_model} | none | generate |" in md
     items = (out / "finance-generate-items" / "tfns.jsonl").read_text().splitlines()
     assert len(items) == 8 and {"id", "gold", "output", "prediction", "correct"} <= set(json.loads(items[0]))
@@ -192,3 +204,50 @@ def test_with_adapter(tiny_model: Path, tmp_path: Path) -> None:
     report = json.loads((out / "finance-generate.json").read_text())
     assert report["adapter"] == str(adapter) and [b["name"] for b in report["benchmarks"]] == ["tfns"]
     assert f"| {tiny_model} | {adapter} | generate |" in (out / "finance-generate.md").read_text()
+
+
+@needs_data
+def test_flowertune_protocol(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    base = ["--suite", "finance", "--base", str(tiny_model), "--data-dir", str(DATA), "--out", str(out)]
+    assert _run([*base, "--protocol", "flowertune", "--benchmarks", "fiqa", "--limit", "3"]) == 0
+    report = json.loads((out / "finance-flowertune.json").read_text())
+    assert report["protocol"] == "flowertune" and "exact finance protocol" in report["protocol_description"]
+    settings = report["settings"]
+    assert settings["batch_size"] == 32 and settings["max_length"] == 512 and settings["seed"] == 2024
+    assert settings["quantization"] in ("4bit", "none") and settings["quantization_note"]
+    assert "finance_max_new_tokens" not in settings  # not used by this protocol
+    (fiqa,) = report["benchmarks"]
+    assert fiqa["n"] == 3 and {"prediction_shares", "constant_baselines", "macro_f1"} <= set(fiqa)
+    md = (out / "finance-flowertune.md").read_text()
+    assert f"| {tiny_model} | none | flowertune |" in md and f"- weights: {settings['quantization']}" in md
+    assert "| FiQA | 3 |" in md
+    assert "weights" in capsys.readouterr().err  # the loader says what it loaded
+    # --quantization none is honoured and recorded.
+    assert (
+        _run(
+            [
+                *base,
+                "--protocol",
+                "flowertune",
+                "--benchmarks",
+                "tfns",
+                "--limit",
+                "1",
+                "--quantization",
+                "none",
+            ]
+        )
+        == 0
+    )
+    assert json.loads((out / "finance-flowertune.json").read_text())["settings"]["quantization"] == "none"
+
+
+def test_flowertune_is_finance_only(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--base", str(tiny_model), "--data-dir", str(tmp_path), "--protocol", "flowertune"]
+    assert _run(["--suite", "medical", *args]) == 2
+    assert "--suite finance" in capsys.readouterr().err
+    assert _run(["--suite", "finance", *args, "--dtype", "bf16"]) == 2
+    assert "float32" in capsys.readouterr().err
