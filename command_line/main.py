@@ -10,6 +10,7 @@ import sys
 _COMMAND_MODULES = [
     "silo_node.cli",  # silo start
     "silo_node.data_cli",  # data split, data check
+    "evaluation.finance_data_cli",  # data finance (needs the evaluation's test splits)
     "superlink.cli",  # superlink start, admission (silos admit/list/remove)
     "certs.cli",  # certs ...
     "superlink.run_cli",  # run

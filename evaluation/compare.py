@@ -55,9 +55,15 @@ def register_arguments(c: argparse.ArgumentParser) -> None:
     g.add_argument("--data", type=Path, required=True, help="one training data file to split into silos")
     g.add_argument("--domain", choices=("general", "finance", "medical", "code"), default="finance")
     g.add_argument("--silos", type=int, default=3, help="number of silos N (default 3)")
-    g.add_argument("--split", choices=("iid", "dirichlet"), default="iid")
+    g.add_argument(
+        "--split",
+        choices=("iid", "dirichlet", "column"),
+        default="iid",
+        help="iid; dirichlet (label-skewed); column: one silo per value of --label-column (e.g. source, "
+        "as silotune data finance writes it; --silos is then the number of values)",
+    )
     g.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (non-IID)")
-    g.add_argument("--label-column", help="label column of --data (needed by --split dirichlet)")
+    g.add_argument("--label-column", help="column of --data that --split dirichlet / column reads")
     g.add_argument("--columns", default="", help="column mapping, e.g. input=text,output=label")
     g.add_argument("--label-map", default="", help="label words, e.g. 0=negative,1=positive,2=neutral")
     g.add_argument("--split-seed", type=int, default=0)
@@ -93,6 +99,13 @@ def register_arguments(c: argparse.ArgumentParser) -> None:
         help=f"comma-separated, from {','.join(APPROACHES)} (default: {','.join(DEFAULT_APPROACHES)}; "
         "base = the untrained model)",
     )
+    t.add_argument(
+        "--weighting",
+        choices=("examples", "equal"),
+        default="examples",
+        help="silo weights in every federated row (strategy.weighting): examples (FedAvg) or equal; "
+        "with equal, the centralized row also draws every silo's data equally often",
+    )
     t.add_argument("--proximal-mu", type=float, default=0.01, help="FedProx mu (fedprox rows)")
     t.add_argument(
         "--server-lr",
@@ -115,7 +128,7 @@ def register_arguments(c: argparse.ArgumentParser) -> None:
     )
     e = c.add_argument_group("evaluation (as silotune eval)")
     e.add_argument("--eval-data-dir", type=Path, help=f"benchmark files; default ${DATA_ENV}")
-    e.add_argument("--eval-limit", type=int, default=100, help="N items of each benchmark")
+    e.add_argument("--eval-limit", type=int, default=100, help="N items of each benchmark (0: all)")
     e.add_argument(
         "--eval-sample",
         choices=("random", "first"),
@@ -413,10 +426,12 @@ def run_compare(args: argparse.Namespace) -> int:
     started = time.monotonic()
     if args.silos < 1:
         raise UserError("--silos must be at least 1")
-    if args.eval_limit is not None and args.eval_limit < 1:
-        raise UserError("--eval-limit must be at least 1")
-    if args.split == "dirichlet" and not args.label_column:
-        raise UserError("--split dirichlet needs --label-column (the column whose labels are skewed)")
+    if args.eval_limit is not None and args.eval_limit < 0:
+        raise UserError("--eval-limit must be 0 (all items) or more")
+    if args.eval_limit == 0:
+        args.eval_limit = None
+    if args.split in ("dirichlet", "column") and not args.label_column:
+        raise UserError(f"--split {args.split} needs --label-column (the column it splits by)")
     approaches = _approaches(args.approaches)
     flex_ranks = _parse_ranks(args.ranks, args.silos)
     source = _source(args)
@@ -436,6 +451,7 @@ def run_compare(args: argparse.Namespace) -> int:
             "train.prompt-style": args.prompt_style,
             "train.keep-optimizer-state": args.keep_optimizer_state,
             "strategy.proximal-mu": args.proximal_mu,
+            "strategy.weighting": args.weighting,
             "strategy.server-lr": args.server_lr,
             "strategy.server-momentum": args.server_momentum,
             "transport.dtype": args.transport_dtype,
@@ -459,7 +475,7 @@ def run_compare(args: argparse.Namespace) -> int:
         cfg = parse_silo_config(
             {
                 "data-path": str(path),
-                "name": f"silo-{i}",
+                "name": path.stem,
                 "columns": args.columns,
                 "label-map": args.label_map,
             },
@@ -536,7 +552,11 @@ def run_compare(args: argparse.Namespace) -> int:
         return row
 
     n, rounds, steps = args.silos, args.rounds, args.local_steps
-    split_desc = "IID" if args.split == "iid" else f"Dirichlet non-IID, alpha {args.alpha}"
+    split_desc = {
+        "iid": "IID",
+        "dirichlet": f"Dirichlet non-IID, alpha {args.alpha}",
+        "column": f"one silo per value of {args.label_column}",
+    }[args.split]
     meta: dict[str, Any] = {
         "data": str(args.data),
         "domain": args.domain,
@@ -557,6 +577,7 @@ def run_compare(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "prompt_style": args.prompt_style,
         "keep_optimizer_state": args.keep_optimizer_state,
+        "weighting": args.weighting,
         "silos": silo_meta,
         "silos_desc": "; ".join(f"{m['name']} {m['rows']} rows {m['labels']}" for m in silo_meta),
         "step_rule": step_rule(n, rounds, steps, args.batch_size, args.keep_optimizer_state),
@@ -620,7 +641,7 @@ def run_compare(args: argparse.Namespace) -> int:
                       train_seconds=o.seconds, losses=o.losses)  # fmt: skip
             rows.append(evaluate(bank.with_state(o.state, o.rank), row, o.state))
         else:
-            o = train_centralized(bank, silos, run.train, rounds, _log)
+            o = train_centralized(bank, silos, run.train, rounds, _log, balanced=args.weighting == "equal")
             row = Row("centralized", "centralized (pooled data)", None, [o.rank], o.steps_per_silo,
                       o.total_steps, raw_data_bytes=raw_bytes, train_seconds=o.seconds,
                       losses=o.losses)  # fmt: skip

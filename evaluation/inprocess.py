@@ -174,12 +174,30 @@ def train_isolated(
     )
 
 
+def pooled_examples(silos: list[Silo], balanced: bool) -> list[Encoded]:
+    """The silos' data at one site; ``balanced``: every silo's rows repeated up to the largest
+    silo's count, so each silo's data is drawn equally often (what equal silo weights give a
+    federation; FinGPT balances its sources the same way, by copies)."""
+    if not balanced:
+        return [e for s in silos for e in s.examples]
+    largest = max(len(s.examples) for s in silos)
+    pooled: list[Encoded] = []
+    for s in silos:
+        pooled += [s.examples[i % len(s.examples)] for i in range(largest)]
+    return pooled
+
+
 def train_centralized(
-    bank: AdapterBank, silos: list[Silo], train: TrainSettings, rounds: int, log: Log = _stderr
+    bank: AdapterBank,
+    silos: list[Silo],
+    train: TrainSettings,
+    rounds: int,
+    log: Log = _stderr,
+    balanced: bool = False,
 ) -> TrainOutcome:
     """All silos' data pooled at one site, with all silos' compute: R phases of N x local-steps."""
     t0 = time.monotonic()
-    pooled = [e for s in silos for e in s.examples]
+    pooled = pooled_examples(silos, balanced)
     steps_per_phase = train.local_steps * len(silos)
     state = bank.initial_state(bank.peft.rank)
     losses = []

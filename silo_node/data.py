@@ -7,6 +7,7 @@ must be able to fix their data without reading our code.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,9 @@ def _parse_text(path: Path, kind: str, text: str) -> list[dict[str, Any]]:
         return data
     if kind == "jsonl":
         rows = []
-        for n, line in enumerate(text.splitlines(), 1):
+        # Only "\n" ends a JSONL record: str.splitlines() would also split inside a string at
+        # U+2028 / U+2029 / U+0085, which JSON allows unescaped (real tweets contain them).
+        for n, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -104,7 +107,7 @@ def _parse_text(path: Path, kind: str, text: str) -> list[dict[str, Any]]:
                 raise DataError(f"{path}: invalid JSON on line {n}: {exc.msg}") from None
         return rows
     try:
-        reader = csv.DictReader(text.splitlines())
+        reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted fields may hold newlines
         rows = [dict(r) for r in reader]
     except csv.Error as exc:
         raise DataError(f"{path}: unreadable CSV ({exc})") from None

@@ -14,11 +14,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     sp = dsub.add_parser("split", help="partition one dataset into N silo files (IID or Dirichlet)")
     sp.add_argument("path", type=Path, help="JSON, JSONL, CSV or Parquet file")
-    sp.add_argument("--silos", type=int, required=True, help="number of silo files to write")
+    sp.add_argument(
+        "--silos", type=int, default=0, help="number of silo files to write (--method column: optional)"
+    )
     sp.add_argument("--out", type=Path, required=True, help="output directory")
-    sp.add_argument("--method", choices=["iid", "dirichlet"], default="iid")
+    sp.add_argument(
+        "--method",
+        choices=["iid", "dirichlet", "column"],
+        default="iid",
+        help="iid; dirichlet (label-skewed); column (one silo per value of --label-column, e.g. source)",
+    )
     sp.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (non-IID)")
-    sp.add_argument("--label-column", help="label column (needed for --method dirichlet)")
+    sp.add_argument("--label-column", help="label column (needed for --method dirichlet and column)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--encoding", default="utf-8")
     sp.set_defaults(func=_split)
@@ -34,7 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _split(args: argparse.Namespace) -> int:
     from silo_node.split import split_file
+    from silotune.errors import UserError
 
+    if args.silos < 1 and args.method != "column":
+        raise UserError("--silos N is required (at least 1) for --method iid and dirichlet")
     written = split_file(
         args.path, args.out, args.silos, args.method, args.seed, args.alpha, args.label_column, args.encoding
     )

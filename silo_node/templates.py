@@ -67,6 +67,9 @@ class DomainTemplate:
 FINGPT_INSTRUCTION = (
     "What is the sentiment of this news? Please choose an answer from {negative/neutral/positive}."
 )
+# FinGPT words the instruction by the text's kind; FlowerTune's evaluation asks TFNS and FiQA's
+# posts about a "tweet", FPB and FiQA's headlines about "news".
+FINGPT_TWEET_INSTRUCTION = FINGPT_INSTRUCTION.replace("this news", "this tweet")
 MEDICAL_INSTRUCTION = "Answer this question truthfully"
 
 TEMPLATES: dict[str, DomainTemplate] = {

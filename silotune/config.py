@@ -130,6 +130,9 @@ class StrategySettings(_Section):
     # --- defences against a faulty or malicious silo (docs/security.md) ---
     # Robust selection layered under any strategy (superlink/strategies/robust.py).
     aggregator: AggregatorName = "mean"
+    # A silo's aggregation weight: its number of training examples (FedAvg, FlowerTune), or equal
+    # for every silo (superlink/defences.py declared_weights).
+    weighting: Literal["examples", "equal"] = "examples"
     # No silo gets more than this share of a round's aggregation weight.
     max_weight_share: float = Field(0.5, gt=0, le=1, allow_inf_nan=False)
     # Fewer valid updates than this: the round leaves the global adapter unchanged.

@@ -215,9 +215,30 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     src = resolve_source(cfg.name)
     location = str(_gguf_cache_dir(src)) if src.gguf_file else src.location
     tok = AutoTokenizer.from_pretrained(location, trust_remote_code=cfg.trust_remote_code)
+    choose_pad_token(tok)
+    return tok
+
+
+def choose_pad_token(tok: Any) -> None:
+    """Give the tokenizer a pad token distinct from EOS, from its own special tokens.
+
+    With pad = EOS (SmolLM2 ships that), any code that masks pad positions in the labels also
+    masks the answer's EOS, and the model never learns to stop: generation then runs on and a later
+    "positive" wins FlowerTune's extraction (docs/evaluation.md). SiloTune builds its labels
+    explicitly, so EOS is trained either way; a distinct pad keeps it that way for any collator
+    and lets generation tell padding from an answer's end. Only an existing token is used (SmolLM2:
+    ``<|endoftext|>``): adding one would resize the embeddings, which every silo and the evaluator
+    would have to do identically. Without a spare token, pad stays EOS.
+    """
+    eos = tok.eos_token_id
+    if tok.pad_token is not None and tok.pad_token_id != eos:
+        return
+    for candidate in (tok.unk_token, tok.bos_token):
+        if candidate is not None and tok.convert_tokens_to_ids(candidate) != eos:
+            tok.pad_token = candidate
+            return
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return tok
 
 
 def keep_4bit_layers_trainable(model: Any) -> int:

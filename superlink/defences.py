@@ -257,6 +257,18 @@ def anomaly_scores(
     return norms, ratios, scores, cosines, flags
 
 
+def declared_weights(updates: list[SiloUpdate], weighting: str) -> list[float]:
+    """Each silo's weight before the caps: its declared example count (FedAvg), or 1 (``equal``).
+
+    ``equal`` fits silos that each stand for one kind of text, and a score that averages one
+    benchmark per kind: a silo with 10x the rows does not get 10x the say (and a silo that lies
+    about its count gains nothing).
+    """
+    if weighting == "equal":
+        return [1.0] * len(updates)
+    return [float(u.num_examples) for u in updates]
+
+
 class Defence:
     """Applies caps, scoring, robust selection and clipping to one round's validated updates."""
 
@@ -274,7 +286,8 @@ class Defence:
         report = DefenceReport(aggregator=st.aggregator)
         if n == 0:
             return report
-        shares = cap_weights([u.num_examples for u in updates], st.max_weight_share)
+        declared = declared_weights(updates, st.weighting)
+        shares = cap_weights(declared, st.max_weight_share)
         groups = module_groups(updates[0].state)
         grams = module_grams([u.state for u in updates], refs, self.alpha)
         total = sum(grams.values())
@@ -301,9 +314,7 @@ class Defence:
             # hand a capped silo a larger share by dropping the others.
             mask = masks[module]
             mod_shares = np.zeros(n)
-            mod_shares[mask] = cap_weights(
-                [updates[i].num_examples for i in np.flatnonzero(mask)], st.max_weight_share
-            )
+            mod_shares[mask] = cap_weights([declared[i] for i in np.flatnonzero(mask)], st.max_weight_share)
             for i, u in enumerate(updates):
                 for k in keys:
                     u.key_weights[k] = float(mod_shares[i])

@@ -148,3 +148,37 @@ def test_dtypes_load_and_run(tiny_model: Path, dtype: str) -> None:
     enc = [encode_example(loaded.tokenizer, get_template("finance"), RECORD, 64, True)] * 2
     result = train_round(model, loaded.tokenizer, enc, TrainSettings(local_steps=1, batch_size=2), 1e-3, 0)
     assert np.isfinite(result.train_loss)
+
+
+def test_pad_token_is_made_distinct_from_eos(tiny_model: Path) -> None:
+    from silotune.modeling import choose_pad_token
+
+    tok = load_model(ModelConfig(name=str(tiny_model)), for_training=False).tokenizer
+    assert tok.pad_token_id != tok.eos_token_id
+    tok.pad_token = tok.eos_token  # as SmolLM2 ships it
+    choose_pad_token(tok)
+    assert tok.pad_token is not None and tok.pad_token_id != tok.eos_token_id
+    assert len(tok) == len(load_model(ModelConfig(name=str(tiny_model)), for_training=False).tokenizer)
+
+
+def test_a_tiny_model_trained_a_few_steps_stops_after_its_answer(tiny_model: Path) -> None:
+    """The finance recipe trains "<answer><EOS>" in the evaluation's prompt: generation then
+    stops after the label instead of running on (the leaderboard's positive collapse)."""
+    from evaluation.generation import greedy_generate
+
+    loaded = load_model(ModelConfig(name=str(tiny_model)))
+    model = attach_adapter(loaded.model, PeftSettings(rank=8, alpha=16, target_modules="all-linear"), 8, 0)
+    template = get_template("finance")
+    records = [
+        dict(RECORD, input="shares rose after strong earnings", output="positive"),
+        dict(RECORD, input="shares fell after weak guidance", output="negative"),
+    ]
+    examples = [encode_example(loaded.tokenizer, template, r, 64, False, "eval") for r in records]
+    settings = TrainSettings(local_steps=60, batch_size=2, lr_max=2e-2)
+    train_round(model, loaded.tokenizer, examples, settings, lr=2e-2, seed=0)
+    model.eval()
+    prompts = [template.render(r, "eval")[0] for r in records]
+    budget = 12
+    outs = greedy_generate(model, loaded.tokenizer, prompts, budget, batch_size=2)
+    # Nothing after the label: EOS ended each answer well inside the budget of 12 tokens.
+    assert all(o in ("positive", "negative") for o in outs), outs
