@@ -37,38 +37,51 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
-# The recipe every trained row shares (benchmarks the shipped finance defaults: docs/evaluation.md).
-RECIPE = {
-    "rank": "16",
-    "target-modules": "all-linear",
-    "lr-max": "1e-3",
-    "lr-min": "1e-4",
-    "seq-length": "128",
-    "prompt-style": "eval",
-    "weighting": "equal",
-}
-FEDERATED = {"server-lr": "3", "server-momentum": "0"}
+# Run-config key of the shipped recipe (silotune/recipes/finance.toml) -> the compare option that
+# sets it: every trained row uses the recipe a deployment gets from `silotune run --recipe finance`.
+RECIPE_OPTIONS = {
+    "num-rounds": "rounds", "train.local-steps": "local-steps", "train.batch-size": "batch-size",
+    "peft.rank": "rank", "peft.target-modules": "target-modules", "train.lr-max": "lr-max",
+    "train.lr-min": "lr-min", "train.seq-length": "seq-length", "train.prompt-style": "prompt-style",
+    "strategy.weighting": "weighting", "strategy.server-lr": "server-lr",
+    "strategy.server-momentum": "server-momentum",
+}  # fmt: skip
 FLEX_RANKS = "8,16,32"
 
 
-def _budget(quick: bool) -> dict[str, Any]:
+def recipe_options(quick: bool) -> dict[str, str]:
+    """The compare options of the shipped finance recipe; --quick shrinks only the budget."""
+    from silotune.recipes import recipe_values
+
+    recipe = recipe_values("finance")
+    if recipe.get("strategy.name") != "fedavgm" or not recipe.get("train.keep-optimizer-state"):
+        raise SystemExit("benchmarks/finance_quality.py measures FedAvgM with kept AdamW state; update it")
+    opts = {opt: str(recipe[key]) for key, opt in RECIPE_OPTIONS.items()}
     if quick:
-        return {"rounds": 2, "local_steps": 1, "batch": 2, "eval_limit": 8}
-    return {"rounds": 10, "local_steps": 5, "batch": 8, "eval_limit": 0}
+        opts.update({"rounds": "2", "local-steps": "1", "batch-size": "2"})
+    return opts
 
 
-def _rows(quick: bool) -> list[tuple[str, list[str]]]:
+def _rows(recipe: dict[str, Any], quick: bool) -> list[tuple[str, list[str]]]:
     """(row name, the compare options that make it), the headline rows first: a stopped run has
     measured what matters most."""
-    fed = ["--approaches", "fedavgm", "--keep-optimizer-state"] + _flags(FEDERATED)
+    from silotune.recipes import recipe_values
+
+    kept = ["--keep-optimizer-state"]
+    fed = [
+        "--approaches",
+        "fedavgm",
+        *kept,
+        "--transport-dtype",
+        str(recipe_values("finance")["transport.dtype"]),
+    ]
     rows = [
         ("base", ["--approaches", "base"]),
-        ("federated", fed + ["--transport-dtype", "bf16"]),
-        ("centralized", ["--approaches", "centralized", "--keep-optimizer-state"]),
-        ("isolated", ["--approaches", "isolated", "--keep-optimizer-state"]),
-        ("flexlora", ["--approaches", "flexlora", "--keep-optimizer-state", "--ranks", FLEX_RANKS,
-                      "--transport-dtype", "bf16"]),
-        ("federated-int4", fed + ["--transport-dtype", "int4"]),
+        ("federated", fed),
+        ("centralized", ["--approaches", "centralized", *kept]),
+        ("isolated", ["--approaches", "isolated", *kept]),
+        ("flexlora", ["--approaches", "flexlora", *kept, "--ranks", FLEX_RANKS, "--transport-dtype", "bf16"]),
+        ("federated-int4", [*fed, "--transport-dtype", "int4"]),
         # Ablation: plain FedAvg (server step 1, fresh AdamW each round), the recipe FlowerTune ships.
         ("fedavg-plain", ["--approaches", "fedavg", "--transport-dtype", "bf16"]),
     ]  # fmt: skip
@@ -81,13 +94,14 @@ def _flags(options: dict[str, str]) -> list[str]:
     return [x for k, v in options.items() for x in (f"--{k}", v)]
 
 
-def _compare_args(data: Path, eval_dir: Path, out: Path, b: dict[str, Any], extra: list[str]) -> list[str]:
+def _compare_args(
+    data: Path, eval_dir: Path, out: Path, recipe: dict[str, str], eval_limit: int, extra: list[str]
+) -> list[str]:
     return [
         "--data", str(data), "--domain", "finance", "--split", "column", "--label-column", "source",
-        "--silos", "3", "--rounds", str(b["rounds"]), "--local-steps", str(b["local_steps"]),
-        "--batch-size", str(b["batch"]), *_flags(RECIPE),
-        "--eval-data-dir", str(eval_dir), "--eval-limit", str(b["eval_limit"]), "--eval-sample", "random",
-        "--eval-batch-size", "32", "--finance-max-new-tokens", "8", "--out", str(out), *extra,
+        "--silos", "3", *_flags(recipe), "--eval-data-dir", str(eval_dir), "--eval-limit", str(eval_limit),
+        "--eval-sample", "random", "--eval-batch-size", "32", "--finance-max-new-tokens", "8",
+        "--out", str(out), *extra,
     ]  # fmt: skip
 
 
@@ -126,18 +140,21 @@ def main() -> int:
         "finance_quality-quick" if args.quick else "finance_quality"
     )
     out.mkdir(parents=True, exist_ok=True)
-    b = _budget(args.quick)
+    recipe = recipe_options(args.quick)
+    eval_limit = 8 if args.quick else 0  # 0: every item of FPB, FiQA and TFNS
     started = time.monotonic()
     data = build_finance_data(DataSource(root=args.data_dir))
     write_finance_data(data, out / "data")
     print(f"training data: {', '.join(f'{r.source} {r.kept}' for r in data.reports)} rows; "
           f"{sum(r.leaked for r in data.reports)} rows dropped as evaluation text", flush=True)  # fmt: skip
     results: dict[str, dict[str, Any]] = {}
-    for name, extra in _rows(args.quick):
+    for name, extra in _rows(recipe, args.quick):
         row_out = out / name
         doc = None if args.fresh else _done(row_out)
         if doc is None:
-            cmd = _compare_args(out / "data" / "finance-train.jsonl", args.data_dir, row_out, b, extra)
+            cmd = _compare_args(
+                out / "data" / "finance-train.jsonl", args.data_dir, row_out, recipe, eval_limit, extra
+            )
             print(f"== {name}: silotune compare {' '.join(cmd)}", flush=True)
             _run_row(cmd)
             doc = json.loads((row_out / "compare.json").read_text())
@@ -146,7 +163,7 @@ def main() -> int:
         else:
             print(f"== {name}: measured earlier ({row_out / 'compare.json'})", flush=True)
         results[name] = doc
-    summary = summarize(results, b, time.monotonic() - started)
+    summary = summarize(results, recipe, time.monotonic() - started)
     print(render(summary))
     print(json.dumps(summary["json"]))
     return 0
@@ -156,7 +173,7 @@ def _pct(x: float) -> float:
     return round(100 * x, 2)
 
 
-def summarize(results: dict[str, dict[str, Any]], b: dict[str, Any], wall: float) -> dict[str, Any]:
+def summarize(results: dict[str, dict[str, Any]], recipe: dict[str, str], wall: float) -> dict[str, Any]:
     """The table's rows and the benchmark's JSON line, from each row's compare.json."""
     table = []
     for name, doc in results.items():
@@ -183,9 +200,9 @@ def summarize(results: dict[str, dict[str, Any]], b: dict[str, Any], wall: float
         "federated_macro_f1": fed["macro_f1"],
         "federated_scores": fed["scores"],
         "accuracy_points_per_mb": round(fed["average"] / fed["mb"], 4) if fed["mb"] else None,
-        "rounds": b["rounds"],
-        "local_steps": b["local_steps"],
-        "batch": b["batch"],
+        "rounds": int(recipe["rounds"]),
+        "local_steps": int(recipe["local-steps"]),
+        "batch": int(recipe["batch-size"]),
         "total_steps": fed["steps_total"],
         "eval_items": fed["items"],
         "wall_seconds": round(wall, 1),

@@ -319,8 +319,8 @@ def flatten_run_config(cfg: RunConfig) -> dict[str, Any]:
     return out
 
 
-def load_toml_run_config(path: Path) -> RunConfig:
-    """Read a run config from a TOML file (flat dotted keys or nested tables)."""
+def read_toml_run_values(path: Path) -> dict[str, Any]:
+    """The flat run-config keys a TOML file sets (flat dotted keys or nested tables), checked."""
     import tomllib
 
     try:
@@ -337,4 +337,10 @@ def load_toml_run_config(path: Path) -> RunConfig:
             flat[prefix[:-1]] = obj
 
     walk("", data)
-    return parse_run_config(flat, source=str(path))
+    parse_run_config(flat, source=str(path))  # a bad key or value fails here, naming the file
+    return flat
+
+
+def load_toml_run_config(path: Path) -> RunConfig:
+    """Read a run config from a TOML file (flat dotted keys or nested tables)."""
+    return parse_run_config(read_toml_run_values(path), source=str(path))

@@ -24,6 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="where the flwr connection lives (default ./.silotune or $SILOTUNE_WORKSPACE)",
     )
     run.add_argument(
+        "--recipe",
+        help="start from a shipped recipe of run-config keys, e.g. finance (silotune/recipes/); "
+        "--config and --set override its keys",
+    )
+    run.add_argument(
         "--config", type=Path, help="run config TOML (keys as in pyproject's [tool.flwr.app.config])"
     )
     run.add_argument(
@@ -46,10 +51,38 @@ def _parse_value(text: str) -> Any:
         return text  # a bare word: take it as a string
 
 
+def run_values(recipe: str | None, config: Path | None, sets: list[str]) -> dict[str, Any]:
+    """The run config a submission sends: the recipe's keys, then the --config file's, then --set.
+
+    Without a recipe, --config is taken whole (every default spelled out, as before); with one,
+    only the keys the file itself sets override the recipe's.
+    """
+    from silotune.config import (
+        flatten_run_config,
+        load_toml_run_config,
+        read_toml_run_values,
+    )
+    from silotune.errors import UserError
+    from silotune.recipes import recipe_values
+
+    values: dict[str, Any] = {}
+    if recipe:
+        values.update(recipe_values(recipe))
+    if config:
+        values.update(
+            read_toml_run_values(config) if recipe else flatten_run_config(load_toml_run_config(config))
+        )
+    for item in sets:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE")
+        key, raw = item.split("=", 1)
+        values[key.strip()] = _parse_value(raw.strip())
+    return values
+
+
 def _run(args: argparse.Namespace) -> int:
     import os
 
-    from silotune.config import flatten_run_config, load_toml_run_config
     from silotune.errors import UserError
     from silotune.flwr_connection import write_connection
     from superlink.run_journal import journal_dir
@@ -61,12 +94,7 @@ def _run(args: argparse.Namespace) -> int:
         if not args.insecure and args.ca is None:
             raise UserError("--superlink needs --ca CA.crt (or --insecure, for development only)")
         write_connection(flwr_home, args.connection, args.superlink, args.ca, insecure=args.insecure)
-    values: dict[str, Any] = flatten_run_config(load_toml_run_config(args.config)) if args.config else {}
-    for item in args.set:
-        if "=" not in item:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE")
-        key, raw = item.split("=", 1)
-        values[key.strip()] = _parse_value(raw.strip())
+    values = run_values(args.recipe, args.config, args.set)
     with round_progress(int(values.get("num-rounds", 3))) as on_round:
         # The journal sits in the workspace `silotune superlink start` uses: it resumes the run
         # after a crash of the central site (superlink/run_journal.py).

@@ -182,3 +182,16 @@ def test_a_tiny_model_trained_a_few_steps_stops_after_its_answer(tiny_model: Pat
     outs = greedy_generate(model, loaded.tokenizer, prompts, budget, batch_size=2)
     # Nothing after the label: EOS ended each answer well inside the budget of 12 tokens.
     assert all(o in ("positive", "negative") for o in outs), outs
+
+
+def test_length_sorted_generation_answers_in_the_callers_order(tiny_model: Path) -> None:
+    """greedy_generate batches prompts by length; each answer must still be the one that prompt
+    gets on its own (batch of one), in the order the prompts were given."""
+    from evaluation.generation import greedy_generate
+
+    loaded = load_model(ModelConfig(name=str(tiny_model)), for_training=False)
+    texts = ("the market rose on strong earnings", "shares fell after weak guidance", "def add(a, b): return")
+    prompts = [texts[n % 3] * (n % 4 + 1) for n in (5, 1, 9, 3, 0, 7)]
+    alone = [greedy_generate(loaded.model, loaded.tokenizer, [p], 6, batch_size=1)[0] for p in prompts]
+    assert greedy_generate(loaded.model, loaded.tokenizer, prompts, 6, batch_size=4) == alone
+    assert len(set(alone)) > 1  # distinct answers, so a reordering would show
