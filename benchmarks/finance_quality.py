@@ -163,7 +163,7 @@ def main() -> int:
         else:
             print(f"== {name}: measured earlier ({row_out / 'compare.json'})", flush=True)
         results[name] = doc
-    summary = summarize(results, recipe, time.monotonic() - started)
+    summary = summarize(results, recipe, time.monotonic() - started, out)
     print(render(summary))
     print(json.dumps(summary["json"]))
     return 0
@@ -173,7 +173,22 @@ def _pct(x: float) -> float:
     return round(100 * x, 2)
 
 
-def summarize(results: dict[str, dict[str, Any]], recipe: dict[str, str], wall: float) -> dict[str, Any]:
+def prediction_shares(row_out: Path, label: str) -> dict[str, dict[str, float]]:
+    """Per set, the share of items predicted as each label (from the row's saved eval report):
+    the figure that tells a learned task from a learned prior or a collapse onto one answer."""
+    from evaluation.compare import row_slug
+
+    shares: dict[str, dict[str, float]] = {}
+    for path in (row_out / "evals" / row_slug(label)).glob("finance-*.json"):
+        for b in json.loads(path.read_text()).get("benchmarks", []):
+            if "prediction_shares" in b:
+                shares[b["name"]] = {k: _pct(v) for k, v in b["prediction_shares"].items()}
+    return shares
+
+
+def summarize(
+    results: dict[str, dict[str, Any]], recipe: dict[str, str], wall: float, out: Path | None = None
+) -> dict[str, Any]:
     """The table's rows and the benchmark's JSON line, from each row's compare.json."""
     table = []
     for name, doc in results.items():
@@ -182,6 +197,7 @@ def summarize(results: dict[str, dict[str, Any]], recipe: dict[str, str], wall: 
                 continue
             f1 = r["macro_f1"]
             table.append({
+                "shares": prediction_shares(out / name, r["label"]) if out else {},
                 "row": name if r["approach"] != "isolated" else f"isolated {r['silo']}",
                 "label": r["label"], "scores": {k: _pct(v) for k, v in r["scores"].items()},
                 "average": _pct(r["average"]), "macro_f1": _pct(sum(f1.values()) / len(f1)) if f1 else None,
@@ -199,6 +215,7 @@ def summarize(results: dict[str, dict[str, Any]], recipe: dict[str, str], wall: 
         "communicated_mb": fed["mb"],
         "federated_macro_f1": fed["macro_f1"],
         "federated_scores": fed["scores"],
+        "federated_prediction_shares": fed["shares"],
         "accuracy_points_per_mb": round(fed["average"] / fed["mb"], 4) if fed["mb"] else None,
         "rounds": int(recipe["rounds"]),
         "local_steps": int(recipe["local-steps"]),
@@ -230,6 +247,13 @@ def render(summary: dict[str, Any]) -> str:
     lines.append(
         "constant answers on the full suite: all-neutral 44.54, all-positive 35.77 (FPB/FiQA/TFNS avg)"
     )
+    lines.append("share of items predicted negative/neutral/positive (%), per set:")
+    for t in table:
+        cells = [
+            f"{name} " + "/".join(f"{v:.0f}" for _, v in sorted(shares.items()))
+            for name, shares in t["shares"].items()
+        ]
+        lines.append(f"- {t['label']}: " + ", ".join(cells))
     return "\n".join(lines)
 
 

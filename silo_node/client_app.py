@@ -33,6 +33,7 @@ from silo_node.policy import (
     SiloPolicy,
     check_model_hash,
     check_run,
+    check_silo_rank,
     load_policy,
     pinned_hash,
 )
@@ -181,6 +182,7 @@ def policy_gate(msg: Message, context: Context, phase: str) -> tuple[RunConfig, 
         policy = _load_policy(silo)
         run = parse_run_config(dict(context.run_config))
         check_run(policy, run)
+        check_silo_rank(policy, silo_rank(run, silo))
         if pinned_hash(policy, run.model.name):
             check_model_hash(policy, run.model.name, model_identity(run.model.name).sha256)
         if policy.require_approval:

@@ -15,6 +15,10 @@ The file (TOML, ``silotune silo start --policy FILE``; all keys optional)::
     max-rounds = 1000
     max-local-steps = 1000
     max-seq-length = 4096
+    max-batch-size = 64                    # every compute knob of a run is the silo's to cap:
+    max-grad-accum = 64                    #   memory (batch x seq) and time (steps x accum)
+    max-rank = 64                          # LoRA rank (FlexLoRA: this silo's own rank too)
+    allowed-target-modules = []            # e.g. ["q_proj", "v_proj"]; empty: any, "all-linear" too
     require-approval = false               # hold each new run until `silotune silo approve RUN_ID`
     allowed-apps = []                      # FAB hashes of other apps the resident worker may run
     approval-timeout-hours = 72            # then refuse it
@@ -75,6 +79,11 @@ class SiloPolicy(_Strict):
     max_rounds: int = Field(1000, ge=1)
     max_local_steps: int = Field(1000, ge=1)
     max_seq_length: int = Field(4096, ge=8)
+    max_batch_size: int = Field(64, ge=1)
+    max_grad_accum: int = Field(64, ge=1)
+    max_rank: int = Field(64, ge=1)
+    # Module names a run may adapt ("all-linear" must be listed to be allowed); empty: any.
+    allowed_target_modules: tuple[str, ...] = ()
     require_approval: bool = False
     approval_timeout_hours: float = Field(72.0, gt=0)
     models: tuple[AllowedModel, ...] = ()
@@ -184,12 +193,35 @@ def check_run(policy: SiloPolicy, run: RunConfig) -> None:
         ("num-rounds", run.num_rounds, policy.max_rounds, "max-rounds"),
         ("train.local-steps", run.train.local_steps, policy.max_local_steps, "max-local-steps"),
         ("train.seq-length", run.train.seq_length, policy.max_seq_length, "max-seq-length"),
+        ("train.batch-size", run.train.batch_size, policy.max_batch_size, "max-batch-size"),
+        ("train.grad-accum", run.train.grad_accum, policy.max_grad_accum, "max-grad-accum"),
+        ("peft.rank", run.peft.rank, policy.max_rank, "max-rank"),
     )
     for key, asked, limit, policy_key in limits:
         if asked > limit:
             raise PolicyRefused(
                 f"the run asks for {key}={asked}; this silo's policy allows at most {policy_key}={limit}"
             )
+    check_target_modules(policy, run.peft.target_modules)
+
+
+def check_target_modules(policy: SiloPolicy, target_modules: str) -> None:
+    """Refuse adapted modules the policy does not list (``all-linear`` only when listed itself)."""
+    if not policy.allowed_target_modules:
+        return
+    asked = [m.strip() for m in target_modules.split(",") if m.strip()]
+    extra = sorted(set(asked) - set(policy.allowed_target_modules))
+    if extra:
+        raise PolicyRefused(
+            f"the run asks for peft.target-modules={target_modules!r}; this silo's policy allows only "
+            f"{', '.join(policy.allowed_target_modules)} (allowed-target-modules), not {', '.join(extra)}"
+        )
+
+
+def check_silo_rank(policy: SiloPolicy, rank: int) -> None:
+    """A silo's own LoRA rank (FlexLoRA, node config ``lora-rank``) is a compute knob too."""
+    if rank > policy.max_rank:
+        raise PolicyRefused(f"this silo's LoRA rank {rank} exceeds its policy's max-rank={policy.max_rank}")
 
 
 def _allowed_entry(policy: SiloPolicy, name: str) -> AllowedModel | None:

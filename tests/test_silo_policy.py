@@ -53,6 +53,8 @@ def test_defaults_allow_embedded_and_local_models_but_no_hub_id_and_no_remote_co
         ("num-rounds", 5000, "max-rounds=1000"),
         ("train.local-steps", 5000, "max-local-steps=1000"),
         ("train.seq-length", 8192, "max-seq-length=4096"),
+        ("train.batch-size", 100000, "max-batch-size=64"),
+        ("train.grad-accum", 100000, "max-grad-accum=64"),
     ):
         with pytest.raises(PolicyRefused, match=limit):
             check_run(policy, parse_run_config({key: value}))
@@ -71,6 +73,28 @@ def test_policy_file_lists_hub_models_and_sets_limits(tmp_path: Path) -> None:
         check_run(policy, parse_run_config({"model.name": str(tmp_path), "train.local-steps": 1}))
     with pytest.raises(PolicyRefused, match="max-local-steps=3"):
         check_run(policy, parse_run_config({"model.name": "org/model", "train.local-steps": 4}))
+
+
+def test_the_policy_owns_every_compute_knob_and_the_adapted_modules(tmp_path: Path) -> None:
+    from silo_node.policy import check_silo_rank
+
+    path = tmp_path / "policy.toml"
+    path.write_text('max-batch-size = 8\nmax-rank = 16\nallowed-target-modules = ["q_proj", "v_proj"]\n')
+    policy = load_policy(path)
+    check_run(
+        policy, parse_run_config({"train.batch-size": 8, "peft.rank": 16, "peft.target-modules": "v_proj"})
+    )
+    for flat, match in (
+        ({"train.batch-size": 9}, "max-batch-size=8"),
+        ({"peft.rank": 32}, "max-rank=16"),
+        ({"peft.target-modules": "q_proj,v_proj,down_proj"}, "not down_proj"),
+        ({"peft.target-modules": "all-linear"}, "not all-linear"),
+    ):
+        with pytest.raises(PolicyRefused, match=match):
+            check_run(policy, parse_run_config(flat))
+    with pytest.raises(PolicyRefused, match="rank 32 exceeds"):
+        check_silo_rank(policy, 32)  # FlexLoRA: the silo's own node-config rank
+    check_run(load_policy(None), parse_run_config({"peft.target-modules": "all-linear"}))  # default: any
 
 
 @pytest.mark.parametrize(
