@@ -145,6 +145,16 @@ def check_policy(silo: SiloConfig, opts: SiloOptions) -> None:
     path = silo.policy_file or os.environ.get(POLICY_ENV, "")
     policy = load_policy(path)
     check_federation(policy, None if opts.insecure else opts.ca_cert, path)
+    if opts.executor == "per-message" and (policy.allowed_apps or policy.require_approval):
+        # Flower's per-message executor runs whatever app the SuperLink sends, in a fresh process:
+        # no app pinning (only the resident worker checks the FAB hash), and the policy gate and
+        # approvals run only if that app is SiloTune's own. A policy that relies on them must
+        # not silently lose them.
+        raise UserError(
+            f"silo {silo.name}: --executor per-message runs any app the SuperLink sends and cannot "
+            f"enforce this policy's {'allowed-apps' if policy.allowed_apps else 'require-approval'} "
+            f"({path}); use the default resident executor"
+        )
 
 
 def _check_address(address: str) -> str:

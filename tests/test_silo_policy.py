@@ -147,6 +147,17 @@ def test_start_silo_checks_the_policy_before_anything_starts(tmp_path: Path) -> 
         start_silo(opts, None, check=False, preflight=False)
 
 
+@pytest.mark.parametrize("policy", ["require-approval = true\n", f"allowed-apps = ['{'ab' * 32}']\n"])
+def test_per_message_executor_refuses_a_policy_it_cannot_enforce(tmp_path: Path, policy: str) -> None:
+    from silo_node.launch import SiloOptions, start_silo
+
+    path = _write(tmp_path / "policy.toml", policy)
+    opts = SiloOptions(superlink="127.0.0.1:1", node_config={"data-path": str(_data(tmp_path)),
+                       "policy-file": str(path)}, insecure=True, executor="per-message")  # fmt: skip
+    with pytest.raises(UserError, match="per-message runs any app.*resident executor"):
+        start_silo(opts, None, check=False, preflight=False)
+
+
 # -- the ClientApp ------------------------------------------------------------------------------------
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
