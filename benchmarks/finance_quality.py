@@ -76,7 +76,8 @@ def _rows(recipe: dict[str, Any], quick: bool) -> list[tuple[str, list[str]]]:
         str(recipe_values("finance")["transport.dtype"]),
     ]
     rows = [
-        ("base", ["--approaches", "base"]),
+        # Scored in fp32 too: the same items in both precisions say what bf16 scoring changes.
+        ("base-fp32", ["--approaches", "base", "--eval-dtype", "fp32"]),
         ("federated", fed),
         ("centralized", ["--approaches", "centralized", *kept]),
         ("isolated", ["--approaches", "isolated", *kept]),
@@ -84,9 +85,10 @@ def _rows(recipe: dict[str, Any], quick: bool) -> list[tuple[str, list[str]]]:
         ("federated-int4", [*fed, "--transport-dtype", "int4"]),
         # Ablation: plain FedAvg (server step 1, fresh AdamW each round), the recipe FlowerTune ships.
         ("fedavg-plain", ["--approaches", "fedavg", "--transport-dtype", "bf16"]),
+        ("base", ["--approaches", "base"]),
     ]  # fmt: skip
     if quick:  # the smoke test keeps one row of each kind that the JSON line needs
-        rows = [r for r in rows if r[0] in ("base", "isolated", "federated", "centralized")]
+        rows = [r for r in rows if r[0] in ("base-fp32", "isolated", "federated", "centralized")]
     return rows
 
 
@@ -101,6 +103,7 @@ def _compare_args(
         "--data", str(data), "--domain", "finance", "--split", "column", "--label-column", "source",
         "--silos", "3", *_flags(recipe), "--eval-data-dir", str(eval_dir), "--eval-limit", str(eval_limit),
         "--eval-sample", "random", "--eval-batch-size", "32", "--finance-max-new-tokens", "8",
+        "--eval-dtype", "bf16",
         "--out", str(out), *extra,
     ]  # fmt: skip
 
@@ -186,6 +189,10 @@ def prediction_shares(row_out: Path, label: str) -> dict[str, dict[str, float]]:
     return shares
 
 
+def _scoring(doc: dict[str, Any]) -> str:
+    return " (fp32 scoring)" if doc.get("eval_dtype", "fp32") == "fp32" else ""
+
+
 def summarize(
     results: dict[str, dict[str, Any]], recipe: dict[str, str], wall: float, out: Path | None = None
 ) -> dict[str, Any]:
@@ -199,7 +206,8 @@ def summarize(
             table.append({
                 "shares": prediction_shares(out / name, r["label"]) if out else {},
                 "row": name if r["approach"] != "isolated" else f"isolated {r['silo']}",
-                "label": r["label"], "scores": {k: _pct(v) for k, v in r["scores"].items()},
+                "label": r["label"] + _scoring(doc),
+                "scores": {k: _pct(v) for k, v in r["scores"].items()},
                 "average": _pct(r["average"]), "macro_f1": _pct(sum(f1.values()) / len(f1)) if f1 else None,
                 "steps_total": r["total_steps"], "mb": round(r["adapter_bytes"] / 1e6, 2),
                 "train_s": r["train_seconds"], "eval_s": r["eval_seconds"], "items": r["items"],
@@ -211,7 +219,9 @@ def summarize(
         "federated_avg": fed["average"],
         "best_isolated_avg": max(t["average"] for t in isolated),
         "centralized_avg": by["centralized"]["average"],
-        "base_avg": by["base"]["average"],
+        "base_avg": by.get("base", by["base-fp32"])["average"],
+        "base_fp32_avg": by["base-fp32"]["average"],
+        "eval_dtype": "bf16 autocast (training fp32); base also scored in fp32",
         "communicated_mb": fed["mb"],
         "federated_macro_f1": fed["macro_f1"],
         "federated_scores": fed["scores"],

@@ -359,3 +359,15 @@ def test_in_process_federation_trains_in_every_transport_format(tiny_model: Path
     assert any(np.abs(v).sum() > 0 for k, v in out.state.items() if "lora_B" in k)  # it trained
     assert all(np.isfinite(v).all() for v in out.state.values())
     assert out.uplink_bytes + out.downlink_bytes < out.fp32_bytes
+
+
+def test_eval_precision_bf16_autocasts_and_fp32_does_not() -> None:
+    import torch
+
+    from evaluation.compare import eval_precision
+
+    x = torch.ones(4, 4)
+    with eval_precision("bf16"):
+        assert (x @ x).dtype == torch.bfloat16
+    with eval_precision("fp32"):
+        assert (x @ x).dtype == torch.float32
