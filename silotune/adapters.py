@@ -21,6 +21,19 @@ from silotune.atomic_files import atomic_write_json
 from silotune.config import PeftSettings
 from silotune.errors import UserError
 
+# PEFT's names for a LoRA pair's factors: the one place that spells them (FlexLoRA's re-factoring
+# and the defences' Gram matrices both read a module's A and B through these).
+A_SUFFIX = ".lora_A.weight"
+B_SUFFIX = ".lora_B.weight"
+
+
+def lora_modules(state: dict[str, np.ndarray]) -> list[str]:
+    """Module prefixes that carry a LoRA pair in ``state``."""
+    return sorted(
+        k[: -len(A_SUFFIX)] for k in state if k.endswith(A_SUFFIX) and k[: -len(A_SUFFIX)] + B_SUFFIX in state
+    )
+
+
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 

@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from silotune.adapters import A_SUFFIX, B_SUFFIX, lora_modules
 from silotune.config import StrategySettings
 from superlink.strategies.base import SiloUpdate
-from superlink.strategies.flexlora import A_SUFFIX, B_SUFFIX, lora_modules
 from superlink.strategies.robust import distances_from_gram, get_aggregator
 
 

@@ -8,6 +8,7 @@ import copy
 import numpy as np
 import pytest
 
+from silotune.adapters import A_SUFFIX, B_SUFFIX
 from silotune.config import PeftSettings, StrategySettings
 from superlink.defences import (
     Defence,
@@ -19,7 +20,6 @@ from superlink.defences import (
     module_grams,
 )
 from superlink.strategies import AGGREGATORS, SiloUpdate, get_strategy
-from superlink.strategies.flexlora import A_SUFFIX, B_SUFFIX
 
 RNG = np.random.default_rng(0)
 ALPHA = 16.0

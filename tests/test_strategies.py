@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from silotune.adapters import A_SUFFIX, B_SUFFIX
 from silotune.config import PeftSettings, StrategySettings
 from superlink.strategies import REGISTRY, SiloUpdate, get_strategy
-from superlink.strategies.flexlora import A_SUFFIX, B_SUFFIX, FlexLoRA, svd_of_product
+from superlink.strategies.flexlora import FlexLoRA, svd_of_product
 
 
 def _s(**kw: object) -> StrategySettings:

@@ -20,17 +20,8 @@ from collections import OrderedDict
 
 import numpy as np
 
+from silotune.adapters import A_SUFFIX, B_SUFFIX, lora_modules
 from superlink.strategies.base import SiloUpdate, Strategy, average_updates
-
-A_SUFFIX = ".lora_A.weight"
-B_SUFFIX = ".lora_B.weight"
-
-
-def lora_modules(state: dict[str, np.ndarray]) -> list[str]:
-    """Module prefixes that carry a LoRA pair in ``state``."""
-    return sorted(
-        k[: -len(A_SUFFIX)] for k in state if k.endswith(A_SUFFIX) and k[: -len(A_SUFFIX)] + B_SUFFIX in state
-    )
 
 
 def svd_of_product(b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
