@@ -4,7 +4,7 @@ SmolLM2-135M-Instruct (embedded), LoRA on TFNS (FlowerTune's finance sentiment s
 ``$SILOTUNE_DATA_DIR`` or /work/shared/data: tfns/sent_train.csv to train, tfns/sent_valid.csv to
 evaluate), 5 silos on the CPU, silo 0 the attacker. The federation is the in-process round logic of
 evaluation/inprocess.py (payload down, local steps, update up) with the server side of
-superlink/rounds.py: the same strategies and the same superlink/defences.py.
+superlink/rounds.py: the same strategies and the same superlink/defences/.
 
 Scenarios (the attacker trains honestly, then corrupts what it sends; its update is what it sends
 minus what it received, per tensor):

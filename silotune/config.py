@@ -24,7 +24,7 @@ PeftMethod = Literal["lora", "dora", "qlora", "ia3"]
 # silo_node/templates.py renders both; "eval" is FlowerTune's finance evaluation prompt.
 PromptStyle = Literal["alpaca", "eval"]
 StrategyName = Literal["fedavg", "fedprox", "fedavgm", "fedadam", "flexlora"]
-# superlink/strategies/robust.py: which silos' updates each module's average uses ("mean": all).
+# superlink/defences/aggregators.py: which silos' updates each module's average uses ("mean": all).
 AggregatorName = Literal["mean", "trimmed-mean", "median", "multi-krum", "consensus"]
 # Upper bound of every wait a run config sets: a week is longer than any sane round.
 MAX_WAIT_SECONDS = 7 * 24 * 3600.0
@@ -128,10 +128,10 @@ class StrategySettings(_Section):
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0)
     # --- defences against a faulty or malicious silo (docs/security.md) ---
-    # Robust selection layered under any strategy (superlink/strategies/robust.py).
+    # Robust selection layered under any strategy (superlink/defences/aggregators.py).
     aggregator: AggregatorName = "mean"
     # A silo's aggregation weight: its number of training examples (FedAvg, FlowerTune), or equal
-    # for every silo (superlink/defences.py declared_weights).
+    # for every silo (superlink/defences/ declared_weights).
     weighting: Literal["examples", "equal"] = "examples"
     # No silo gets more than this share of a round's aggregation weight.
     max_weight_share: float = Field(0.5, gt=0, le=1, allow_inf_nan=False)

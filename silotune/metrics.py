@@ -195,7 +195,7 @@ COMM_BUDGET = MetricDef(
 EVALUATION = MetricDef("silotune_evaluation_value", "gauge", "Latest global evaluation metric.", ("metric",))
 EVALUATION_ROUND = MetricDef("silotune_evaluation_round", "gauge", "Round of the latest global evaluation.")
 
-# --- defences against a faulty or malicious silo (server only; superlink/defences.py) ---
+# --- defences against a faulty or malicious silo (server only; superlink/defences/) ---
 UPDATES_REJECTED_BY_REASON = MetricDef(
     "silotune_updates_rejected_by_reason_total",
     "counter",

@@ -173,7 +173,7 @@ class Federation:
         # Silos whose operator has not yet approved this run: asked again every round, not backed off.
         self.pending: set[int] = set()
         self.admitted = load_admitted_names()  # node id -> admitted name; None: no ledger
-        # Bounded influence (superlink/defences.py) and each silo's run of flagged rounds.
+        # Bounded influence (superlink/defences/) and each silo's run of flagged rounds.
         self.defence = Defence(cfg.strategy, cfg.peft.alpha)
         self.encoding = run_encoding(cfg)  # transport.dtype, the same at every silo
         self.anomaly_streak: dict[int, int] = {}

@@ -1,4 +1,4 @@
-"""Bounded influence (superlink/defences.py) and the robust aggregators (superlink/strategies/robust.py),
+"""Bounded influence (superlink/defences/) and the robust aggregators (superlink/defences/aggregators.py),
 against values computed by hand and against dense numpy where the code stays factored."""
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from superlink.defences import (
     factored_gram,
     module_grams,
 )
-from superlink.strategies import AGGREGATORS, SiloUpdate, get_strategy
+from superlink.defences.aggregators import AGGREGATORS
+from superlink.strategies import SiloUpdate, get_strategy
 
 RNG = np.random.default_rng(0)
 ALPHA = 16.0

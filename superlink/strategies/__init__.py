@@ -1,8 +1,8 @@
 """Aggregation strategies, selected by name (``strategy.name`` in the run config).
 
 To add one: subclass superlink.strategies.base.Strategy in a small module and list it here.
-Robust aggregators (``strategy.aggregator``: which silos each module's average uses) are a second
-registry, in robust.py; any strategy runs under any of them.
+Robust aggregators (``strategy.aggregator``: which silos each module's average uses) are the
+defences' registry, in superlink/defences/aggregators.py; any strategy runs under any of them.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from superlink.strategies.base import SiloUpdate, Strategy, weighted_average
 from superlink.strategies.fedavg import FedAvg, FedProx
 from superlink.strategies.fedopt import FedAdam, FedAvgM
 from superlink.strategies.flexlora import FlexLoRA
-from superlink.strategies.robust import AGGREGATORS, get_aggregator
 
 REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, FedProx, FedAvgM, FedAdam, FlexLoRA)}
 
@@ -28,11 +27,9 @@ def get_strategy(settings: StrategySettings, peft: PeftSettings) -> Strategy:
 
 
 __all__ = [
-    "AGGREGATORS",
     "REGISTRY",
     "SiloUpdate",
     "Strategy",
-    "get_aggregator",
     "get_strategy",
     "weighted_average",
 ]

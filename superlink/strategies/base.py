@@ -26,7 +26,7 @@ class SiloUpdate:
     num_examples: int
     rank: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
-    # Aggregation weight after the defences' caps (superlink/defences.py); None: num_examples.
+    # Aggregation weight after the defences' caps (superlink/defences/); None: num_examples.
     weight: float | None = None
     # Per state key, the weight that key's average uses, set by the defences after robust
     # selection and capping (0: this silo is left out of that key; the keys of one LoRA module

@@ -104,7 +104,7 @@ class FlexLoRA(Strategy):
             out.update(average_updates(updates, others))
         rng = np.random.default_rng(0)
         for mod in lora_modules(updates[0].state):
-            # Capped weights and robust per-module selection (superlink/defences.py) live here.
+            # Capped weights and robust per-module selection (superlink/defences/) live here.
             weights = np.array([u.weight_for(mod + A_SUFFIX) for u in updates], dtype=np.float64)
             weights /= weights.sum()
             b_cat = np.hstack(

@@ -23,7 +23,7 @@ Order within a round (``Defence.apply``):
 2. the Gram matrix of the updates, per module, before any clipping;
 3. anomaly scores from it (the distance of each update from the others, its norm relative to the
    others' median) — what the round loop exports and counts towards exclusion;
-4. robust selection (``strategy.aggregator``, superlink/strategies/robust.py): per module, which
+4. robust selection (``strategy.aggregator``, superlink/defences/aggregators.py): per module, which
    silos the average uses;
 5. clipping of each module's update to ``min(strategy.clip-norm, strategy.clip-relative × median
    norm)``, by moving the silo's factors towards what it was sent: B(c) = B_ref + c·(B − B_ref),
@@ -40,8 +40,8 @@ import numpy as np
 
 from silotune.adapters import A_SUFFIX, B_SUFFIX, lora_modules
 from silotune.config import StrategySettings
+from superlink.defences.aggregators import distances_from_gram, get_aggregator
 from superlink.strategies.base import SiloUpdate
-from superlink.strategies.robust import distances_from_gram, get_aggregator
 
 
 def module_groups(state: dict[str, np.ndarray]) -> dict[str, tuple[str, ...]]:

@@ -7,7 +7,7 @@ with LoRA as the strategy does, including FlexLoRA's heterogeneous ranks, and ea
 identical honest updates: whichever silos it keeps, their average is that one update.
 
 Every decision is taken on the silos' *effective* updates ΔW_i = s·B_i·A_i − s·B_ref·A_ref per module
-(superlink/defences.py), through their Gram matrix G (computed in factored form, never as dense
+(superlink/defences/), through their Gram matrix G (computed in factored form, never as dense
 matrices): ||ΔW_i − ΔW_j||² = G_ii + G_jj − 2·G_ij. None of them forms ΔW. What each computes:
 
 - ``mean``: every silo, every module (the strategy's own average; caps and clipping still apply).
