@@ -37,6 +37,7 @@ from typing import Any
 
 from silotune import protocol as p
 from silotune.atomic_files import atomic_write_json
+from superlink.flwr_app import app_dir, format_run_config
 from superlink.run_lock import stop_orphaned_holder
 
 JOURNAL_DIR = "journal"
@@ -139,7 +140,6 @@ def _submit_detached(flwr_home: Path, connection: str, run_config: dict[str, Any
     """``flwr run`` without streaming: returns the new run id once the SuperLink accepted it."""
     from silotune.errors import UserError
     from silotune.flwr_connection import run_flwr
-    from superlink.submit import app_dir, format_run_config
 
     args = ["run", str(app_dir()), connection, "--run-config", format_run_config(run_config)]
     res = run_flwr([*args, "--format", "json"], flwr_home, timeout=120)

@@ -8,7 +8,6 @@ progress works across machines without any extra port.
 from __future__ import annotations
 
 import json
-import os
 import queue
 import subprocess
 import sys
@@ -22,6 +21,8 @@ from typing import Any
 
 from silotune.errors import UserError
 from silotune.protocol import DONE_PREFIX, FAILED_MARK, PROGRESS_PREFIX
+from superlink.flwr_app import app_dir, format_run_config
+from superlink.run_journal import record_submission
 
 
 @dataclass
@@ -30,34 +31,6 @@ class RunResult:
     adapter_dir: str
     log: str
     returncode: int
-
-
-def app_dir() -> Path:
-    """The Flower App directory (holds pyproject.toml with [tool.flwr.app])."""
-    env = os.environ.get("SILOTUNE_APP_DIR")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parent.parent)
-    for c in candidates:
-        pyproject = c / "pyproject.toml"
-        if pyproject.exists() and "[tool.flwr.app]" in pyproject.read_text():
-            return c
-    raise UserError(
-        "cannot find the SiloTune Flower App (pyproject.toml with [tool.flwr.app]); "
-        "run from a source checkout or set SILOTUNE_APP_DIR"
-    )
-
-
-def format_run_config(values: dict[str, Any]) -> str:
-    """``{"peft.rank": 8, "model.name": "x"}`` -> Flower's --run-config TOML string."""
-    parts = []
-    for k, v in values.items():
-        if isinstance(v, bool):
-            parts.append(f"{k}={'true' if v else 'false'}")
-        elif isinstance(v, int | float):
-            parts.append(f"{k}={v!r}")
-        else:
-            parts.append(f"{k}={json.dumps(str(v))}")
-    return " ".join(parts)
 
 
 def submit_run(
@@ -83,8 +56,6 @@ def submit_run(
 
     parse_run_config(run_config, source="--set / run config")  # refuse bad keys before submitting
     if journal is not None:
-        from superlink.run_journal import record_submission
-
         record_submission(journal, run_config, connection)
     argv = [
         "flwr",

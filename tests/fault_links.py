@@ -31,8 +31,8 @@ from silotune.events import read_events
 from silotune.flwr_connection import run_flwr, write_connection
 from silotune.processes import ProcessGroup, start_process
 from superlink.admission import admit_silo, list_silos
+from superlink.flwr_app import format_run_config
 from superlink.launch import SuperLinkOptions, start_superlink
-from superlink.submit import format_run_config
 from tests.fault_federation import run_config
 from tests.netlab import NetLab
 from tests.support.federation_runs import write_silo_data
