@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from silotune.atomic_files import atomic_write_json
+from silotune.atomic_files import atomic_write_bytes, atomic_write_json
 from silotune.config import ConfigError, Domain, parse_silo_config
 from silotune.errors import UserError
 
@@ -550,9 +550,7 @@ def write_kits(files: dict[str, bytes], out: Path, force: bool = False) -> KitRe
 
 
 def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    atomic_write_bytes(path, data)
 
 
 def _copy_tree(src: Path, prefix: str, what: str) -> dict[str, bytes]:

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from silotune.atomic_files import atomic_write_json
 from silotune.errors import UserError
 
 AUDIT_FILE = "audit.jsonl"
@@ -85,9 +86,7 @@ def approve_run(state_dir: str | Path, run_id: int | str, note: str = "") -> Pat
     path = _run_file(state_dir, run_id, "approved")
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"run_id": str(run_id), "approved_at": time.time(), "note": note}))
-        os.replace(tmp, path)
+        atomic_write_json(path, {"run_id": str(run_id), "approved_at": time.time(), "note": note})
         append_audit(state_dir, "approved", run_id=str(int(str(run_id).strip())), note=note)
     return path
 

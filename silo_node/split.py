@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from silo_node.data import read_records
+from silotune.atomic_files import atomic_write_text
 from silotune.errors import DataError, UserError
 
 
@@ -117,11 +118,8 @@ def split_file(
     written = []
     for name, idx in zip(names, parts, strict=True):
         target = out_dir / f"{prefix}-{name}.jsonl"
-        tmp = target.with_suffix(".jsonl.tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for j in idx:
-                fh.write(json.dumps(rows[j], ensure_ascii=False, default=str) + "\n")
-        tmp.replace(target)
+        text = "".join(json.dumps(rows[j], ensure_ascii=False, default=str) + "\n" for j in idx)
+        atomic_write_text(target, text)
         counts = dict(Counter(labels[j] for j in idx)) if labels else {}
         written.append((target, len(idx), counts))
     return written
