@@ -19,7 +19,8 @@ from (2r × 2r) matrices, and norms and distances follow from that Gram matrix:
 
 Order within a round (``Defence.apply``):
 1. weight caps: every silo's weight is its example count as declared at the handshake (the round
-   loop enforces that), and no silo's share exceeds ``strategy.max-weight-share``;
+   loop enforces that), or 1 under ``strategy.weighting = "equal"``, and no silo's share exceeds
+   ``strategy.max-weight-share``;
 2. the Gram matrix of the updates, per module, before any clipping;
 3. anomaly scores from it (the distance of each update from the others, its norm relative to the
    others' median) — what the round loop exports and counts towards exclusion;
