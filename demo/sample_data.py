@@ -1,11 +1,11 @@
-"""A small financial-sentiment sample that SiloTune authors itself, for offline demos.
+"""A small financial-sentiment sample that SiloTune authors itself, for benchmarks of the machinery.
 
-FlowerTune's finance training set (FinGPT/fingpt-sentiment-train) lives on the Hugging Face hub.
-Offline, the demo uses these headlines instead: written by us from templates (companies, events,
-figures), labelled by construction, free of any licence question. They are deliberately simple; the
-point of the demo is the federation, not the benchmark (use `silotune eval` for that). Held-out items
-come from the same templates as the training items, so accuracy on them shows that training works and
-says nothing about real financial text.
+Headlines written by us from templates (companies, events, figures), labelled by construction, free
+of any licence question, and trivially learnable: the round-cost and wire benchmarks
+(benchmarks/round_overhead.py, wire_bytes.py, silo_vs_standalone.py) use them because what they
+measure does not depend on the text. Held-out items come from the same templates as the training
+items, so accuracy on them says nothing about real financial text. `silotune demo` trains on real
+text instead: the TFNS subset bundled in demo/data (demo/tfns.py).
 """
 
 from __future__ import annotations
