@@ -19,7 +19,7 @@ Each row is its own ``silotune compare`` run under ``--out``; a stopped benchmar
 skipping rows whose results exist. Prints the table, then one JSON line with ``federated_avg``,
 ``best_isolated_avg``, ``centralized_avg``, ``base_avg`` and ``communicated_mb``.
 
-    python benchmarks/finance_quality.py            # full: R=10, S=5, batch 8, full suite (~75 min)
+    python benchmarks/finance_quality.py            # full: R=10, S=10, batch 8, full suite (~2 h)
     python benchmarks/finance_quality.py --quick    # smoke test: 2 rounds x 1 step, 8 items per set
 """
 
@@ -43,8 +43,7 @@ RECIPE_OPTIONS = {
     "num-rounds": "rounds", "train.local-steps": "local-steps", "train.batch-size": "batch-size",
     "peft.rank": "rank", "peft.target-modules": "target-modules", "train.lr-max": "lr-max",
     "train.lr-min": "lr-min", "train.seq-length": "seq-length", "train.prompt-style": "prompt-style",
-    "strategy.weighting": "weighting", "strategy.server-lr": "server-lr",
-    "strategy.server-momentum": "server-momentum",
+    "strategy.weighting": "weighting",
 }  # fmt: skip
 FLEX_RANKS = "8,16,32"
 
@@ -54,8 +53,8 @@ def recipe_options(quick: bool) -> dict[str, str]:
     from silotune.recipes import recipe_values
 
     recipe = recipe_values("finance")
-    if recipe.get("strategy.name") != "fedavgm" or not recipe.get("train.keep-optimizer-state"):
-        raise SystemExit("benchmarks/finance_quality.py measures FedAvgM with kept AdamW state; update it")
+    if recipe.get("strategy.name") != "fedavg" or not recipe.get("train.keep-optimizer-state"):
+        raise SystemExit("benchmarks/finance_quality.py measures FedAvg with kept AdamW state; update it")
     opts = {opt: str(recipe[key]) for key, opt in RECIPE_OPTIONS.items()}
     if quick:
         opts.update({"rounds": "2", "local-steps": "1", "batch-size": "2"})
@@ -70,25 +69,28 @@ def _rows(recipe: dict[str, Any], quick: bool) -> list[tuple[str, list[str]]]:
     kept = ["--keep-optimizer-state"]
     fed = [
         "--approaches",
-        "fedavgm",
+        str(recipe_values("finance")["strategy.name"]),
         *kept,
         "--transport-dtype",
         str(recipe_values("finance")["transport.dtype"]),
     ]
     rows = [
-        # Scored in fp32 too: the same items in both precisions say what bf16 scoring changes.
-        ("base-fp32", ["--approaches", "base", "--eval-dtype", "fp32"]),
+        ("base", ["--approaches", "base"]),
         ("federated", fed),
+        # The default aggregator is consensus (issue 23: no single silo steers); `mean` keeps every
+        # silo always: the pair says what the robust default costs on a clean, non-IID run.
+        ("federated-mean", [*fed, "--aggregator", "mean"]),
         ("centralized", ["--approaches", "centralized", *kept]),
         ("isolated", ["--approaches", "isolated", *kept]),
+        # Ablation: a fresh AdamW each round, the recipe FlowerTune ships.
+        ("fedavg-fresh-adamw", ["--approaches", "fedavg", "--transport-dtype", "bf16"]),
         ("flexlora", ["--approaches", "flexlora", *kept, "--ranks", FLEX_RANKS, "--transport-dtype", "bf16"]),
         ("federated-int4", [*fed, "--transport-dtype", "int4"]),
-        # Ablation: plain FedAvg (server step 1, fresh AdamW each round), the recipe FlowerTune ships.
-        ("fedavg-plain", ["--approaches", "fedavg", "--transport-dtype", "bf16"]),
-        ("base", ["--approaches", "base"]),
+        # Scored in fp32 too: the same items in both precisions say what bf16 scoring changes.
+        ("base-fp32", ["--approaches", "base", "--eval-dtype", "fp32"]),
     ]  # fmt: skip
     if quick:  # the smoke test keeps one row of each kind that the JSON line needs
-        rows = [r for r in rows if r[0] in ("base-fp32", "isolated", "federated", "centralized")]
+        rows = [r for r in rows if r[0] in ("base", "isolated", "federated", "centralized")]
     return rows
 
 
@@ -219,8 +221,8 @@ def summarize(
         "federated_avg": fed["average"],
         "best_isolated_avg": max(t["average"] for t in isolated),
         "centralized_avg": by["centralized"]["average"],
-        "base_avg": by.get("base", by["base-fp32"])["average"],
-        "base_fp32_avg": by["base-fp32"]["average"],
+        "base_avg": by.get("base", by.get("base-fp32"))["average"],
+        "base_fp32_avg": by["base-fp32"]["average"] if "base-fp32" in by else None,
         "eval_dtype": "bf16 autocast (training fp32); base also scored in fp32",
         "communicated_mb": fed["mb"],
         "federated_macro_f1": fed["macro_f1"],
@@ -234,9 +236,10 @@ def summarize(
         "eval_items": fed["items"],
         "wall_seconds": round(wall, 1),
     }
-    for extra in ("federated-int4", "flexlora", "fedavg-plain"):
+    for extra in ("federated-mean", "federated-int4", "flexlora", "fedavg-fresh-adamw"):
         if extra in by:
-            key = extra.replace("-", "_").replace("federated_", "")
+            key = extra.replace("-", "_")
+            key = key if extra == "federated-mean" else key.replace("federated_", "")
             js[f"{key}_avg"], js[f"{key}_mb"] = by[extra]["average"], by[extra]["mb"]
     return {"table": table, "json": js}
 

@@ -106,6 +106,12 @@ def register_arguments(c: argparse.ArgumentParser) -> None:
         help="silo weights in every federated row (strategy.weighting): examples (FedAvg) or equal; "
         "with equal, the centralized row also draws every silo's data equally often",
     )
+    t.add_argument(
+        "--aggregator",
+        choices=("mean", "trimmed-mean", "median", "multi-krum", "consensus"),
+        default="consensus",
+        help="robust selection in every federated row (strategy.aggregator; the run default)",
+    )
     t.add_argument("--proximal-mu", type=float, default=0.01, help="FedProx mu (fedprox rows)")
     t.add_argument(
         "--server-lr",
@@ -471,6 +477,7 @@ def run_compare(args: argparse.Namespace) -> int:
             "train.keep-optimizer-state": args.keep_optimizer_state,
             "strategy.proximal-mu": args.proximal_mu,
             "strategy.weighting": args.weighting,
+            "strategy.aggregator": args.aggregator,
             "strategy.server-lr": args.server_lr,
             "strategy.server-momentum": args.server_momentum,
             "transport.dtype": args.transport_dtype,
@@ -599,6 +606,7 @@ def run_compare(args: argparse.Namespace) -> int:
         "prompt_style": args.prompt_style,
         "keep_optimizer_state": args.keep_optimizer_state,
         "weighting": args.weighting,
+        "aggregator": args.aggregator,
         "silos": silo_meta,
         "silos_desc": "; ".join(f"{m['name']} {m['rows']} rows {m['labels']}" for m in silo_meta),
         "step_rule": step_rule(n, rounds, steps, args.batch_size, args.keep_optimizer_state),

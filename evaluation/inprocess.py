@@ -271,7 +271,14 @@ def train_federated(
         if agg.train_loss is not None:
             losses.append(agg.train_loss)
         shown = "unchanged (quorum missed)" if agg.train_loss is None else f"{agg.train_loss:.4f}"
-        log(f"  {strategy.name}: round {rnd}/{rounds} loss {shown} bytes so far {up + down:,}")
+        # Which silos the robust aggregator kept: on a clean run, its whole cost.
+        kept = (
+            ""
+            if agg.report is None
+            else " silos used "
+            + " ".join(f"{silos[sc.node_id].name}:{sc.modules_used:.2f}" for sc in agg.report.scores)
+        )
+        log(f"  {strategy.name}: round {rnd}/{rounds} loss {shown} bytes so far {up + down:,}{kept}")
     final, rank = strategy.checkpoint_adapter(global_state)
     steps = rounds * run.train.local_steps
     return TrainOutcome(
