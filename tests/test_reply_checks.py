@@ -252,7 +252,9 @@ def test_bad_evaluation_reply_is_rejected(tmp_path: Path, mutate: Mutator, code:
 def test_declared_examples_are_capped_at_the_max_weight_share(tmp_path: Path) -> None:
     # c declares 10^9 examples at its handshake (allowed) and moves every value by 10; a and b by 1.
     silos = {1: FakeSilo("a"), 2: FakeSilo("b"), 3: FakeSilo("c", n=10**9, delta=10.0)}
-    fed = _fed(tmp_path, FakeGrid(silos), **{"num-rounds": 1, "strategy.clip-relative": 0.0})
+    # The caps alone: `mean` keeps c (consensus, the default, would drop it) and nothing is clipped.
+    cfg = {"num-rounds": 1, "strategy.clip-relative": 0.0, "strategy.aggregator": "mean"}
+    fed = _fed(tmp_path, FakeGrid(silos), **cfg)
     fed.run()
     # Shares 0.5 / 0.25 / 0.25 (capped), not 1e9 : 10 : 10: A = 1 + 0.5*10 + 0.25 + 0.25 = 6.5.
     np.testing.assert_allclose(fed.global_state["m.lora_A.weight"], 6.5, rtol=1e-6)

@@ -28,8 +28,9 @@ def test_sampling_respects_fraction_and_min_nodes() -> None:
 
 def test_rounds_aggregate_and_checkpoint(tmp_path: Path) -> None:
     grid = FakeGrid({1: FakeSilo("a", n=10, delta=1.0), 2: FakeSilo("b", n=30, delta=3.0)})
-    # No share cap here (default 0.5 would give two silos equal weights): FedAvg by examples.
-    fed = _fed(tmp_path, grid, **{"strategy.max-weight-share": 1.0})
+    # No share cap here (default 0.5 would give two silos equal weights) and no clipping (b's update
+    # is beyond 3x a's, the smaller norm): FedAvg by examples.
+    fed = _fed(tmp_path, grid, **{"strategy.max-weight-share": 1.0, "strategy.clip-relative": 0.0})
     final = fed.run()
     assert final is not None and final.name == "round-0002"
     # Each round adds the example-weighted mean delta: (10*1 + 30*3) / 40 = 2.5.

@@ -26,8 +26,8 @@ Order within a round (``Defence.apply``):
    others' median) — what the round loop exports and counts towards exclusion;
 4. robust selection (``strategy.aggregator``, superlink/defences/aggregators.py): per module, which
    silos the average uses;
-5. clipping of each module's update to ``min(strategy.clip-norm, strategy.clip-relative × median
-   norm)``, by moving the silo's factors towards what it was sent: B(c) = B_ref + c·(B − B_ref),
+5. clipping of each module's update to ``min(strategy.clip-norm, strategy.clip-relative × lower
+   median norm)``, by moving the silo's factors towards what it was sent: B(c) = B_ref + c·(B − B_ref),
    A(c) = A_ref + c·(A − A_ref) with the c at which ||ΔW(c)|| equals the bound (a quartic in c,
    solved exactly), so a clipped update is still a rank-r pair in the silo's own basis.
 The strategy then aggregates with the resulting per-key weights (SiloUpdate.key_weights).
@@ -303,7 +303,9 @@ class Defence:
             if st.clip_norm > 0:
                 bounds.append(st.clip_norm)
             if st.clip_relative > 0:
-                bounds.append(st.clip_relative * float(np.median(mod_norms)))
+                # The lower median: of two silos, the smaller norm, so that one of two cannot
+                # raise its own bound (the plain median of 2 is their mean, i.e. half the liar's).
+                bounds.append(st.clip_relative * _lower_median(mod_norms))
             if bounds:
                 bound = min(bounds)
                 for i, u in enumerate(updates):

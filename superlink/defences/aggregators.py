@@ -23,7 +23,9 @@ matrices): ||ΔW_i − ΔW_j||² = G_ii + G_jj − 2·G_ij. None of them forms �
 - ``consensus`` (in the spirit of ROBOSAC, Li et al. 2023): the largest subset of silos whose
   updates are pairwise within ``strategy.consensus-tolerance`` × the round's median update norm
   (a maximum clique, exhaustive up to 16 silos, greedy from the medoid beyond); ties go to the
-  subset with the smallest sum of distances. No two silos agreeing: the medoid alone.
+  subset with the smallest sum of distances. No two silos agreeing: the medoid alone. With fewer
+  than 3 updates it keeps them all (a mean): a disagreeing pair does not say which one is wrong,
+  and picking either would let that one silo set the round. The default aggregator.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import numpy as np
 from silotune.config import StrategySettings
 
 EXHAUSTIVE_CLIQUE_MAX = 16  # 2**16 subsets at most; cross-silo federations are far smaller
+CONSENSUS_MIN_SILOS = 3  # below: a mean (two silos cannot outvote each other)
 
 
 def distances_from_gram(g: np.ndarray) -> np.ndarray:
@@ -118,6 +121,8 @@ class Consensus(Aggregator):
     def select(self, grams: dict[str, np.ndarray], settings: StrategySettings) -> dict[str, np.ndarray]:
         total = sum(grams.values())
         n = total.shape[0]
+        if n < CONSENSUS_MIN_SILOS:
+            return {m: np.ones(n, dtype=bool) for m in grams}
         dist = distances_from_gram(total)
         norms = np.sqrt(np.maximum(np.diag(total), 0.0))
         tol = settings.consensus_tolerance * float(np.median(norms))
