@@ -123,7 +123,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("resident", "per-message"),
         default="resident",
         help="resident: one long-lived worker runs the installed SiloTune app and keeps the model "
-        "loaded (docs/architecture.md); per-message: Flower's fresh flwr-clientapp per message",
+        "loaded (docs/architecture.md); per-message: Flower's flower-superexec, a fresh "
+        "flwr-clientapp per message, any app (no app pinning). Both authenticate to the local "
+        "Runtime API with <state-dir>/superexec.secret (docs/security.md)",
     )
     st.add_argument("--threads", type=int, help="torch threads (default: CPU affinity / cgroup quota)")
     st.add_argument("--gpus", help="CUDA devices, e.g. '0,1' (default: the visible ones)")

@@ -37,6 +37,7 @@ from silo_node.policy import (
     load_policy,
     pinned_hash,
 )
+from silo_node.runtime_auth import silo_settings
 from silo_node.training import evaluate_loss, round_seed, train_round
 from silotune import protocol as p
 from silotune.adapters import (
@@ -46,7 +47,7 @@ from silotune.adapters import (
     peft_config_dict,
     to_array_record,
 )
-from silotune.config import RunConfig, SiloConfig, parse_run_config, parse_silo_config
+from silotune.config import RunConfig, SiloConfig, parse_run_config
 from silotune.errors import ApprovalPending, ModelMismatchError, PolicyRefused, UserError
 from silotune.events import EventLog
 from silotune.modeling import model_identity
@@ -66,7 +67,7 @@ app = ClientApp()
 
 def _settings(context: Context) -> tuple[RunConfig, SiloConfig]:
     run = parse_run_config(dict(context.run_config))
-    silo = parse_silo_config(dict(context.node_config))
+    silo = silo_settings(context)
     return run, silo
 
 
@@ -174,8 +175,12 @@ def policy_gate(msg: Message, context: Context, phase: str) -> tuple[RunConfig, 
     """First thing for every message: the silo's policy decides, before any model is loaded.
 
     Raises PolicyRefused (-> POLICY_REFUSED), ApprovalPending (-> APPROVAL_PENDING) or ConfigError;
-    every refusal is audited with its full reason, which never leaves the silo."""
-    silo = parse_silo_config(dict(context.node_config))
+    every refusal is audited with its full reason, which never leaves the silo.
+
+    The silo's settings (policy file, data path, state dir, ...) come from its own launch
+    (silo_node/runtime_auth.py), never from the task's context, which whoever held the previous
+    task on this host's Runtime API may have pushed back changed."""
+    silo = silo_settings(context)
     run_id = str(context.run_id)
     base = {"run_id": run_id, "phase": phase, "round": _round_of(msg)}
     try:

@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import ssl
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,8 @@ class SiloOptions:
     flwr_home: Path | None = None
     max_wait_time: float | None = None  # give up connecting after this many seconds
     # "resident": a long-lived worker serves the SuperNode's tasks with the installed SiloTune code
-    # (silo_node/worker.py); "per-message": Flower's own fresh flwr-clientapp per message.
+    # (silo_node/worker.py); "per-message": Flower's own flower-superexec, which starts a fresh
+    # flwr-clientapp per message. Both authenticate to the Runtime API with the silo's secret.
     executor: str = "resident"
     threads: int | None = None  # torch threads for training (default: affinity / cgroup quota)
     gpus: str | None = None  # CUDA devices, e.g. "0,1" (default: the visible ones; "" = none)
@@ -124,8 +126,9 @@ def build_supernode_argv(opts: SiloOptions, node_config: dict[str, Any]) -> list
         ]  # fmt: skip
     if opts.runtime_port is not None:
         argv += ["--port", str(opts.runtime_port)]
-    if opts.executor == "resident":
-        argv += ["--isolation", "process"]  # the SuperNode spawns nothing; the worker serves
+    # Both executors run beside the SuperNode (silo_node/supervisor.py), which spawns nothing: only
+    # with --isolation process does Flower authenticate its Runtime API (silo_node/runtime_auth.py).
+    argv += ["--isolation", "process"]
     if opts.max_wait_time is not None:
         argv += ["--max-wait-time", str(opts.max_wait_time)]
     if node_config:
@@ -174,17 +177,29 @@ def supernode_env(opts: SiloOptions, base: dict[str, str] | None = None) -> dict
 EXECUTORS = ("resident", "per-message")
 
 
-def resident_argv(opts: SiloOptions, supernode_argv: list[str], silo: SiloConfig) -> list[str]:
-    """The supervisor command that runs the SuperNode and the resident worker together."""
+def resident_argv(
+    opts: SiloOptions, supernode_argv: list[str], silo: SiloConfig, secret: Path | None = None
+) -> list[str]:
+    """The supervisor command that runs the SuperNode and its executor together: the resident
+    worker, or (``--executor per-message``) Flower's flower-superexec. With ``secret`` both the
+    SuperNode and the executor get the Runtime API secret's path (silo_node/runtime_auth.py)."""
     import json
     import sys
 
     address = f"127.0.0.1:{opts.runtime_port or 9094}"
-    worker = [sys.executable, "-m", "silo_node.worker", "--runtime-api-address", address]
-    if silo.policy_file:
-        worker += ["--policy", silo.policy_file]
-    if silo.state_dir:
-        worker += ["--state-dir", silo.state_dir]
+    if opts.executor == "per-message":
+        beside = Path(sys.executable).with_name("flower-superexec")
+        superexec = str(beside) if beside.exists() else shutil.which("flower-superexec") or "flower-superexec"
+        worker = [superexec, "--insecure", "--runtime-api-address", address]  # loopback, no TLS
+    else:
+        worker = [sys.executable, "-m", "silo_node.worker", "--runtime-api-address", address]
+        if silo.policy_file:
+            worker += ["--policy", silo.policy_file]
+        if silo.state_dir:
+            worker += ["--state-dir", silo.state_dir]
+    if secret is not None:
+        worker += ["--superexec-auth-secret-file", str(secret)]
+        supernode_argv = [*supernode_argv, "--superexec-auth-secret-file", str(secret)]
     supernode = [shutil.which(supernode_argv[0]) or supernode_argv[0], *supernode_argv[1:]]
     return [
         sys.executable, "-m", "silo_node.supervisor",
@@ -299,6 +314,12 @@ def start_silo(
     label = name or f"SuperNode {silo.name}"
     if opts.executor not in EXECUTORS:
         raise UserError(f"--executor must be one of {', '.join(EXECUTORS)}, not {opts.executor!r}")
-    if opts.executor == "resident":
-        argv = resident_argv(opts, argv, silo)
-    return start_process(label, argv, log_path, env=supernode_env(opts), netns=netns)
+    from silo_node.runtime_auth import ensure_secret, settings_env
+
+    # The Runtime API secret lives beside the audit log (0600, made once); a silo without a state
+    # dir (tests that start bare silos) gets a fresh one in a private temporary directory.
+    private = Path(silo.state_dir) if silo.state_dir else Path(tempfile.mkdtemp(prefix="silotune-silo-"))
+    argv = resident_argv(opts, argv, silo, ensure_secret(private))
+    env = supernode_env(opts)
+    env.update(settings_env(node_config))  # the ClientApp's settings: never the task's context
+    return start_process(label, argv, log_path, env=env, netns=netns)

@@ -1,5 +1,8 @@
 """One silo = flower-supernode (--isolation process) + the resident worker, started and stopped together.
 
+(With ``--executor per-message`` the "worker" is Flower's flower-superexec; both hold the Runtime
+API secret, silo_node/runtime_auth.py.)
+
 This small process is what `silotune silo start` and LocalFederation manage as "the silo": it
 starts the SuperNode and the worker as its children, restarts the worker when it dies (a crash, an
 OOM kill, SIGKILL mid-round) with bounded backoff, and ends the worker when the SuperNode exits,

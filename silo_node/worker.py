@@ -93,8 +93,10 @@ class Worker:
         state_dir: Path | None = None,
         poll: float = TASK_POLL_SECONDS,
         max_tasks: int = 0,
+        secret: bytes | None = None,
     ) -> None:
         self.address = runtime_api_address
+        self.secret = secret  # signs AcquireTask (silo_node/runtime_auth.py); None: unauthenticated
         self.policy_file = policy_file
         self.state_dir = state_dir
         self.poll = poll
@@ -119,7 +121,11 @@ class Worker:
                 try:
                     res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
                 except Exception as exc:  # noqa: BLE001 - the SuperNode restarting: back off, retry
-                    log(WARNING, "Runtime API at %s not answering (%s); retrying", self.address, exc)
+                    if "401" in str(exc) or "authentication" in str(exc).lower():
+                        log(ERROR, "the Runtime API at %s refused this worker (%s): it was started with "
+                            "another --superexec-auth-secret-file; retrying", self.address, exc)  # fmt: skip
+                    else:
+                        log(WARNING, "Runtime API at %s not answering (%s); retrying", self.address, exc)
                     time.sleep(min(idle, MAX_IDLE_BACKOFF))
                     idle = min(idle * 2, MAX_IDLE_BACKOFF)
                     continue
@@ -144,6 +150,16 @@ class Worker:
         ]
         if token is not None:
             interceptors.append(RuntimeTokenHttpInterceptor(token))
+        elif self.secret:
+            from flwr.supercore.interceptors import SuperExecAuthHttpInterceptor
+
+            from silo_node.runtime_auth import AUTHENTICATED_METHODS
+
+            interceptors.append(
+                SuperExecAuthHttpInterceptor(
+                    master_secret=self.secret, protected_methods=AUTHENTICATED_METHODS
+                )
+            )
         return RuntimeHttpClient.from_server_address(
             server_address=self.address,
             insecure=True,  # the Runtime API listens on loopback only
@@ -335,6 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", default="", help="the silo policy file (allowed-apps)")
     parser.add_argument("--state-dir", default="", help="the silo's state dir (audit log, pid file)")
     parser.add_argument("--max-tasks", type=int, default=0, help="exit after this many tasks (0 = never)")
+    parser.add_argument(
+        "--superexec-auth-secret-file",
+        default="",
+        help="the secret the SuperNode's Runtime API was started with (silo_node/runtime_auth.py)",
+    )
     args = parser.parse_args(argv)
 
     from silo_node import resident
@@ -349,7 +370,12 @@ def main(argv: list[str] | None = None) -> int:
         state_dir.mkdir(parents=True, exist_ok=True)
         (state_dir / PIDFILE).write_text(str(os.getpid()))
     policy = args.policy or os.environ.get("SILOTUNE_SILO_POLICY", "")
-    return Worker(args.runtime_api_address, policy, state_dir, max_tasks=args.max_tasks).run()
+    secret = None
+    if args.superexec_auth_secret_file:
+        from silo_node.runtime_auth import load_secret
+
+        secret = load_secret(args.superexec_auth_secret_file)
+    return Worker(args.runtime_api_address, policy, state_dir, max_tasks=args.max_tasks, secret=secret).run()
 
 
 if __name__ == "__main__":
