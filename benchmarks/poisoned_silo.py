@@ -8,12 +8,14 @@ superlink/rounds.py: the same strategies and the same superlink/defences/.
 
 Scenarios (the attacker trains honestly, then corrupts what it sends; its update is what it sends
 minus what it received, per tensor):
+  clean     no attacker: what each configuration costs when every silo is honest;
   scale100  update x100;           signflip  update x(-1);
   noise10x  Gaussian noise at 10x its honest update's norm;
   claim1e9  honest update claiming 10^9 examples (the handshake declared its real count: the real
             round loop rejects the reply, code examples_grew; "fedavg" shows what it did before).
 Configurations: fedavg (no defence at all), clip+caps (weight cap 0.5, clipping at 3x the median,
-the mean), and each robust aggregator with the same caps and clipping; plus a clean 5-silo run.
+the mean: the default before issue 23), and each robust aggregator with the same caps and clipping
+(consensus is the default since); plus a clean 5-silo FedAvg run, the reference of every gap.
 
 Round 1 of every run starts from the same initial adapter, so the five silos' round-1 training is
 done once and reused; later rounds train afresh.
@@ -54,7 +56,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SCENARIOS = ("scale100", "signflip", "noise10x", "claim1e9")
+SCENARIOS = ("clean", "scale100", "signflip", "noise10x", "claim1e9")
 CONFIGS = ("fedavg", "clip+caps", "trimmed-mean", "median", "multi-krum", "consensus")
 ATTACKER = 0
 LABELS = "0=negative,1=positive,2=neutral"
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             for i, silo in enumerate(silos):
                 payload = strategy.payload_for(glob, silo.rank, rnd)
                 state, n = local(i, payload, rnd), len(silo.examples)
-                if scenario and i == ATTACKER:
+                if scenario not in (None, "clean") and i == ATTACKER:
                     state, n = attack(scenario, payload, state, n, rng)
                     if defence is not None and n > len(silo.examples):
                         flagged = flagged or rnd
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             if defence is not None:
                 scores = defence.apply(updates, refs).by_node()
                 score = scores.get(ATTACKER)
-                if scenario and score is not None and score.flagged:
+                if scenario is not None and score is not None and score.flagged:
                     flagged = flagged or rnd
                 honest = [sc for node, sc in scores.items() if node != ATTACKER]
                 seen = "rejected" if score is None else (
@@ -296,9 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "worst accuracy gap to the clean run (points): " + ", ".join(f"{c} {worst[c]:.2f}" for c in configs)
     )
-    flag_rounds = [table[s][c].get("flagged_round") for s in scenarios for c in defended]
+    # "clean" has no attacker: a flag there is a false positive on silo 0, reported, not counted.
+    attacks = [s for s in scenarios if s != "clean"]
+    flag_rounds = [table[s][c].get("flagged_round") for s in attacks for c in defended]
     flagged_within = None if not flag_rounds or None in flag_rounds else max(flag_rounds)
-    print("round in which the attacker was first flagged (rejected or anomaly score over the threshold):")
+    print("round in which the attacker was first flagged (rejected or anomaly score over the threshold;")
+    print("clean: silo 0 flagged although honest, a false positive):")
     print(f"{'scenario':10s}" + "".join(f"{c:>14s}" for c in defended))
     for scenario in scenarios:
         cells = (str(table[scenario][c].get("flagged_round")) for c in defended)
