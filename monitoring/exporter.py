@@ -139,6 +139,8 @@ _SILO_GAUGES: dict[str, m.MetricDef] = {
     "threads": m.SILO_THREADS,  # the allotment (silo_node/allotment.py), from local_train events
     "gpus": m.SILO_GPUS,
     "reply_seconds": m.SILO_REPLY_SECONDS,
+    protocol.DP_EPSILON_SPENT: m.SILO_DP_EPSILON_SPENT,  # only silos with [privacy]
+    protocol.DP_EPSILON_BUDGET: m.SILO_DP_EPSILON_BUDGET,
 }
 _GPU_FIELDS = frozenset(protocol.GPU_FIELDS)
 # Server events that mean the run moved; their time is silotune_last_progress_timestamp_seconds,

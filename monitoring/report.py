@@ -268,7 +268,17 @@ def charts(d: RunData) -> list[str]:
         ),
         line_chart("Peak memory per silo and round", memory, "bytes", empty=_EMPTY["memory"]),
         line_chart("Tokens per second per silo", d.per_silo("tokens_per_second"), empty=_EMPTY["throughput"]),
+        *privacy_chart(d),
     ]
+
+
+def privacy_chart(d: RunData) -> list[str]:
+    """Epsilon spent per silo and round (silos with [privacy] only; no chart when none has it)."""
+    spent = d.per_silo(protocol.DP_EPSILON_SPENT)
+    if not spent:
+        return []
+    budgets = d.per_silo(protocol.DP_EPSILON_BUDGET, " budget")
+    return [line_chart("Privacy: epsilon spent per silo", {**spent, **budgets}, empty="")]
 
 
 def _table(head: list[str], rows: list[list[Any]]) -> str:
@@ -300,8 +310,30 @@ def summary(d: RunData) -> str:
     return (
         _table(["", ""], run)
         + _table(["silo", "rounds", "uplink", "downlink", "failed", "rejected"], silos)
+        + privacy_table(d)
         + evaluation_table(d)
     )
+
+
+def privacy_table(d: RunData) -> str:
+    """Per silo with [privacy] in its policy: the epsilon spent after its last round, its budget."""
+    rows = []
+    for name, by_round in sorted(d.silo.items()):
+        dp = [r for _, r in sorted(by_round.items()) if _is_num(r.get(protocol.DP_EPSILON_SPENT))]
+        if not dp:
+            continue
+        last = dp[-1]
+        spent, budget = last[protocol.DP_EPSILON_SPENT], last.get(protocol.DP_EPSILON_BUDGET)
+        share = _percent(spent / budget) if _is_num(budget) and budget > 0 else ""
+        run_eps = last.get(protocol.DP_EPSILON_RUN)
+        rows.append(
+            [name, f"{spent:.3g}", f"{budget:g}" if _is_num(budget) else "", share,
+             f"{run_eps:.3g}" if _is_num(run_eps) else "", f"{last.get(protocol.DP_DELTA, 0):g}"]
+        )  # fmt: skip
+    if not rows:
+        return ""
+    head = ["silo (DP)", "epsilon spent", "budget", "used", "epsilon this run", "delta"]
+    return _table(head, rows)
 
 
 def evaluation_table(d: RunData) -> str:

@@ -200,4 +200,21 @@ def _audit(args: argparse.Namespace) -> int:
         ts = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(entry.get("ts", 0)))
         rest = " ".join(f"{k}={v}" for k, v in entry.items() if k not in ("ts", "kind"))
         print(f"{ts}Z {entry.get('kind', '?'):<8} {rest}")
+    _print_privacy(state, args.json)
     return 0
+
+
+def _print_privacy(state: Path, as_json: bool) -> None:
+    """Epsilon spent per dataset and per run, from the silo's privacy ledgers (silo_node/privacy.py)."""
+    import json
+
+    from silo_node.privacy import privacy_summary
+
+    for ds in privacy_summary(state):
+        if as_json:
+            print(json.dumps({"kind": "privacy_summary", **ds}, sort_keys=True))
+            continue
+        spent = f"epsilon_spent={ds['epsilon_spent']:.4g} delta={ds['delta']:g}"
+        print(f"privacy  dataset={ds['dataset']} {spent}")
+        for run_id, r in ds["runs"].items():
+            print(f"privacy    run_id={run_id} rounds={r['rounds']} epsilon={r['epsilon']:.4g}")

@@ -37,6 +37,7 @@ from silo_node.policy import (
     load_policy,
     pinned_hash,
 )
+from silo_node.privacy import round_budget
 from silo_node.runtime_auth import silo_settings
 from silo_node.training import evaluate_loss, round_seed, train_round
 from silotune import protocol as p
@@ -100,7 +101,11 @@ def reply_with_failure_code(handler: Handler) -> Handler:
         except Exception as exc:  # noqa: BLE001 - every failure must leave as a code only
             code = classify(exc)
             name = handler.__name__
-            if code in (SiloFailure.POLICY_REFUSED, SiloFailure.APPROVAL_PENDING):
+            if code in (
+                SiloFailure.POLICY_REFUSED,
+                SiloFailure.APPROVAL_PENDING,
+                SiloFailure.PRIVACY_BUDGET_EXHAUSTED,
+            ):
                 # The reason is the silo's own decision, not a bug: one line, no traceback.
                 log(WARNING, "SiloTune %s: %s (sent as code %s)", name, exc, code.name)
             else:
@@ -356,16 +361,23 @@ def train(msg: Message, context: Context) -> Message:
     load_adapter_state(peft_model, received)
     examples = resident.encoded(slot, run, silo, "train", train_records)
     optimizer = _optimizer_store(run, silo, context)
-    result = train_round(
-        peft_model,
-        loaded.tokenizer,
-        examples,
-        run.train,
-        lr=float(cfg[p.LR]),
-        seed=round_seed(run.train.seed, silo.name, server_round),
-        proximal_mu=float(cfg.get(p.PROXIMAL_MU, 0.0)),
-        optimizer_state=optimizer.load() if optimizer is not None else None,
-    )
+    # [privacy] in the silo's policy (never the run config): DP-SGD, refused past its epsilon budget.
+    privacy = _load_policy(silo).privacy
+    with round_budget(privacy, run, silo, str(context.run_id), server_round, len(examples)) as dp:
+        result = train_round(
+            peft_model,
+            loaded.tokenizer,
+            examples,
+            run.train,
+            lr=float(cfg[p.LR]),
+            seed=round_seed(run.train.seed, silo.name, server_round),
+            proximal_mu=float(cfg.get(p.PROXIMAL_MU, 0.0)),
+            optimizer_state=optimizer.load() if optimizer is not None else None,
+            dp=dp,
+        )
+        if dp is not None:
+            dp.commit()  # spent before the adapter leaves; the ledger stays locked until here
+    dp_fields = dp.metrics() if dp is not None else {}
     peaks = meter.stop()
     trained = adapter_state(peft_model)
     arrays = to_array_record(encode_uplink(trained, received, enc, _error_feedback(run, silo, context)))
@@ -383,6 +395,7 @@ def train(msg: Message, context: Context) -> Message:
         "threads": threads,
         "gpus": gpus,
         **{k.replace("_", "-"): v for k, v in peaks.as_dict().items()},
+        **{p.metric_key(k): v for k, v in dp_fields.items()},
     }
     uplink = arrays.count_bytes()
     downlink = msg.content[p.REC_ARRAYS].count_bytes()
@@ -408,6 +421,7 @@ def train(msg: Message, context: Context) -> Message:
         worker_model_loads=resident.counters.model_loads,
         worker_rss_bytes=resident.current_rss_bytes(),
         **peaks.as_dict(),
+        **dp_fields,
     )
     info = ConfigRecord({p.SILO: silo.name, p.MODEL_SHA256: loaded.identity.sha256})
     return Message(

@@ -27,6 +27,14 @@ The file (TOML, ``silotune silo start --policy FILE``; all keys optional)::
     name = "HuggingFaceTB/SmolLM2-135M-Instruct"
     sha256 = "..."                         # optional: the weight files' hash (silotune model id)
 
+    [privacy]                              # DP-SGD on this silo's records (docs/privacy.md)
+    noise-multiplier = 1.0                 # or target-epsilon = 3.0 (what each run may spend)
+    delta = 1e-5
+    max-grad-norm = 1.0                    # per-sample clipping norm
+    epsilon-budget = 8.0                   # all runs together, on this dataset; then refuse
+    accountant = "rdp"                     # or "prv" (Opacus's accountants)
+    dataset-id = ""                        # the budget's key; default: the data file's path
+
 Without a file the defaults above apply: embedded and local models only, no hub id, no remote code.
 """
 
@@ -36,8 +44,9 @@ import hashlib
 import re
 import tomllib
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from silotune.config import RunConfig, _format_error
 from silotune.errors import ApprovalPending, PolicyRefused, UserError
@@ -71,6 +80,27 @@ class AllowedModel(_Strict):
         return v.lower()
 
 
+class PrivacyPolicy(_Strict):
+    """``[privacy]``: record-level DP at this silo. Only the silo's policy sets these; the run
+    config has no key for any of them (silo_node/privacy.py applies them, docs/privacy.md)."""
+
+    noise_multiplier: float | None = Field(None, gt=0)
+    target_epsilon: float | None = Field(None, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    epsilon_budget: float = Field(..., gt=0)
+    accountant: Literal["rdp", "prv"] = "rdp"
+    dataset_id: str = ""
+
+    @model_validator(mode="after")
+    def _one_noise_source(self) -> PrivacyPolicy:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("set exactly one of noise-multiplier and target-epsilon")
+        if self.target_epsilon is not None and self.target_epsilon > self.epsilon_budget:
+            raise ValueError("target-epsilon must not exceed epsilon-budget")
+        return self
+
+
 class SiloPolicy(_Strict):
     federation_ca_sha256: str = ""
     allow_embedded: bool = True
@@ -90,6 +120,8 @@ class SiloPolicy(_Strict):
     # Flower FAB hashes (sha256 of the .fab) of apps other than the installed SiloTune that the
     # resident worker may run (silo_node/worker.py); `silotune silo app-hash APP_DIR` prints one.
     allowed_apps: tuple[str, ...] = ()
+    # Differential privacy at this silo (absent: none); see PrivacyPolicy.
+    privacy: PrivacyPolicy | None = None
 
     @field_validator("allowed_apps")
     @classmethod

@@ -142,13 +142,21 @@ def train_round(
     proximal_mu: float = 0.0,
     progress: Any = None,
     optimizer_state: OptimizerState | None = None,
+    dp: Any = None,
 ) -> TrainResult:
     """Run ``settings.local_steps`` optimizer steps on ``examples``; return what happened.
 
     ``optimizer_state`` (a previous round's ``TrainResult.optimizer_state``) starts AdamW from
     that state, at this round's ``lr``; one that does not fit this adapter is ignored with a
     warning. With ``settings.keep_optimizer_state`` the result carries the state after the round.
+    ``dp`` (a ``silo_node.privacy.DPRound``, from the silo's policy) trains with DP-SGD instead.
     """
+    if dp is not None:
+        from silo_node.privacy import train_round_dp
+
+        return train_round_dp(
+            model, tokenizer, examples, settings, lr, seed, dp, proximal_mu, progress, optimizer_state
+        )
     import torch
 
     if not examples:

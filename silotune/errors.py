@@ -30,3 +30,9 @@ class PolicyRefused(UserError):  # noqa: N818 - a refusal, not a bug
 
 class ApprovalPending(UserError):  # noqa: N818 - a state, not a bug
     """A new run waits at a silo for its operator's `silotune silo approve RUN_ID`."""
+
+
+class PrivacyBudgetExhausted(UserError):  # noqa: N818 - a refusal, not a bug
+    """A round would take a silo past the epsilon budget its own policy sets ([privacy]
+    epsilon-budget, silo_node/privacy.py). The detail stays at the silo; the central site gets the
+    code PRIVACY_BUDGET_EXHAUSTED and its fixed text."""

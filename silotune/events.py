@@ -19,7 +19,8 @@ Event kinds and fields (all carry ``ts`` (unix seconds), ``kind`` and ``role``):
   silo_result    round, node_id, silo, uplink_bytes, downlink_bytes, train_loss, examples, tokens,
                  tokens_per_second, train_seconds, peak_gpu_allocated_bytes,
                  peak_gpu_reserved_bytes, nvml_used_bytes, peak_rss_bytes, lora_rank,
-                 reply_seconds (push to reply)
+                 reply_seconds (push to reply); a silo with [privacy]: dp_epsilon_spent,
+                 dp_epsilon_budget, dp_epsilon_run, dp_noise_multiplier, dp_delta (docs/privacy.md)
   silo_failed    round, node_id, reason (handshake failures: retry_round, when it is asked again)
   silo_pending   round, node_id, silo, code (APPROVAL_PENDING), reason: the run waits for that
                  silo operator's approval; not a failure, asked again every round
@@ -43,6 +44,7 @@ Event kinds and fields (all carry ``ts`` (unix seconds), ``kind`` and ``role``):
                  train_seconds, peak_* as above, uplink_bytes, downlink_bytes, threads and gpus
                  (the allotment), worker_model_loads (base-model loads by this process: 1 across
                  rounds in a resident worker), worker_rss_bytes (RSS after the round)
+                 and the dp_* fields of silo_result when the silo's policy has [privacy]
 """
 
 from __future__ import annotations

@@ -103,6 +103,18 @@ SILO_THREADS = MetricDef(
     "silotune_silo_threads", "gauge", "CPU threads the silo's training was allotted.", _S
 )
 SILO_GPUS = MetricDef("silotune_silo_gpus", "gauge", "GPUs the silo's training was allotted.", _S)
+SILO_DP_EPSILON_SPENT = MetricDef(
+    "silotune_silo_dp_epsilon_spent",
+    "gauge",
+    "Differential-privacy epsilon the silo has spent on its dataset, all runs (silo_node/privacy.py).",
+    _S,
+)
+SILO_DP_EPSILON_BUDGET = MetricDef(
+    "silotune_silo_dp_epsilon_budget",
+    "gauge",
+    "The silo's own epsilon budget for its dataset (its policy's [privacy] epsilon-budget).",
+    _S,
+)
 SILO_REPLY_SECONDS = MetricDef(
     "silotune_silo_reply_seconds",
     "gauge",

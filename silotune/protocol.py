@@ -120,6 +120,18 @@ GPU_USAGE_FIELDS: tuple[str, ...] = (PEAK_GPU_ALLOCATED, PEAK_GPU_RESERVED, NVML
 GPU_FIELDS: tuple[str, ...] = (*GPU_USAGE_FIELDS, GPU_TOTAL)
 MEMORY_FIELDS: tuple[str, ...] = (*GPU_FIELDS, PEAK_RSS)
 
+# --- one silo's differential-privacy figures (silo_node/privacy.py; docs/privacy.md) ---------------
+# Present only when the silo's policy has [privacy]: its train reply carries them as MetricRecord
+# keys (metric_key), its local_train event and the server's silo_result event as these fields.
+DP_EPSILON_SPENT = "dp_epsilon_spent"  # epsilon spent on the silo's dataset, all runs, this round included
+DP_EPSILON_BUDGET = "dp_epsilon_budget"  # the silo's budget for that dataset (its policy's epsilon-budget)
+DP_EPSILON_RUN = "dp_epsilon_run"  # epsilon of this run's rounds alone
+DP_NOISE_MULTIPLIER = "dp_noise_multiplier"  # sigma of the round's Gaussian noise, in clipping norms
+DP_DELTA = "dp_delta"
+DP_FIELDS: tuple[str, ...] = (
+    DP_EPSILON_SPENT, DP_EPSILON_BUDGET, DP_EPSILON_RUN, DP_NOISE_MULTIPLIER, DP_DELTA,
+)  # fmt: skip
+
 
 def metric_key(field: str) -> str:
     """The MetricRecord key of an event field: ``peak_rss_bytes`` -> ``peak-rss-bytes``."""

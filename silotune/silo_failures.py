@@ -20,6 +20,7 @@ from silotune.errors import (
     ModelMismatchError,
     NoLearningError,
     PolicyRefused,
+    PrivacyBudgetExhausted,
     UserError,
 )
 
@@ -35,6 +36,7 @@ class SiloFailure(IntEnum):
     APPROVAL_PENDING = 1008  # not a failure: the run waits for the silo operator's approval
     APP_NOT_ALLOWED = 1009  # the run's app (FAB) is not the code the silo installed or allowed
     ENCODING_REFUSED = 1010  # the adapter the silo received is not in the run's wire format
+    PRIVACY_BUDGET_EXHAUSTED = 1012  # the round would spend more epsilon than the silo's budget has left
     INTERNAL = 1099
 
 
@@ -50,6 +52,7 @@ FIXED_TEXT: dict[SiloFailure, str] = {
     SiloFailure.APPROVAL_PENDING: "the run waits for the silo operator's approval",
     SiloFailure.APP_NOT_ALLOWED: "the silo runs only the app it installed or allowed; see the silo's log",
     SiloFailure.ENCODING_REFUSED: "the adapter received is not in the run's transport format",
+    SiloFailure.PRIVACY_BUDGET_EXHAUSTED: "the round would exceed the silo's privacy budget (epsilon)",
     SiloFailure.INTERNAL: "the silo failed; see the silo's log",
 }
 
@@ -75,6 +78,8 @@ def classify(exc: BaseException) -> SiloFailure:
         return SiloFailure.POLICY_REFUSED
     if isinstance(exc, ApprovalPending):
         return SiloFailure.APPROVAL_PENDING
+    if isinstance(exc, PrivacyBudgetExhausted):
+        return SiloFailure.PRIVACY_BUDGET_EXHAUSTED
     if isinstance(exc, NoLearningError):
         return SiloFailure.NO_LEARNING
     if isinstance(exc, DataError):

@@ -48,6 +48,7 @@ OPTIONAL_TRAIN_METRICS = (
     p.TOKENS_PER_SECOND,
     p.TRAIN_SECONDS,
     *(p.metric_key(field) for field in p.MEMORY_FIELDS),
+    *(p.metric_key(field) for field in p.DP_FIELDS),  # only from a silo whose policy has [privacy]
 )
 
 

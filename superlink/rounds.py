@@ -633,6 +633,8 @@ class Federation:
                 "lora_rank": update.rank,
                 "reply_seconds": self.reply_seconds.get(nid),  # push to reply: slow silos show here
                 **{field: m.get(p.metric_key(field)) for field in p.MEMORY_FIELDS},
+                # A silo with [privacy] in its policy: the epsilon it has spent, its budget.
+                **{f: m[p.metric_key(f)] for f in p.DP_FIELDS if p.metric_key(f) in m},
             }
             per_silo.append(row)
             self.events.emit(p.EV_SILO_RESULT, **row)
