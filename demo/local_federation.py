@@ -19,6 +19,12 @@ from silotune.processes import ProcessGroup
 from superlink.submit import RunResult, submit_run
 
 CONNECTION = "silotune-local"
+# The policy each silo gets when its node config names none: the local federation's base models
+# are directories on this machine (the tests' tiny models, `--model PATH`), which a silo refuses by
+# default (silo_node/policy.py allow-local-paths); embedded models are allowed either way.
+LOCAL_MODELS_POLICY = (
+    "# written by demo/local_federation.py: base models in local directories\nallow-local-paths = true\n"
+)
 
 
 def free_port() -> int:
@@ -45,6 +51,8 @@ class LocalFederation:
         run_domain: str = "finance",
         executor: str = "resident",
         proxy: bool = True,
+        policy: str | None = LOCAL_MODELS_POLICY,
+        proxy_limits: Any = None,
     ) -> None:
         self.ws = Path(workspace).resolve()
         self.silos = silos
@@ -63,6 +71,10 @@ class LocalFederation:
         self.executor = executor  # "resident" worker or Flower's "per-message" flwr-clientapp
         # False: the SuperLink alone on the public port (`--no-proxy`; benchmarks/proxy_overhead.py).
         self.proxy = proxy
+        # The text of the policy file written for every silo whose node config names no
+        # policy-file; None: such silos run under the default policy.
+        self.policy = policy
+        self.proxy_limits = proxy_limits  # superlink.proxy.ProxyLimits; None: sized by default
 
     # -- identity -----------------------------------------------------------------------------
     def create_identity(self) -> None:
@@ -108,6 +120,7 @@ class LocalFederation:
             events_dir=self.events_dir,
             flwr_home=self.flwr_home,
             insecure=self.insecure,
+            proxy_limits=self.proxy_limits,
         )
         self.runs_root.mkdir(parents=True, exist_ok=True)
         # Relative run dirs of the ServerApp land in the central workspace, not in our cwd.
@@ -132,7 +145,7 @@ class LocalFederation:
         # One machine, several silos: each gets its share of the cores (torch would take them all).
         threads = max(1, available_cpus() // max(1, len(self.silos)))
         for s in self.silos:
-            node_config = {"data-path": str(s.data_path), "name": s.name, **s.node_config}
+            node_config = self.silo_node_config(s)
             sopts = SiloOptions(
                 superlink=self.address,
                 node_config=node_config,
@@ -148,6 +161,16 @@ class LocalFederation:
             self.group.add(
                 start_silo(sopts, self.ws / "logs" / f"silo-{s.name}.log", run_domain=self.run_domain)
             )
+
+    def silo_node_config(self, s: SiloSpec) -> dict[str, Any]:
+        """The silo's node config; with this federation's policy file when it names none."""
+        node_config = {"data-path": str(s.data_path), "name": s.name, **s.node_config}
+        if self.policy is not None and not node_config.get("policy-file"):
+            policy_file = self.silo_dir(s) / "policy.toml"
+            policy_file.parent.mkdir(parents=True, exist_ok=True)
+            policy_file.write_text(self.policy, encoding="utf-8")
+            node_config["policy-file"] = str(policy_file)
+        return node_config
 
     def resume_interrupted_runs(self) -> list[str]:
         """Re-submit the runs a crash of this workspace's central site interrupted (run_journal.py),

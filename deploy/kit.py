@@ -364,6 +364,9 @@ def render_silo(fed: FederationFile, silo: SiloSite, fingerprint: str) -> dict[s
             ("SILO_DATA_DIR", str(data.parent)),
             ("SILO_DATA_FILE", data.name),
             ("SILOTUNE_MODEL_DIR", silo.model_dir or "./models"),
+            "This silo's policy (allowed models, compute limits, approval; the federation's CA",
+            "pinned), mounted read-only at /etc/silotune/policy.toml.",
+            ("SILOTUNE_SILO_POLICY_FILE", f"./{POLICY_FILE}"),
             "Handed to the ClientApp as Flower --node-config (silotune.config.SiloConfig keys).",
             ("SILO_NODE_CONFIG", node_config_string(silo.extra_settings())),
             ("SILO_EXPORTER_PUBLISH_ADDRESS", "0.0.0.0" if silo.exporter_address else "127.0.0.1"),
@@ -563,6 +566,20 @@ def _copy_tree(src: Path, prefix: str, what: str) -> dict[str, bytes]:
     return out
 
 
+POLICY_FILE = "policy.toml"
+_CA_PIN = re.compile(rb'(?m)^# federation-ca-sha256 = ""$')
+
+
+def render_policy(template: bytes, fingerprint: str) -> bytes:
+    """The bundle's silo policy with this federation's CA pinned (`silo start` refuses another)."""
+    pinned, n = _CA_PIN.subn(f'federation-ca-sha256 = "{fingerprint}"'.encode(), template, count=1)
+    if n != 1:
+        raise UserError(
+            f"the silo bundle's {POLICY_FILE} has no '# federation-ca-sha256 = \"\"' line to fill in"
+        )
+    return pinned
+
+
 def build_kits(
     fed: FederationFile,
     fed_path: Path,
@@ -595,6 +612,9 @@ def build_kits(
         for name in ("docker-compose.yml", "docker-compose.gpu.yml"):
             if (silo_src / name).is_file():
                 files[f"{silo.name}/{name}"] = read_public_file(silo_src / name, "bundle file")
+        if (silo_src / POLICY_FILE).is_file():
+            template = read_public_file(silo_src / POLICY_FILE, "bundle file")
+            files[f"{silo.name}/{POLICY_FILE}"] = render_policy(template, fingerprint)
         files[f"{silo.name}/ca.crt"] = ca
         files.update({f"{silo.name}/{k}": v for k, v in render_silo(fed, silo, fingerprint).items()})
     return files

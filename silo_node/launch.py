@@ -141,6 +141,14 @@ def default_state_dir(flwr_home: Path) -> Path:
     return Path(flwr_home).resolve().parent / "state"
 
 
+PER_MESSAGE_WARNING = (
+    "WARNING: silo {name}: --executor per-message gives up app pinning: Flower starts whatever app "
+    "the SuperLink sends, and this silo's policy (models, limits, trust-remote-code), approvals "
+    "and audit log apply only if that app is SiloTune's own. Use the default resident executor "
+    "to refuse other apps."
+)
+
+
 def check_policy(silo: SiloConfig, opts: SiloOptions) -> None:
     """Load the silo's policy (a bad file fails here, naming the key) and check the federation's CA."""
     from silo_node.policy import POLICY_ENV, check_federation, load_policy
@@ -158,6 +166,10 @@ def check_policy(silo: SiloConfig, opts: SiloOptions) -> None:
             f"enforce this policy's {'allowed-apps' if policy.allowed_apps else 'require-approval'} "
             f"({path}); use the default resident executor"
         )
+    if opts.executor == "per-message":
+        import sys
+
+        print(PER_MESSAGE_WARNING.format(name=silo.name), file=sys.stderr, flush=True)
 
 
 def _check_address(address: str) -> str:

@@ -10,7 +10,7 @@ The file (TOML, ``silotune silo start --policy FILE``; all keys optional)::
 
     federation-ca-sha256 = "AB:CD:..."     # the federation this silo serves (checked at start)
     allow-embedded = true                  # embedded:* models shipped inside a Python package
-    allow-local-paths = true               # base models in a local directory of this machine
+    allow-local-paths = false              # true: base models in any local directory of this machine
     allow-trust-remote-code = false        # never run a model's own Python code unless true
     max-rounds = 1000
     max-local-steps = 1000
@@ -35,7 +35,8 @@ The file (TOML, ``silotune silo start --policy FILE``; all keys optional)::
     accountant = "rdp"                     # or "prv" (Opacus's accountants)
     dataset-id = ""                        # the budget's key; default: the data file's path
 
-Without a file the defaults above apply: embedded and local models only, no hub id, no remote code.
+Without a file the defaults above apply: embedded models only (no local directory unless allowed or
+listed, no hub id unless listed), no remote code.
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ class PrivacyPolicy(_Strict):
 class SiloPolicy(_Strict):
     federation_ca_sha256: str = ""
     allow_embedded: bool = True
-    allow_local_paths: bool = True
+    # Off by default: a run could otherwise name any directory the silo can read as its base model.
+    allow_local_paths: bool = False
     allow_trust_remote_code: bool = False
     max_rounds: int = Field(1000, ge=1)
     max_local_steps: int = Field(1000, ge=1)

@@ -23,6 +23,28 @@ def _pick(explicit: str | None, certs_dir: str | None, name: str) -> Path | None
     return Path(certs_dir) / name if certs_dir else None
 
 
+def _size(text: str | None) -> int | None:
+    from superlink.proxy import parse_size
+
+    return parse_size(text) if text else None
+
+
+def _limit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--adapter-size",
+        metavar="SIZE",
+        help="the largest adapter the federation's runs send, as sent (e.g. 40MiB; a run's "
+        "silo_result.uplink_bytes): sizes the proxy's request-body limit and deadline "
+        "(default: Flower's largest object, 5 MiB, plus 1 MiB)",
+    )
+    p.add_argument(
+        "--max-request-size",
+        metavar="SIZE",
+        help="the proxy's request-body limit itself (e.g. 8MiB); larger bodies get 413 before they "
+        "reach the SuperLink (default: from --adapter-size)",
+    )
+
+
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -58,6 +80,8 @@ def _start(args: argparse.Namespace) -> int:
         access_log=not args.no_proxy_access_log,
         access_log_path=access_log,
         insecure=args.insecure,
+        adapter_bytes=_size(args.adapter_size),
+        max_request_bytes=_size(args.max_request_size),
     )
     argv = build_superlink_argv(opts)  # refuses before anything starts
     if args.exporter:
@@ -86,6 +110,14 @@ def _start(args: argparse.Namespace) -> int:
     print(f"operator connection '{DEFAULT_CONNECTION}' -> {operator} saved in {home}")
     if log:
         print(f"log: {log}" + (f" (proxy: {proxy_log_path(log)})" if opts.proxy else ""))
+    if opts.proxy:
+        from superlink.launch import proxy_limits
+
+        lim = proxy_limits(opts)
+        print(f"Fleet proxy bounds: request bodies up to {lim.max_request_bytes} B (413 beyond), "
+              f"requests within {lim.request_timeout_s:g} s, {lim.client_requests_per_s} requests/s "
+              f"per client address (burst {lim.client_burst}), "
+              f"{lim.max_connections} connections")  # fmt: skip
     access = proxy_access_log_path(opts, log)
     if access is not None:
         print(f"Fleet proxy access log (every request on {args.host}:{args.port}): {access}")
@@ -171,7 +203,7 @@ def _proxy(args: argparse.Namespace) -> int:
     from silotune.addresses import split_host_port
     from silotune.processes import supervise
     from superlink.launch import start_fleet_proxy
-    from superlink.proxy import STDOUT, ProxyOptions, check_loopback_san
+    from superlink.proxy import STDOUT, ProxyLimits, ProxyOptions, check_loopback_san
 
     host, port = split_host_port(args.listen, "--listen", "0.0.0.0:8000")
     tls = not args.insecure
@@ -187,10 +219,12 @@ def _proxy(args: argparse.Namespace) -> int:
     access_log = Path(args.access_log) if args.access_log else None
     if access_log is None:
         access_log = log.with_name(log.stem + "-access.log") if log else STDOUT
+    limits = ProxyLimits.for_adapter(_size(args.adapter_size), max_request_bytes=_size(args.max_request_size))
     popts = ProxyOptions(listen_host=host, listen_port=port, upstream_port=args.upstream_port,
                          ca_cert=ca if tls else None, server_cert=cert if tls else None,
                          server_key=key if tls else None,
-                         access_log=None if args.no_access_log else access_log)  # fmt: skip
+                         access_log=None if args.no_access_log else access_log,
+                         limits=limits)  # fmt: skip
     proc, config_dir = start_fleet_proxy(popts, log)
     print(f"Fleet proxy on {host}:{port} -> SuperLink 127.0.0.1:{args.upstream_port} "
           "(only /v1/fleet/* and /health are forwarded)")  # fmt: skip
@@ -247,6 +281,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "<stem>-proxy-access.log, else <workspace>/superlink/proxy-access.log)",
     )
     st.add_argument("--no-proxy-access-log", action="store_true", help="keep no proxy access log")
+    _limit_args(st)
     st.add_argument("--workspace", help="SiloTune workspace (default ./.silotune)")
     st.add_argument("--ready-timeout", type=float, default=60.0, help="seconds to wait for /health")
     st.add_argument(
@@ -283,6 +318,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "else standard output)",
     )
     px.add_argument("--no-access-log", action="store_true", help="keep no access log")
+    _limit_args(px)
     px.add_argument("--insecure", action="store_true", help="plaintext on both hops (development only)")
     px.set_defaults(func=_proxy)
 

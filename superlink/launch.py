@@ -25,6 +25,7 @@ from silotune.flwr_connection import flower_env
 from silotune.processes import ManagedProcess, start_process, wait_for_superlink
 from superlink.proxy import (
     LOOPBACK,
+    ProxyLimits,
     ProxyOptions,
     build_envoy_argv,
     check_loopback_san,
@@ -55,6 +56,12 @@ class SuperLinkOptions:
     node_auth: bool = True
     # Plaintext without node authentication; development only, and only when asked for by name.
     insecure: bool = False
+    # The proxy's bounds (superlink/proxy.py ProxyLimits), sized from the run: the request-body
+    # limit from the adapter's size as sent (None: the largest object Flower makes, 5 MiB), or
+    # given; the request deadline follows the body limit. ``proxy_limits`` replaces them all.
+    adapter_bytes: int | None = None
+    max_request_bytes: int | None = None
+    proxy_limits: ProxyLimits | None = None
 
 
 def _abs(path: Path | None) -> str:
@@ -85,8 +92,15 @@ def proxy_options(opts: SuperLinkOptions, log_path: Path | None = None) -> Proxy
         listen_host=opts.host, listen_port=opts.port, upstream_port=internal_port(opts),
         ca_cert=opts.ca_cert if tls else None, server_cert=opts.server_cert if tls else None,
         server_key=opts.server_key if tls else None,
-        access_log=proxy_access_log_path(opts, log_path),
+        access_log=proxy_access_log_path(opts, log_path), limits=proxy_limits(opts),
     )  # fmt: skip
+
+
+def proxy_limits(opts: SuperLinkOptions) -> ProxyLimits:
+    """The Fleet proxy's bounds for ``opts``: given, else sized from the adapter (or the body limit)."""
+    if opts.proxy_limits is not None:
+        return opts.proxy_limits
+    return ProxyLimits.for_adapter(opts.adapter_bytes, max_request_bytes=opts.max_request_bytes)
 
 
 def build_superlink_argv(opts: SuperLinkOptions) -> list[str]:

@@ -145,7 +145,7 @@ class FaultFederation(LocalFederation):
                 admit_silo(self.public_key(s), s.name, self.flwr_home, connection=CONNECTION)
         threads = max(1, available_cpus() // max(1, len(self.silos)))
         for s in self.silos:
-            node_config = {"data-path": str(s.data_path), "name": s.name, **s.node_config}
+            node_config = self.silo_node_config(s)  # with the local federation's policy
             sopts = SiloOptions(
                 superlink=self.address, node_config=node_config, ca_cert=ca,
                 node_key=None if self.insecure else self.private_key(s), insecure=self.insecure,

@@ -92,9 +92,12 @@ def link_run(work: Path, model: Path, fault: str, rng: random.Random, rounds: in
             admit_silo(key.public_path, name, home, netns=link.netns)
             data = work / f"{name}.jsonl"
             write_silo_data(data, seed=i, n=16)
+            policy = work / name / "policy.toml"  # the tiny model is a local directory: allowed
+            policy.write_text("allow-local-paths = true\n")
             sopts = SiloOptions(
                 superlink=address[name], ca_cert=ca, node_key=key.private_path,
-                node_config={"data-path": str(data), "name": name, "columns": "input=text,output=label"},
+                node_config={"data-path": str(data), "name": name, "columns": "input=text,output=label",
+                             "policy-file": str(policy)},
                 events_dir=work / name / "events", flwr_home=work / name / "flwr-home", threads=1,
             )  # fmt: skip
             group.add(start_silo(sopts, work / "logs" / f"{name}.log", netns=hosts[name].netns))

@@ -276,6 +276,9 @@ def make_sites(tmp_path: Path) -> dict[str, Any]:
     )
     kits = tmp_path / "kits"
     generate(fed, kits)
+    for name in SILOS:  # the run's base model is the directory mounted at /models: list it
+        with open(kits / name / "policy.toml", "a") as fh:
+            fh.write('\n[[models]]\nname = "/models"\n')
     central = kits / "central"
     # The operator issues the server certificate (SANs: the name silos use, and loopback for
     # the health check and the CLI inside the container).

@@ -93,6 +93,37 @@ def test_kits_generated(fed: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     assert (out / "central" / "monitoring").is_dir()
 
 
+def test_silo_kits_ship_a_policy_pinned_to_the_federation(fed: Path, tmp_path: Path) -> None:
+    """Every silo kit carries policy.toml (mounted by its compose file): the federation's CA pinned,
+    no local-path model, no remote code; the Kubernetes base mounts the same file."""
+    from certs.pki import create_ca
+    from silo_node.policy import check_federation, load_policy
+
+    out = tmp_path / "kits"
+    assert _kit(fed, out) == 0
+    ca = tmp_path / "pki" / "ca.crt"
+    for silo in SILOS:
+        policy = load_policy(out / silo / "policy.toml")
+        assert policy.federation_ca_sha256 and not policy.allow_local_paths
+        assert not policy.allow_trust_remote_code and policy.max_batch_size == 64
+        check_federation(policy, ca)  # the kit's CA: accepted
+        compose = yaml.safe_load((out / silo / "docker-compose.yml").read_text())["services"]["supernode"]
+        assert compose["command"][-2:] == ["--policy", "/etc/silotune/policy.toml"]
+        mount = "${SILOTUNE_SILO_POLICY_FILE:-./policy.toml}:/etc/silotune/policy.toml:ro"
+        assert mount in compose["volumes"]
+    other = tmp_path / "other"
+    create_ca(other)
+    with pytest.raises(UserError, match="not the federation"):
+        check_federation(load_policy(out / SILOS[0] / "policy.toml"), other / "ca.crt")
+    # The bundle's own file (no kit): the defaults, loadable, CA left to fill in.
+    bundle = load_policy(ROOT / "deploy" / "compose" / "silo" / "policy.toml")
+    assert bundle == load_policy(None)
+    k8s = yaml.safe_load((ROOT / "deploy" / "k8s" / "base" / "silo" / "policy-configmap.yaml").read_text())
+    assert k8s["data"]["policy.toml"] == (ROOT / "deploy" / "compose" / "silo" / "policy.toml").read_text()
+    sts = (ROOT / "deploy" / "k8s" / "base" / "silo" / "statefulset.yaml").read_text()
+    assert "/etc/silotune/policy/policy.toml" in sts and "silotune-silo-policy" in sts
+
+
 def test_env_matches_templates(fed: Path, tmp_path: Path) -> None:
     out = tmp_path / "kits"
     _kit(fed, out)

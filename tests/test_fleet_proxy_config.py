@@ -272,3 +272,83 @@ def test_access_log_records_requests_through_a_real_envoy(
     assert "SECRET" not in text
     assert encoded["status"] == 400
     assert [json.loads(line)["status"] for line in text.splitlines()] == [200, 403, 400]
+
+
+# -- bounds ---------------------------------------------------------------------------------------
+def _filters(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {f["name"]: f["typed_config"] for f in _hcm(cfg)["http_filters"]}
+
+
+def test_bounds_are_rendered_with_a_body_limit_derived_from_the_adapter(pki: dict[str, Path]) -> None:
+    """Body limit (413), deadlines, per-client bucket, circuit breakers, connection and heap caps."""
+    from superlink.proxy import (
+        FLOWER_CHUNK_BYTES,
+        MIN_CLIENT_RATE,
+        REQUEST_OVERHEAD_BYTES,
+        ProxyLimits,
+        max_request_bytes_for,
+        request_timeout_for,
+    )
+
+    # Unknown adapter: Flower's largest object (5 MiB) plus the request's overhead.
+    cfg = build_envoy_config(proxy_options(_opts(pki, port=8000)))
+    hcm, filters = _hcm(cfg), _filters(cfg)
+    assert [f["name"] for f in hcm["http_filters"]] == [
+        "envoy.filters.http.local_ratelimit", "envoy.filters.http.buffer", "envoy.filters.http.router",
+    ]  # fmt: skip
+    default_body = FLOWER_CHUNK_BYTES + REQUEST_OVERHEAD_BYTES
+    assert filters["envoy.filters.http.buffer"]["max_request_bytes"] == default_body == 6 * 2**20
+    # The request deadline lets the largest allowed body through at the slowest allowed link.
+    assert hcm["request_timeout"] == f"{-(-default_body // MIN_CLIENT_RATE) + 30}s" == "222s"
+    assert hcm["request_headers_timeout"] == "10s" and hcm["stream_idle_timeout"] == "300s"
+    assert hcm["common_http_protocol_options"]["idle_timeout"] == "300s"
+    assert hcm["max_request_headers_kb"] == 32
+    rl = filters["envoy.filters.http.local_ratelimit"]
+    assert rl["rate_limits"] == [{"actions": [{"remote_address": {}}]}]
+    (desc,) = rl["descriptors"]
+    assert desc["entries"] == [{"key": "remote_address"}]  # one bucket per client address
+    assert desc["token_bucket"] == {"max_tokens": 500, "tokens_per_fill": 50, "fill_interval": "1s"}
+    assert rl["max_dynamic_descriptors"] == 10000
+    (cb,) = cfg["static_resources"]["clusters"][0]["circuit_breakers"]["thresholds"]
+    assert cb == {"priority": "DEFAULT", "max_connections": 256, "max_pending_requests": 256,
+                  "max_requests": 256, "max_retries": 0}  # fmt: skip
+    listener = cfg["static_resources"]["listeners"][0]
+    assert listener["per_connection_buffer_limit_bytes"] == 2**20
+    overload = cfg["overload_manager"]
+    monitors = {m["name"]: m["typed_config"] for m in overload["resource_monitors"]}
+    conns = monitors["envoy.resource_monitors.global_downstream_max_connections"]
+    assert conns["max_active_downstream_connections"] == 4096
+    assert monitors["envoy.resource_monitors.fixed_heap"]["max_heap_size_bytes"] == 2**30
+    assert {a["name"] for a in overload["actions"]} == {
+        "envoy.overload_actions.stop_accepting_requests", "envoy.overload_actions.reset_high_memory_stream",
+    }  # fmt: skip
+
+    # A small adapter: the limit follows it (one object of it, plus the overhead), and so does the
+    # deadline; a large one is moved in 5 MiB objects, so the limit stops there.
+    small = proxy_options(_opts(pki, port=8000, adapter_bytes=300_000)).limits
+    assert small.max_request_bytes == 300_000 + REQUEST_OVERHEAD_BYTES == max_request_bytes_for(300_000)
+    assert small.request_timeout_s == request_timeout_for(small.max_request_bytes) < 222
+    small_cfg = build_envoy_config(proxy_options(_opts(pki, port=8000, adapter_bytes=300_000)))
+    assert _filters(small_cfg)["envoy.filters.http.buffer"]["max_request_bytes"] == 300_000 + 2**20
+    assert proxy_options(_opts(pki, adapter_bytes=40 * 2**20)).limits.max_request_bytes == default_body
+    # Given outright: the body limit (the deadline follows it), or every bound.
+    given = proxy_options(_opts(pki, adapter_bytes=300_000, max_request_bytes=9 * 2**20)).limits
+    assert given.max_request_bytes == 9 * 2**20 and given.request_timeout_s == request_timeout_for(9 * 2**20)
+    custom = ProxyLimits(max_request_bytes=2**20, request_timeout_s=5, client_requests_per_s=7)
+    assert proxy_options(_opts(pki, proxy_limits=custom)).limits == custom
+    with pytest.raises(UserError, match="below 64 KiB"):
+        ProxyLimits(max_request_bytes=1000)
+    with pytest.raises(UserError, match="client_burst must be positive"):
+        ProxyLimits.for_adapter(None, client_burst=0)
+
+
+def test_sizes_parse_and_the_cli_passes_them(tmp_path: Path) -> None:
+    from superlink.cli import _size
+    from superlink.proxy import parse_size
+
+    assert parse_size("6291456") == 6291456
+    assert parse_size("6MiB") == parse_size("6M") == parse_size("6 mib") == 6 * 2**20
+    assert parse_size("512K") == 512 * 1024 and parse_size("1.5GiB") == 3 * 2**29
+    assert _size(None) is None and _size("8MiB") == 8 * 2**20
+    with pytest.raises(UserError, match="not a size"):
+        parse_size("lots")

@@ -110,9 +110,12 @@ def test_outsider_and_silo_cannot_operate_the_federation(lab: dict[str, Any]) ->
     silo_host = lab["net"].add_host("hospital-a")
     nk = generate_node_key(tmp / "hospital-a" / "keys", "hospital-a")
     admitted = admit_silo(nk.public_path, "hospital-a", lab["operator"], netns=central.netns)
+    policy = tmp / "hospital-a" / "policy.toml"  # the tiny model is a local directory: allowed
+    policy.write_text("allow-local-paths = true\n")
     silo_opts = SiloOptions(
         superlink=lab["public"], ca_cert=lab["ca"], node_key=nk.private_path,
-        node_config={"data-path": str(lab["data"]), "name": "hospital-a", "domain": "finance"},
+        node_config={"data-path": str(lab["data"]), "name": "hospital-a", "domain": "finance",
+                     "policy-file": str(policy)},
         events_dir=tmp / "hospital-a" / "events", flwr_home=tmp / "hospital-a" / "flwr-home",
     )  # fmt: skip
     silo = lab["group"].add(start_silo(silo_opts, tmp / "logs" / "hospital-a.log",

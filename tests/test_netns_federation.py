@@ -79,6 +79,13 @@ def lab_federation(tmp_path: Path) -> Iterator[dict[str, Any]]:
         }  # fmt: skip
 
 
+def _local_model_policy(tmp: Path) -> Path:
+    """The tiny model is a local directory, which a silo loads only when its policy allows it."""
+    path = tmp / "local-model-policy.toml"
+    path.write_text("allow-local-paths = true\n")
+    return path
+
+
 def _silo(
     fed: dict[str, Any], name: str, *, key: Path | None, ca: Path | None, address: str | None = None,
     insecure: bool = False, preflight: bool = True, check: bool = True,
@@ -86,7 +93,8 @@ def _silo(
     host = fed["lab"].hosts.get(name) or fed["lab"].add_host(name)
     opts = SiloOptions(
         superlink=address or fed["address"], ca_cert=ca, node_key=key, insecure=insecure,
-        node_config={"data-path": str(fed["data"]), "name": name, "domain": "finance"},
+        node_config={"data-path": str(fed["data"]), "name": name, "domain": "finance",
+                     "policy-file": str(_local_model_policy(fed["tmp"]))},
         events_dir=fed["tmp"] / name / "events", max_wait_time=None if preflight else 20,
         flwr_home=fed["tmp"] / name / "flwr-home",
     )  # fmt: skip

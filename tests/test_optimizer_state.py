@@ -249,6 +249,8 @@ def silo(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch):  # 
         for i in range(8)
     ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    local_model_policy = tmp_path / "policy.toml"
+    local_model_policy.write_text("allow-local-paths = true\n")
     base = {
         "model.name": str(tiny_model), "peft.rank": 4, "train.local-steps": STEPS, "train.batch-size": 2,
         "train.seq-length": 48, "domain": "finance",
@@ -259,6 +261,7 @@ def silo(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch):  # 
     def call(server_round: int, arrays: dict | None = None, state_dir: bool = True, **extra: Any):  # noqa: ANN202
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, RUN_ID, 1
         node = {"data-path": str(data), "columns": "input=text,output=label", "name": "silo-a"}
+        node["policy-file"] = str(local_model_policy)  # the tiny model is a local directory
         if state_dir:
             node["state-dir"] = str(tmp_path / "state")
         context = Context(

@@ -48,6 +48,9 @@ def _message_and_context(model: Path, data: Path, server_round: int, arrays):  #
         "train.lr-max": 5e-3, "domain": "finance",
     }  # fmt: skip
     node_config = {"data-path": str(data), "columns": "input=text,output=label", "name": "silo-a"}
+    policy = data.with_name("policy.toml")  # the tiny model is a local directory: allowed by name
+    policy.write_text("allow-local-paths = true\n")
+    node_config["policy-file"] = str(policy)
     context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
     config = ConfigRecord({"server-round": server_round, "lr": 5e-3})
     content = RecordDict({"arrays": arrays, "config": config})

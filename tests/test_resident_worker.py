@@ -42,7 +42,10 @@ def _silos(ws: Path, policy: Path | None = None) -> list[SiloSpec]:
 @pytest.fixture(scope="module")
 def policy_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("policy") / "policy.toml"
-    path.write_text("# the silo operator's policy; the test adds allowed-apps later\n")
+    # The tiny model is a local directory, which a silo loads only when its policy says so.
+    path.write_text(
+        "# the silo operator's policy; the test adds allowed-apps later\nallow-local-paths = true\n"
+    )
     return path
 
 
@@ -213,11 +216,13 @@ def test_a_foreign_app_is_refused_until_the_policy_allows_its_hash(resident, pol
     audit = (_state(resident, "bank-c") / "audit.jsonl").read_text()
     assert "app not allowed" in audit
 
-    policy_file.write_text(f'allowed-apps = ["{flower_fab_hash(app)}"]\n')
+    policy_file.write_text(f'allow-local-paths = true\nallowed-apps = ["{flower_fab_hash(app)}"]\n')
     try:
         replies = _flwr_run(resident, app, tmp_path / "out2.json", markers)
     finally:
-        policy_file.write_text("# back to the defaults\n")
+        policy_file.write_text(
+            "# back to the defaults, the tiny model's directory allowed\nallow-local-paths = true\n"
+        )
     assert len(replies) == 3 and not any(r["error"] for r in replies), replies
     assert len(list(markers.iterdir())) == 3
 

@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordD
 
 from silo_node import client_app
 from silo_node.audit import approve_run, arrays_sha256, read_audit
-from silo_node.policy import PolicyError, check_federation, check_run, load_policy
+from silo_node.policy import PolicyError, SiloPolicy, check_federation, check_run, load_policy
 from silotune.adapters import to_array_record
 from silotune.config import parse_run_config
 from silotune.errors import PolicyRefused, UserError
@@ -41,10 +41,19 @@ def _task_identity() -> Iterator[None]:
 
 
 # -- the policy file ------------------------------------------------------------------------------
-def test_defaults_allow_embedded_and_local_models_but_no_hub_id_and_no_remote_code(tmp_path: Path) -> None:
+def test_defaults_allow_embedded_models_only_no_local_path_hub_id_or_remote_code(tmp_path: Path) -> None:
     policy = load_policy(None)
     check_run(policy, parse_run_config({}))  # the embedded demo model
-    check_run(policy, parse_run_config({"model.name": str(tmp_path)}))  # a local directory
+    assert policy.allow_local_paths is False
+    for local in (str(tmp_path), "./models/x", "/etc"):  # any directory the silo can read: off
+        with pytest.raises(PolicyRefused, match="allow-local-paths=false"):
+            check_run(policy, parse_run_config({"model.name": local}))
+    # ... unless the policy allows local paths, or lists that one directory.
+    check_run(SiloPolicy(allow_local_paths=True), parse_run_config({"model.name": str(tmp_path)}))
+    listed = SiloPolicy.model_validate({"models": [{"name": str(tmp_path)}]})
+    check_run(listed, parse_run_config({"model.name": str(tmp_path)}))
+    with pytest.raises(PolicyRefused, match="allow-local-paths"):
+        check_run(listed, parse_run_config({"model.name": str(tmp_path / "other")}))
     with pytest.raises(PolicyRefused, match="not in this silo's policy"):
         check_run(policy, parse_run_config({"model.name": "evil-org/backdoored-model"}))
     with pytest.raises(PolicyRefused, match="trust-remote-code"):
@@ -158,6 +167,21 @@ def test_per_message_executor_refuses_a_policy_it_cannot_enforce(tmp_path: Path,
         start_silo(opts, None, check=False, preflight=False)
 
 
+def test_per_message_executor_says_loudly_what_it_gives_up(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from silo_node.launch import SiloOptions, check_policy
+    from silotune.config import parse_silo_config
+
+    silo = parse_silo_config({"data-path": str(_data(tmp_path)), "name": "hospital-a"})
+    check_policy(silo, SiloOptions(superlink="127.0.0.1:1", insecure=True, executor="per-message"))
+    err = capsys.readouterr().err
+    assert "WARNING: silo hospital-a: --executor per-message gives up app pinning" in err
+    assert "resident executor" in err
+    check_policy(silo, SiloOptions(superlink="127.0.0.1:1", insecure=True))  # resident: nothing to say
+    assert capsys.readouterr().err == ""
+
+
 # -- the ClientApp ------------------------------------------------------------------------------------
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
@@ -251,7 +275,9 @@ def test_approval_holds_a_run_until_the_operator_approves_then_times_out_others(
     from tests.tiny_model import make_tiny_llama
 
     model = make_tiny_llama(tmp_path / "tiny")
-    policy = _write(tmp_path / "p.toml", "require-approval = true\napproval-timeout-hours = 1\n")
+    policy = _write(
+        tmp_path / "p.toml", "require-approval = true\napproval-timeout-hours = 1\nallow-local-paths = true\n"
+    )
     ctx = _context(tmp_path, {"model.name": str(model)}, policy)
     for _ in range(2):  # asked again and again: still pending, recorded once
         reply = client_app.handshake(_message(MessageType.QUERY), ctx)

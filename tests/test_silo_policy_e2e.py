@@ -1,8 +1,9 @@
 """Silo policy, approval, audit log and the no-private-data-leaves promise, through real processes.
 
 One loopback federation (SuperLink + 3 SuperNodes, TLS + node authentication) and a tiny random
-Llama. hospital-a requires its operator's approval for every run; bank-c's policy refuses base
-models in local directories (so it refuses the run's model); hospital-b keeps the default policy.
+Llama. hospital-a requires its operator's approval for every run; bank-c keeps the default,
+which refuses base models in local directories (so it refuses the run's model); hospital-b runs
+under the local federation's policy (demo/local_federation.py: local model directories allowed).
 Every row of every silo holds a canary string. (trust-remote-code is not in the app's run-config
 keys, so `flwr run` cannot ask for it; its refusal is tested at the ClientApp in test_silo_policy.py.)
 """
@@ -47,8 +48,8 @@ def _write_silo_data(path: Path, name: str, seed: int, n: int = 24) -> None:
 def federation(tmp_path_factory: pytest.TempPathFactory):
     ws = tmp_path_factory.mktemp("fed")
     policies = {
-        "hospital-a": "require-approval = true\napproval-timeout-hours = 1\n",
-        "bank-c": "allow-local-paths = false\n",
+        "hospital-a": "require-approval = true\napproval-timeout-hours = 1\nallow-local-paths = true\n",
+        "bank-c": "# the default policy: no base model in a local directory\n",
     }
     silos = []
     for i, name in enumerate(NAMES):
