@@ -136,7 +136,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     st.add_argument(
         "--policy",
         help="this silo's policy file (TOML: allowed base models, limits, approval, federation CA; "
-        "see docs/security.md#silo-policy). Default: embedded and local models only, no remote code",
+        "see docs/security.md#silo-policy). Default: embedded models only (no local directory or "
+        "hub id unless allowed or listed), no remote code",
     )
     st.set_defaults(func=_start)
     ah = sub.add_parser("app-hash", help="print an app's FAB hash, for the policy's allowed-apps")
