@@ -46,10 +46,11 @@ from silotune.adapters import (
     from_array_record,
     load_adapter_state,
     peft_config_dict,
+    state_digest,
     to_array_record,
 )
 from silotune.config import RunConfig, SiloConfig, parse_run_config
-from silotune.errors import ApprovalPending, ModelMismatchError, PolicyRefused, UserError
+from silotune.errors import ApprovalPending, InitRefused, ModelMismatchError, PolicyRefused, UserError
 from silotune.events import EventLog
 from silotune.modeling import model_identity
 from silotune.silo_failures import SiloFailure, classify, reason_for
@@ -329,6 +330,22 @@ def _optimizer_store(run: RunConfig, silo: SiloConfig, context: Context) -> Opti
     return OptimizerStore(memory=resident.optimizer_slot(context.run_id, silo))
 
 
+def _check_start(msg_cfg: ConfigRecord, run: RunConfig, rank: int, init_state: dict[str, Any]) -> None:
+    """While the run is at its start, the central site sends the agreed initial adapter's hash:
+    this silo trains from it only if it is the adapter this silo derives from train.seed itself
+    (a silo at another FlexLoRA rank derives another one and cannot compare)."""
+    claimed = str(msg_cfg.get(p.INITIAL_SHA256, ""))
+    if not claimed or rank != run.peft.rank:
+        return
+    mine = state_digest(init_state)
+    if claimed != mine:
+        raise InitRefused(
+            f"the run starts from an initial adapter with sha256 {claimed[:12]}, but this silo derives "
+            f"{mine[:12]} from train.seed={run.train.seed}: another silo chose it, or this silo's "
+            "base model, torch or peft differs from the others'"
+        )
+
+
 def _check_identity(msg_cfg: ConfigRecord, run: RunConfig) -> None:
     expected = str(msg_cfg.get(p.MODEL_SHA256, ""))
     mine = model_identity(run.model.name)
@@ -356,6 +373,7 @@ def train(msg: Message, context: Context) -> Message:
     # Loaded once per base model in a resident worker; the received adapter is swapped in.
     slot = resident.model_with_adapter(run.model, run.peft, rank, run.train.seed)
     loaded, peft_model = slot.loaded, slot.peft_model
+    _check_start(cfg, run, rank, slot.init_state)
     enc = encoding_for(run.transport)
     received = _received_adapter(msg, peft_model, enc)
     load_adapter_state(peft_model, received)

@@ -9,6 +9,7 @@ never happens in fp16/bf16.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import OrderedDict
@@ -108,6 +109,17 @@ def load_adapter_state(peft_model: Any, state: dict[str, np.ndarray]) -> None:
     # set_peft_model_state_dict copies into the live parameters, casting to their dtype.
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
     set_peft_model_state_dict(peft_model, tensors)
+
+
+def state_digest(state: dict[str, np.ndarray]) -> str:
+    """SHA-256 of an adapter's float32 values, names and shapes (key order does not matter): how
+    the central site and every silo compare the initial adapter each derived from the run's seed."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        v = np.ascontiguousarray(state[key], dtype=np.float32)
+        h.update(f"{key}\0{v.shape}\0".encode())
+        h.update(v.tobytes())
+    return h.hexdigest()
 
 
 def to_array_record(state: dict[str, np.ndarray]) -> Any:

@@ -128,8 +128,11 @@ class StrategySettings(_Section):
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0)
     # --- defences against a faulty or malicious silo (docs/security.md) ---
-    # Robust selection layered under any strategy (superlink/defences/aggregators.py).
-    aggregator: AggregatorName = "mean"
+    # Robust selection layered under any strategy (superlink/defences/aggregators.py). The default
+    # keeps every silo whose update agrees with the others' (a plain mean on a clean run) and drops
+    # one that would set the direction: with 3 or more answers no single silo steers; with 2 it
+    # is a mean (nobody can tell which of two disagreeing silos is wrong), bounded by the caps.
+    aggregator: AggregatorName = "consensus"
     # A silo's aggregation weight: its number of training examples (FedAvg, FlowerTune), or equal
     # for every silo (superlink/defences/ declared_weights).
     weighting: Literal["examples", "equal"] = "examples"

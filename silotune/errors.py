@@ -32,6 +32,11 @@ class ApprovalPending(UserError):  # noqa: N818 - a state, not a bug
     """A new run waits at a silo for its operator's `silotune silo approve RUN_ID`."""
 
 
+class InitRefused(UserError):  # noqa: N818 - a refusal, not a bug
+    """The adapter a run starts from is not the one this silo derives from the run's seed: a silo
+    trains only from a starting point it would have made itself (another silo may have chosen it)."""
+
+
 class PrivacyBudgetExhausted(UserError):  # noqa: N818 - a refusal, not a bug
     """A round would take a silo past the epsilon budget its own policy sets ([privacy]
     epsilon-budget, silo_node/privacy.py). The detail stays at the silo; the central site gets the

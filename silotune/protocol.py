@@ -19,6 +19,9 @@ SERVER_ROUND = "server-round"
 NUM_ROUNDS = "num-rounds"
 LR = "lr"
 WANT_INIT = "want-init"
+# SHA-256 of the agreed initial adapter (silotune.adapters.state_digest), sent with every round's
+# payload while the global adapter still is that start: each silo checks it against its own.
+INITIAL_SHA256 = "initial-sha256"
 MODEL_NAME = "model-name"
 MODEL_SHA256 = "model-sha256"
 PROXIMAL_MU = "proximal-mu"
@@ -55,6 +58,7 @@ R_TENSOR_VALUES = "tensor_not_finite"  # NaN or Inf inside a tensor
 R_MALFORMED = "malformed"  # a tensor that cannot be decoded
 R_ANOMALY_EXCLUDED = "anomaly_excluded"  # flagged as anomalous in K consecutive rounds
 R_ENCODING = "encoding"  # tensors not in the run's transport.dtype, or a packed payload that is off
+R_INIT_MISMATCH = "init_mismatch"  # an initial adapter that the other silos did not derive alike
 
 REASON_CODES = (
     R_MISSING_RECORD,
@@ -73,6 +77,7 @@ REASON_CODES = (
     R_MALFORMED,
     R_ANOMALY_EXCLUDED,
     R_ENCODING,
+    R_INIT_MISMATCH,
 )
 
 # --- event kinds (silotune/events.py documents every kind and its fields) ------------------------

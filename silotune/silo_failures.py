@@ -17,6 +17,7 @@ from enum import IntEnum
 from silotune.errors import (
     ApprovalPending,
     DataError,
+    InitRefused,
     ModelMismatchError,
     NoLearningError,
     PolicyRefused,
@@ -36,6 +37,7 @@ class SiloFailure(IntEnum):
     APPROVAL_PENDING = 1008  # not a failure: the run waits for the silo operator's approval
     APP_NOT_ALLOWED = 1009  # the run's app (FAB) is not the code the silo installed or allowed
     ENCODING_REFUSED = 1010  # the adapter the silo received is not in the run's wire format
+    INIT_REFUSED = 1011  # the run's starting adapter is not the one this silo derives from its seed
     PRIVACY_BUDGET_EXHAUSTED = 1012  # the round would spend more epsilon than the silo's budget has left
     INTERNAL = 1099
 
@@ -53,6 +55,7 @@ FIXED_TEXT: dict[SiloFailure, str] = {
     SiloFailure.APP_NOT_ALLOWED: "the silo runs only the app it installed or allowed; see the silo's log",
     SiloFailure.ENCODING_REFUSED: "the adapter received is not in the run's transport format",
     SiloFailure.PRIVACY_BUDGET_EXHAUSTED: "the round would exceed the silo's privacy budget (epsilon)",
+    SiloFailure.INIT_REFUSED: "the run's starting adapter is not the one this silo derives from train.seed",
     SiloFailure.INTERNAL: "the silo failed; see the silo's log",
 }
 
@@ -74,6 +77,8 @@ _CODE_PREFIX = re.compile(r"^([A-Z][A-Z0-9_]+): ")
 
 def classify(exc: BaseException) -> SiloFailure:
     """The code for an exception raised while a silo served a message."""
+    if isinstance(exc, InitRefused):
+        return SiloFailure.INIT_REFUSED
     if isinstance(exc, PolicyRefused):
         return SiloFailure.POLICY_REFUSED
     if isinstance(exc, ApprovalPending):

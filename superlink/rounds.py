@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from silotune import protocol as p
-from silotune.adapters import to_array_record
+from silotune.adapters import state_digest, to_array_record
 from silotune.config import RunConfig, flatten_run_config
 from silotune.events import EventLog
 from silotune.metrics import BYTES_PER_MB
@@ -163,6 +163,9 @@ class Federation:
         self.reference_sha = ""
         self.peft_config: dict[str, Any] = {}
         self.global_state: dict[str, np.ndarray] = {}
+        # The agreed initial adapter's hash while the global adapter is still that start; "" after
+        # the first aggregation (or on resume): silos check it before training (INITIAL_SHA256).
+        self.initial_sha256 = ""
         self.cumulative_bytes = 0
         self.sleep, self.clock = sleep, clock  # injectable: tests run hour-long waits in no time
         self.grid_calls = GridCalls(sleep, clock)
@@ -417,25 +420,65 @@ class Federation:
             self.reference_sha = max(by_sha.items(), key=lambda kv: (len(kv[1]), -kv[1][0]))[0]
 
     def _initial_adapter(self) -> None:
-        """Ask one silo for a freshly initialised adapter: the central site needs no model."""
-        candidates = [n for n, s in sorted(self.silos.items()) if not s.refused]
-        for nid in candidates:
-            content = RecordDict({p.REC_CONFIG: ConfigRecord({p.WANT_INIT: True})})
-            replies, errors = self._send(
-                MessageType.QUERY, {nid: content}, 0, self.cfg.strategy.round_timeout
+        """The run's starting adapter, agreed by the silos rather than chosen by one of them.
+
+        Every silo derives a fresh adapter from the run's seed (train.seed); the central site, which
+        needs no model, asks every silo at the run's rank for it, hashes each reply itself and starts
+        from the adapter that more silos made than any other. The silos that made another are
+        recorded (update_rejected, init_mismatch) and stay in the run: their updates still pass the
+        defences. No majority (two silos that disagree, or all different) stops the run before round
+        1: any pick would be one silo's. While the global adapter is still that start, each silo is
+        told its hash and refuses to train from anything it would not have made itself.
+        """
+        live = [n for n, s in sorted(self.silos.items()) if not s.refused]
+        # FlexLoRA: a silo at another rank derives another adapter; those at the run's rank vote.
+        voters = [n for n in live if self.silos[n].rank == self.cfg.peft.rank] or live
+        content = {n: RecordDict({p.REC_CONFIG: ConfigRecord({p.WANT_INIT: True})}) for n in voters}
+        replies, errors = self._send(MessageType.QUERY, content, 0, self.cfg.strategy.round_timeout)
+        made: dict[str, list[int]] = {}
+        states: dict[str, tuple[dict[str, np.ndarray], dict[str, Any]]] = {}
+        for nid in voters:
+            if nid not in replies:
+                log(WARNING, "silo node %d could not provide the initial adapter: %s", nid, errors.get(nid))
+                continue
+            try:
+                state, peft_config = check_init_reply(replies[nid].content)
+            except ReplyRejected as exc:
+                self._reject(0, nid, self.silos[nid].name, exc, "init")
+                continue
+            digest = state_digest(state)
+            made.setdefault(digest, []).append(nid)
+            states.setdefault(digest, (dict(state), peft_config))
+        if not made:
+            failures = self._handshake_failures()
+            raise RuntimeError(f"no silo could provide the initial adapter{failures}; check the silos' logs")
+        ranked = sorted(made.items(), key=lambda kv: len(kv[1]), reverse=True)
+        digest, agreed = ranked[0]
+        if len(ranked) > 1 and len(ranked[1][1]) == len(agreed):
+            groups = "; ".join(", ".join(self.silos[n].name for n in nids) for _, nids in ranked)
+            raise RuntimeError(
+                "the silos' initial adapters disagree and no majority made the same one (groups: "
+                f"{groups}); every silo derives it from train.seed with its base model, torch and peft: "
+                "check that their versions match, or remove the silo that differs"
             )
-            if nid in replies:
-                try:
-                    state, self.peft_config = check_init_reply(replies[nid].content)
-                except ReplyRejected as exc:
-                    self._reject(0, nid, self.silos[nid].name, exc, "init")
-                    continue
-                self.global_state = dict(state)
-                self.peft_config["base_model_name_or_path"] = self.cfg.model.name
-                return
-            log(WARNING, "silo node %d could not provide the initial adapter: %s", nid, errors.get(nid))
-        raise RuntimeError(
-            f"no silo could provide the initial adapter{self._handshake_failures()}; check the silos' logs"
+        for other, nids in ranked[1:]:
+            for nid in nids:
+                exc = ReplyRejected(
+                    p.R_INIT_MISMATCH,
+                    f"its initial adapter (sha256 {other[:12]}) is not the one {len(agreed)} other "
+                    f"silo(s) derived from train.seed ({digest[:12]})",
+                )
+                self._reject(0, nid, self.silos[nid].name, exc, "init")
+        state, self.peft_config = states[digest]
+        self.global_state = state
+        self.initial_sha256 = digest
+        self.peft_config["base_model_name_or_path"] = self.cfg.model.name
+        log(
+            INFO,
+            "initial adapter %s: derived alike by %d of %d silos",
+            digest[:12],
+            len(agreed),
+            sum(map(len, made.values())),
         )
 
     def _handshake_failures(self) -> str:
@@ -578,6 +621,7 @@ class Federation:
             **train_config(cfg, self.strategy, rnd),
             p.MODEL_SHA256: self.reference_sha,
             p.MODEL_NAME: cfg.model.name,
+            **({p.INITIAL_SHA256: self.initial_sha256} if self.initial_sha256 else {}),
         }
         # What each silo receives; also the reference its update is measured against (defences.py).
         sent = build_payloads(self.strategy, self.global_state, {n: self.silos[n].rank for n in sampled}, rnd)
@@ -661,6 +705,7 @@ class Federation:
         elif agg.updated and agg.report is not None and loss is not None:
             self._report_anomalies(rnd, agg.report)
             self.global_state = agg.global_state
+            self.initial_sha256 = ""
             ckpt_path = str(self._checkpoint(rnd, loss, per_silo))
         else:
             log(WARNING, "round %d: no valid update; the global adapter is unchanged", rnd)
