@@ -272,13 +272,13 @@ def train_federated(
             losses.append(agg.train_loss)
         shown = "unchanged (quorum missed)" if agg.train_loss is None else f"{agg.train_loss:.4f}"
         # Which silos the robust aggregator kept: on a clean run, its whole cost.
-        kept = (
+        used = (
             ""
             if agg.report is None
             else " silos used "
             + " ".join(f"{silos[sc.node_id].name}:{sc.modules_used:.2f}" for sc in agg.report.scores)
         )
-        log(f"  {strategy.name}: round {rnd}/{rounds} loss {shown} bytes so far {up + down:,}{kept}")
+        log(f"  {strategy.name}: round {rnd}/{rounds} loss {shown} bytes so far {up + down:,}{used}")
     final, rank = strategy.checkpoint_adapter(global_state)
     steps = rounds * run.train.local_steps
     return TrainOutcome(
