@@ -3,7 +3,7 @@
 SmolLM2-135M-Instruct on CPU. Training data: ``silotune data finance`` (FPB, FiQA and TFNS train
 rows, every evaluation text removed), split by source into 3 silos (analyst sentences, forum posts
 and headlines, social posts). Every row is trained in-process through the round core that
-deployments run (``silotune compare``: ``superlink/round_core.py`` + ``silo_node.training``), and
+deployments run (``silotune compare``: ``superlink/app/round_core.py`` + ``silo_node.app.training``), and
 scored on FlowerTune's FULL finance suite (FPB 1,212, FiQA 304, TFNS 2,388 items) by generated
 answer with FlowerTune's extraction (fast protocol: at most 8 new tokens).
 

@@ -4,7 +4,7 @@ SmolLM2-135M-Instruct (embedded), LoRA on TFNS (FlowerTune's finance sentiment s
 ``$SILOTUNE_DATA_DIR`` or /work/shared/data: tfns/sent_train.csv to train, tfns/sent_valid.csv to
 evaluate), 5 silos on the CPU, silo 0 the attacker. The federation is the in-process round logic of
 evaluation/inprocess.py (payload down, local steps, update up) with the server side of
-superlink/rounds.py: the same strategies and the same superlink/defences/.
+superlink/app/rounds.py: the same strategies and the same superlink/app/defences/.
 
 Scenarios (the attacker trains honestly, then corrupts what it sends; its update is what it sends
 minus what it received, per tensor):
@@ -142,13 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     from evaluation.compare import select_items
     from evaluation.inprocess import AdapterBank, Silo, _phase_train, silo_seed
     from evaluation.runner import EvalSettings, run_choice
-    from silo_node.data import load_silo_records
-    from silo_node.templates import get_template
-    from silo_node.training import encode_records
+    from silo_node.app.data import load_silo_records
+    from silo_node.app.templates import get_template
+    from silo_node.app.training import encode_records
     from silotune.config import EMBEDDED_MODEL, parse_run_config, parse_silo_config
     from silotune.modeling import load_model
-    from superlink.defences import Defence
-    from superlink.strategies import SiloUpdate, get_strategy
+    from superlink.app.defences import Defence
+    from superlink.app.strategies import SiloUpdate, get_strategy
 
     torch.manual_seed(args.seed)
     t_start = time.monotonic()
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         """The run's final adapter, and the first round in which the attacker was flagged.
 
         Flagged: its reply rejected (claim1e9's examples_grew) or its anomaly score over the
-        threshold or its cosine under the minimum (superlink/defences.anomaly_scores, what the
+        threshold or its cosine under the minimum (superlink.app.defences.anomaly_scores, what the
         anomaly_score event reports).
         """
         agg = "mean" if config in ("fedavg", "clip+caps") else config
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                     state, n = attack(scenario, payload, state, n, rng)
                     if defence is not None and n > len(silo.examples):
                         flagged = flagged or rnd
-                        continue  # superlink/reply_checks.py: examples_grew, the reply is rejected
+                        continue  # superlink/app/reply_checks.py: examples_grew, the reply is rejected
                 updates.append(SiloUpdate(i, state, n, silo.rank))
                 refs.append(payload)
             if defence is not None:

@@ -31,11 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from certs.node_key import generate_node_key  # noqa: E402
 from certs.pki import create_ca, issue_server_cert  # noqa: E402
-from silo_node.launch import SiloOptions, start_silo  # noqa: E402
+from silo_node.ops.launch import SiloOptions, start_silo  # noqa: E402
 from silotune.flwr_connection import write_connection  # noqa: E402
 from silotune.processes import ProcessGroup  # noqa: E402
-from superlink.admission import admit_silo, list_silos  # noqa: E402
-from superlink.launch import SuperLinkOptions, operator_address, start_superlink  # noqa: E402
+from superlink.ops.admission import admit_silo, list_silos  # noqa: E402
+from superlink.ops.launch import SuperLinkOptions, operator_address, start_superlink  # noqa: E402
 
 
 def free_port() -> int:

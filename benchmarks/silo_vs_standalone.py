@@ -42,8 +42,8 @@ def _silo(s: dict, data: Path) -> dict:
     from flwr.app import ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from silo_node import resident
-    from silo_node.client_app import train
+    from silo_node.app import resident
+    from silo_node.app.client_app import train
     from silotune.adapters import to_array_record
     from silotune.config import parse_run_config
     from silotune.wire_codec import encode, encoding_for
@@ -74,9 +74,9 @@ def _standalone(s: dict, data: Path) -> dict:
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from silo_node.data import load_silo_records, split_train_eval
-    from silo_node.templates import get_template
-    from silo_node.training import collate, encode_records
+    from silo_node.app.data import load_silo_records, split_train_eval
+    from silo_node.app.templates import get_template
+    from silo_node.app.training import collate, encode_records
     from silotune.config import parse_run_config, parse_silo_config
     from silotune.modeling import _gguf_cache_dir, resolve_source
 

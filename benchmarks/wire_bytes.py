@@ -8,7 +8,7 @@ and the bytes of the silos' traffic are counted at three layers:
 
 - payload: the adapter bytes SiloTune counts (``silo_result`` events' uplink_bytes +
   downlink_bytes, i.e. ``ArrayRecord.count_bytes()``);
-- HTTP wire bytes: the proxy's access log (superlink/proxy.py ``ACCESS_LOG_FORMAT``), each request
+- HTTP wire bytes: the proxy's access log (superlink/ops/proxy.py ``ACCESS_LOG_FORMAT``), each request
   and response as sent (request/status line, headers, body), before TLS;
 - TLS bytes: what crossed the relay (records, handshakes, session tickets), both ways.
 
@@ -290,7 +290,7 @@ def measure_run(
     fed: Any, relay: CountingRelay, access_log: Path, model: Path, dtype: str, mode: dict[str, int]
 ) -> dict[str, Any]:
     from silotune.events import read_events
-    from superlink.proxy import read_access_log
+    from superlink.ops.proxy import read_access_log
 
     run_dir = f"wire-{dtype}"
     t0 = time.time()
@@ -394,7 +394,7 @@ def main() -> int:
     args = parser.parse_args()
     from demo.local_federation import LocalFederation, SiloSpec
     from demo.sample_data import write_demo_data
-    from superlink.launch import access_log_beside
+    from superlink.ops.launch import access_log_beside
     from tests.tiny_model import make_tiny_llama
 
     mode = MODES["quick" if args.quick else "full"]

@@ -8,12 +8,12 @@ import sys
 
 # module path -> provides `register(subparsers)`. One line per area keeps this file conflict-free.
 _COMMAND_MODULES = [
-    "silo_node.cli",  # silo start
-    "silo_node.data_cli",  # data split, data check
+    "silo_node.ops.cli",  # silo start
+    "silo_node.ops.data_cli",  # data split, data check
     "evaluation.finance_data_cli",  # data finance (needs the evaluation's test splits)
-    "superlink.cli",  # superlink start, admission (silos admit/list/remove)
+    "superlink.ops.cli",  # superlink start, admission (silos admit/list/remove)
     "certs.cli",  # certs ...
-    "superlink.run_cli",  # run
+    "superlink.ops.run_cli",  # run
     "monitoring.cli",  # exporter, report
     "deploy.cli",  # kit
     "demo.cli",  # demo

@@ -201,8 +201,8 @@ def prepare_data(opts: DemoOptions, out_dir: Path) -> tuple[list[Path], list[dic
     Held-out records: the bundled TFNS held-out items, except with a local file, whose own rows
     are held out (one fifth at most, never trained on).
     """
-    from silo_node.data import load_silo_records
-    from silo_node.split import split_indices
+    from silo_node.app.data import load_silo_records
+    from silo_node.ops.split import split_indices
     from silotune.config import parse_silo_config
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -275,7 +275,7 @@ def evaluation_threads(cpus: int, busy: int | None) -> int:
 def _set_eval_threads() -> int:
     import torch
 
-    from silo_node.allotment import available_cpus
+    from silo_node.app.allotment import available_cpus
 
     threads = evaluation_threads(available_cpus(), runnable_elsewhere())
     torch.set_num_threads(threads)
@@ -288,7 +288,7 @@ def score_heldout(model: Any, tokenizer: Any, records: list[dict[str, str]]) -> 
     from evaluation.extraction import sentiment_label
     from evaluation.generation import greedy_generate
     from evaluation.scoring import accuracy, macro_f1
-    from silo_node.templates import get_template
+    from silo_node.app.templates import get_template
 
     template = get_template("finance")
     prompts = [template.render(r, "eval")[0] for r in records]
@@ -432,7 +432,7 @@ def _run_demo(opts: DemoOptions, ws: Path) -> DemoReport:
     # Before anything imports peft (and with it bitsandbytes); the env it sets reaches the silos.
     quiet_for(sys.stderr)
     from demo.local_federation import LocalFederation, SiloSpec
-    from silo_node.data import load_silo_records  # noqa: F401  (fail early if the install is broken)
+    from silo_node.app.data import load_silo_records  # noqa: F401  (fail early if the install is broken)
     from silotune.modeling import load_model
 
     report = DemoReport()
@@ -546,7 +546,7 @@ def write_run_report(run_dir: Path, report: DemoReport) -> Path:
 
 
 def _submit_with_progress(fed: Any, run_cfg: dict[str, Any], opts: DemoOptions) -> Any:
-    from superlink.submit import round_progress
+    from superlink.ops.submit import round_progress
 
     if not sys.stdout.isatty():  # a log file: one plain line per round, no progress bar
         return fed.submit(run_cfg, timeout=opts.timeout, on_round=_print_round)

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from silotune.processes import ProcessGroup
-from superlink.submit import RunResult, submit_run
+from superlink.ops.submit import RunResult, submit_run
 
 CONNECTION = "silotune-local"
 # The policy each silo gets when its node config names none: the local federation's base models
 # are directories on this machine (the tests' tiny models, `--model PATH`), which a silo refuses by
-# default (silo_node/policy.py allow-local-paths); embedded models are allowed either way.
+# default (silo_node/app/policy.py allow-local-paths); embedded models are allowed either way.
 LOCAL_MODELS_POLICY = (
     "# written by demo/local_federation.py: base models in local directories\nallow-local-paths = true\n"
 )
@@ -74,7 +74,7 @@ class LocalFederation:
         # The text of the policy file written for every silo whose node config names no
         # policy-file; None: such silos run under the default policy.
         self.policy = policy
-        self.proxy_limits = proxy_limits  # superlink.proxy.ProxyLimits; None: sized by default
+        self.proxy_limits = proxy_limits  # superlink.ops.proxy.ProxyLimits; None: sized by default
 
     # -- identity -----------------------------------------------------------------------------
     def create_identity(self) -> None:
@@ -102,10 +102,10 @@ class LocalFederation:
 
     # -- processes ----------------------------------------------------------------------------
     def start(self) -> None:
-        from silo_node.launch import SiloOptions, start_silo
+        from silo_node.ops.launch import SiloOptions, start_silo
         from silotune.flwr_connection import write_connection
-        from superlink.admission import admit_silo
-        from superlink.launch import SuperLinkOptions, operator_address, start_superlink
+        from superlink.ops.admission import admit_silo
+        from superlink.ops.launch import SuperLinkOptions, operator_address, start_superlink
 
         self.create_identity()
         opts = SuperLinkOptions(
@@ -140,7 +140,7 @@ class LocalFederation:
                 admit_silo(
                     self.silo_dir(s) / "keys" / f"{s.name}.pub", s.name, self.flwr_home, connection=CONNECTION
                 )
-        from silo_node.allotment import available_cpus
+        from silo_node.app.allotment import available_cpus
 
         # One machine, several silos: each gets its share of the cores (torch would take them all).
         threads = max(1, available_cpus() // max(1, len(self.silos)))
@@ -175,7 +175,7 @@ class LocalFederation:
     def resume_interrupted_runs(self) -> list[str]:
         """Re-submit the runs a crash of this workspace's central site interrupted (run_journal.py),
         as `silotune superlink start` does; start() does not (the demo starts its run over)."""
-        from superlink.run_journal import resume_open_runs
+        from superlink.ops.run_journal import resume_open_runs
 
         return resume_open_runs(self.journal, self.flwr_home, CONNECTION)
 

@@ -31,7 +31,7 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
-from silo_node.templates import instruction_answer_prompt
+from silo_node.app.templates import instruction_answer_prompt
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 TRAIN_FILE, HELDOUT_FILE = "tfns_demo_train.csv", "tfns_demo_heldout.csv"

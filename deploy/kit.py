@@ -288,7 +288,7 @@ def _env(lines: list[tuple[str, Any] | str]) -> bytes:
 
 def node_config_string(settings: dict[str, Any]) -> str:
     """Flower's ``--node-config`` form, as the silo launcher renders it (one source)."""
-    from silo_node.launch import format_node_config
+    from silo_node.ops.launch import format_node_config
 
     return format_node_config(settings)
 

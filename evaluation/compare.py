@@ -1,6 +1,6 @@
 """``silotune compare``: isolated vs federated (FedAvg, FlexLoRA) vs centralized, same compute.
 
-One data file is split into N silo files (``silo_node.split``, as ``silotune data split`` does), the
+One data file is split into N silo files (``silo_node.ops.split``, as ``silotune data split`` does), the
 base model is loaded once, every approach is trained in-process (``evaluation/inprocess.py``) and
 its adapter is scored with the evaluation suite (``evaluation.runner.evaluate_suite``) on held-out
 benchmark data. One table (markdown + JSON) reports accuracy and the bytes each approach moved.
@@ -440,10 +440,10 @@ def run_compare(args: argparse.Namespace) -> int:
     from evaluation.report import write_report
     from evaluation.runner import PROTOCOL_LABELS, EvalSettings, SuiteReport, run_choice, run_code
     from evaluation.scoring import majority_baseline
-    from silo_node.data import load_silo_records
-    from silo_node.split import split_file
-    from silo_node.templates import get_template
-    from silo_node.training import encode_records
+    from silo_node.app.data import load_silo_records
+    from silo_node.app.templates import get_template
+    from silo_node.app.training import encode_records
+    from silo_node.ops.split import split_file
     from silotune.adapters import peft_config_dict
     from silotune.config import parse_run_config, parse_silo_config
     from silotune.modeling import load_model

@@ -30,7 +30,7 @@ from typing import Any
 
 from evaluation.benchmarks.base import DataSource, hub_rows, read_csv
 from evaluation.benchmarks.finance import FIQA_RAW, FPB_RAW, fiqa_label, load_fiqa, load_fpb, load_tfns
-from silo_node.templates import FINGPT_INSTRUCTION, FINGPT_TWEET_INSTRUCTION
+from silo_node.app.templates import FINGPT_INSTRUCTION, FINGPT_TWEET_INSTRUCTION
 from silotune.atomic_files import atomic_write_text
 from silotune.errors import DataError
 

@@ -1,6 +1,6 @@
 """`silotune data finance`: build FlowerTune-style finance training files offline, leak-checked.
 
-It sits beside ``silotune data split`` / ``check`` (``silo_node/data_cli.py``) but lives here: it
+It sits beside ``silotune data split`` / ``check`` (``silo_node/ops/data_cli.py``) but lives here: it
 needs the evaluation's own test splits to prove that no evaluation item is trained on, and the
 silo role never imports the evaluation.
 """
@@ -17,10 +17,10 @@ DATA_ENV = "SILOTUNE_EVAL_DATA"
 
 
 def _data_subcommands(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """The ``silotune data`` parser's own subcommands (registered by silo_node/data_cli.py)."""
+    """The ``silotune data`` parser's own subcommands (registered by silo_node/ops/data_cli.py)."""
     data = sub.choices.get("data")
     if data is None:
-        raise RuntimeError("silo_node.data_cli must register `silotune data` first")
+        raise RuntimeError("silo_node.ops.data_cli must register `silotune data` first")
     return next(a for a in data._actions if isinstance(a, argparse._SubParsersAction))
 
 

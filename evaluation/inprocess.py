@@ -1,8 +1,8 @@
 """Isolated, federated and centralized PEFT training in one process, for ``silotune compare``.
 
-The federated loop runs the deployed round's own core (``superlink/round_core.py``: sampling, each
+The federated loop runs the deployed round's own core (``superlink/app/round_core.py``: sampling, each
 silo's payload, quorum, weight caps, clipping, robust selection, the strategy's average) and the
-silo's own training (``silo_node.training.train_round`` with ``round_seed``); only the transport
+silo's own training (``silo_node.app.training.train_round`` with ``round_seed``); only the transport
 differs: silos are called directly instead of over Flower. Adapters travel through the run's wire
 codec (``transport.dtype``), and bytes are what ``ArrayRecord.count_bytes()`` reports for them, as in a
 real federation; ``fp32_bytes`` is the same traffic in fp32.
@@ -28,14 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from silo_node.optimizer_state import OptimizerState
-from silo_node.training import Encoded, round_seed, train_round
+from silo_node.app.optimizer_state import OptimizerState
+from silo_node.app.training import Encoded, round_seed, train_round
 from silotune import protocol as p
 from silotune.adapters import adapter_state, attach_adapter, load_adapter_state
 from silotune.config import PeftSettings, RunConfig, TrainSettings, lr_for_round
 from silotune.wire_codec import ErrorFeedback, decode_uplink, encode_uplink, float32_nbytes, payload_nbytes
-from superlink.defences import Defence
-from superlink.round_core import (
+from superlink.app.defences import Defence
+from superlink.app.round_core import (
     aggregate_round,
     build_payloads,
     encode_downlink,
@@ -43,7 +43,7 @@ from superlink.round_core import (
     sample_round,
     train_config,
 )
-from superlink.strategies import SiloUpdate, get_strategy
+from superlink.app.strategies import SiloUpdate, get_strategy
 
 Log = Callable[[str], None]
 
@@ -82,7 +82,7 @@ class TrainOutcome:
 
 
 def silo_seed(base_seed: int, name: str, phase: int) -> int:
-    """The ClientApp's per-round seed (``silo_node.training.round_seed``), for every approach."""
+    """The ClientApp's per-round seed (``silo_node.app.training.round_seed``), for every approach."""
     return round_seed(base_seed, name, phase)
 
 
@@ -229,7 +229,7 @@ def train_federated(
     log: Log = _stderr,
 ) -> TrainOutcome:
     """R rounds of the deployed round core: sample, payload down, local-steps at each silo, update
-    up, defences and aggregation (``superlink/round_core.py``), with silos called in-process.
+    up, defences and aggregation (``superlink/app/round_core.py``), with silos called in-process.
 
     As in the real federation, the initial global adapter is a freshly initialised one from a silo
     (here the first, at its rank); FlexLoRA re-factors it to every silo's rank. Silo ``i`` plays

@@ -21,10 +21,10 @@ EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
 Domain = Literal["general", "finance", "medical", "code"]
 PeftMethod = Literal["lora", "dora", "qlora", "ia3"]
-# silo_node/templates.py renders both; "eval" is FlowerTune's finance evaluation prompt.
+# silo_node/app/templates.py renders both; "eval" is FlowerTune's finance evaluation prompt.
 PromptStyle = Literal["alpaca", "eval"]
 StrategyName = Literal["fedavg", "fedprox", "fedavgm", "fedadam", "flexlora"]
-# superlink/defences/aggregators.py: which silos' updates each module's average uses ("mean": all).
+# superlink/app/defences/aggregators.py: which silos' updates each module's average uses ("mean": all).
 AggregatorName = Literal["mean", "trimmed-mean", "median", "multi-krum", "consensus"]
 # Upper bound of every wait a run config sets: a week is longer than any sane round.
 MAX_WAIT_SECONDS = 7 * 24 * 3600.0
@@ -95,10 +95,10 @@ class TrainSettings(_Section):
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 42
     # "alpaca": FlowerTune's training prompt; "eval": the prompt its finance evaluation asks with
-    # (silo_node/templates.py says why one would train in it).
+    # (silo_node/app/templates.py says why one would train in it).
     prompt_style: PromptStyle = "alpaca"
     # Each silo carries its AdamW state (moments, step count) from round to round, kept in its
-    # state dir and never sent (silo_node/optimizer_state.py). Off: a fresh AdamW every round,
+    # state dir and never sent (silo_node/app/optimizer_state.py). Off: a fresh AdamW every round,
     # as in FlowerTune.
     keep_optimizer_state: bool = False
 
@@ -119,7 +119,7 @@ class StrategySettings(_Section):
     # Seconds to wait at the start of a round for min-nodes silos to be connected.
     wait_for_nodes: float = Field(600.0, gt=0, le=MAX_WAIT_SECONDS, allow_inf_nan=False)
     # A round with no reply for this many times the expected round time (median of completed
-    # rounds, else round-timeout) is failed by the watchdog (superlink/watchdog.py).
+    # rounds, else round-timeout) is failed by the watchdog (superlink/app/watchdog.py).
     watchdog_factor: float = Field(3.0, ge=1, le=100, allow_inf_nan=False)
     proximal_mu: float = Field(0.0, ge=0)
     server_lr: float = Field(1.0, gt=0)
@@ -128,13 +128,13 @@ class StrategySettings(_Section):
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0)
     # --- defences against a faulty or malicious silo (docs/security.md) ---
-    # Robust selection layered under any strategy (superlink/defences/aggregators.py). The default
+    # Robust selection layered under any strategy (superlink/app/defences/aggregators.py). The default
     # keeps every silo whose update agrees with the others' (a plain mean on a clean run) and drops
     # one that would set the direction: with 3 or more answers no single silo steers; with 2 it
     # is a mean (nobody can tell which of two disagreeing silos is wrong), bounded by the caps.
     aggregator: AggregatorName = "consensus"
     # A silo's aggregation weight: its number of training examples (FedAvg, FlowerTune), or equal
-    # for every silo (superlink/defences/ declared_weights).
+    # for every silo (superlink/app/defences/ declared_weights).
     weighting: Literal["examples", "equal"] = "examples"
     # No silo gets more than this share of a round's aggregation weight.
     max_weight_share: float = Field(0.5, gt=0, le=1, allow_inf_nan=False)
@@ -229,7 +229,7 @@ class SiloConfig(_Section):
     max_examples: int = Field(0, ge=0)  # 0 = all
     eval_fraction: float = Field(0.0, ge=0, lt=1)
     state_dir: str = ""  # where the silo writes its metric events ("" = none)
-    # The silo operator's policy file (silo_node/policy.py); "" = $SILOTUNE_SILO_POLICY or the defaults.
+    # The silo operator's policy file (silo_node/app/policy.py); "" = $SILOTUNE_SILO_POLICY or the defaults.
     policy_file: str = ""
 
     def column_mapping(self) -> dict[str, str]:

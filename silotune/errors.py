@@ -22,7 +22,7 @@ class NoLearningError(RuntimeError):
 
 
 class PolicyRefused(UserError):  # noqa: N818 - a refusal, not a bug
-    """A run asks a silo for more than the silo's own policy allows (silo_node/policy.py).
+    """A run asks a silo for more than the silo's own policy allows (silo_node/app/policy.py).
 
     The message is the detail, for the silo's log and audit log only; the central site gets the
     code POLICY_REFUSED and its fixed text."""
@@ -39,5 +39,5 @@ class InitRefused(UserError):  # noqa: N818 - a refusal, not a bug
 
 class PrivacyBudgetExhausted(UserError):  # noqa: N818 - a refusal, not a bug
     """A round would take a silo past the epsilon budget its own policy sets ([privacy]
-    epsilon-budget, silo_node/privacy.py). The detail stays at the silo; the central site gets the
+    epsilon-budget, silo_node/app/privacy.py). The detail stays at the silo; the central site gets the
     code PRIVACY_BUDGET_EXHAUSTED and its fixed text."""

@@ -29,7 +29,7 @@ Event kinds and fields (all carry ``ts`` (unix seconds), ``kind`` and ``role``):
   update_rejected round, node_id, silo, phase (handshake|init|train|evaluate), code (a reason code
                  of silotune/protocol.py), reason (detail for people)
   anomaly_score  round, node_id, silo, norm, norm_ratio, distance, cosine, flagged, streak, weight_share,
-                 clip_factor, modules_used, aggregator (superlink/defences/)
+                 clip_factor, modules_used, aggregator (superlink/app/defences/)
   silo_excluded  round, node_id, silo, code, reason (flagged in strategy.anomaly-rounds rounds)
   quorum_missed  round, valid_updates, min_answers (the global adapter stayed unchanged)
   round_end      round, duration_seconds, aggregation_seconds, sampled, answered, failed,

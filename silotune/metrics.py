@@ -106,7 +106,7 @@ SILO_GPUS = MetricDef("silotune_silo_gpus", "gauge", "GPUs the silo's training w
 SILO_DP_EPSILON_SPENT = MetricDef(
     "silotune_silo_dp_epsilon_spent",
     "gauge",
-    "Differential-privacy epsilon the silo has spent on its dataset, all runs (silo_node/privacy.py).",
+    "Differential-privacy epsilon the silo has spent on its dataset, all runs (silo_node/app/privacy.py).",
     _S,
 )
 SILO_DP_EPSILON_BUDGET = MetricDef(
@@ -207,7 +207,7 @@ COMM_BUDGET = MetricDef(
 EVALUATION = MetricDef("silotune_evaluation_value", "gauge", "Latest global evaluation metric.", ("metric",))
 EVALUATION_ROUND = MetricDef("silotune_evaluation_round", "gauge", "Round of the latest global evaluation.")
 
-# --- defences against a faulty or malicious silo (server only; superlink/defences/) ---
+# --- defences against a faulty or malicious silo (server only; superlink/app/defences/) ---
 UPDATES_REJECTED_BY_REASON = MetricDef(
     "silotune_updates_rejected_by_reason_total",
     "counter",

@@ -1,6 +1,6 @@
 """The one home of the round protocol's names: message keys, reason codes, event kinds.
 
-The server (superlink/rounds.py, superlink/reply_checks.py) and the silo (silo_node/client_app.py)
+The server (superlink/app/rounds.py, superlink/app/reply_checks.py) and the silo (silo_node/app/client_app.py)
 must spell every key the same way; a typo on one side would be a silent ``KeyError`` on the other,
 so both import them from here. Reason codes are the stable, machine-readable half of every
 ``update_rejected`` event (the ``detail`` beside them is for people) and a Prometheus label.
@@ -104,7 +104,7 @@ EVENT_KINDS: tuple[str, ...] = (
     EV_QUORUM_MISSED, EV_ROUND_END, EV_EVALUATION, EV_ROUND_STALLED, EV_RUN_END, EV_LOCAL_TRAIN,
 )  # fmt: skip
 
-# --- the ServerApp's log lines that `silotune run` (superlink/submit.py) follows ------------------
+# --- the ServerApp's log lines that `silotune run` (superlink/ops/submit.py) follows ------------------
 # `flwr run --stream` relays the ServerApp's log from wherever the SuperLink runs, so progress
 # crosses machines without an extra port: one PROGRESS line per round, DONE or FAILED at the end.
 PROGRESS_PREFIX = "SILOTUNE-ROUND "
@@ -112,7 +112,7 @@ DONE_PREFIX = "SILOTUNE-DONE "
 FAILED_MARK = "SiloTune run failed"
 
 # --- one silo's memory figures, as every record spells them ---------------------------------------
-# The silo's meter (silo_node/memory.py) fills these; its train reply carries them as MetricRecord
+# The silo's meter (silo_node/app/memory.py) fills these; its train reply carries them as MetricRecord
 # keys (hyphenated, Flower's style), its local_train event and the server's silo_result event as
 # snake_case fields; the exporter and the HTML report read the same names. A GPU-less silo reports
 # 0 for every GPU figure, which readers treat as "no GPU", not as a measurement.
@@ -125,7 +125,7 @@ GPU_USAGE_FIELDS: tuple[str, ...] = (PEAK_GPU_ALLOCATED, PEAK_GPU_RESERVED, NVML
 GPU_FIELDS: tuple[str, ...] = (*GPU_USAGE_FIELDS, GPU_TOTAL)
 MEMORY_FIELDS: tuple[str, ...] = (*GPU_FIELDS, PEAK_RSS)
 
-# --- one silo's differential-privacy figures (silo_node/privacy.py; docs/privacy.md) ---------------
+# --- one silo's differential-privacy figures (silo_node/app/privacy.py; docs/privacy.md) ---------------
 # Present only when the silo's policy has [privacy]: its train reply carries them as MetricRecord
 # keys (metric_key), its local_train event and the server's silo_result event as these fields.
 DP_EPSILON_SPENT = "dp_epsilon_spent"  # epsilon spent on the silo's dataset, all runs, this round included

@@ -20,8 +20,8 @@ from typing import Any
 from demo.local_federation import CONNECTION, LocalFederation, SiloSpec
 from silotune.events import read_events
 from silotune.processes import ManagedProcess, start_process
-from superlink.run_journal import _submit_detached, record_submission
-from superlink.watchdog import MIN_BOUND_SECONDS
+from superlink.app.watchdog import MIN_BOUND_SECONDS
+from superlink.ops.run_journal import _submit_detached, record_submission
 from tests.support.federation_runs import write_silo_data
 
 
@@ -98,7 +98,7 @@ class FaultFederation(LocalFederation):
     options are kept for a restart on the same addresses, and operator commands use the
     SuperLink's loopback operator address (the public port is the Fleet proxy's).
 
-    Its silos use the resident worker (silo_node/worker.py, the product's default executor) unless
+    Its silos use the resident worker (silo_node/ops/worker.py, the product's default executor) unless
     told otherwise; ``executor="per-message"`` gives Flower's fresh ClientApp process per message.
     """
 
@@ -106,7 +106,7 @@ class FaultFederation(LocalFederation):
         super().__init__(*args, executor=executor, **kwargs)
 
     def _superlink_options(self) -> Any:
-        from superlink.launch import SuperLinkOptions
+        from superlink.ops.launch import SuperLinkOptions
 
         if not hasattr(self, "_internal_port"):
             from demo.local_federation import free_port
@@ -127,11 +127,11 @@ class FaultFederation(LocalFederation):
 
     def start(self) -> None:
         from demo.local_federation import free_port
-        from silo_node.allotment import available_cpus
-        from silo_node.launch import SiloOptions, start_silo
+        from silo_node.app.allotment import available_cpus
+        from silo_node.ops.launch import SiloOptions, start_silo
         from silotune.flwr_connection import write_connection
-        from superlink.admission import admit_silo
-        from superlink.launch import operator_address, start_superlink
+        from superlink.ops.admission import admit_silo
+        from superlink.ops.launch import operator_address, start_superlink
 
         self.create_identity()
         opts = self._superlink_options()
@@ -170,7 +170,7 @@ class FaultFederation(LocalFederation):
 
     def supernode_pid(self, name: str) -> int:
         """The silo's flower-supernode: the managed process itself (per-message executor), or the
-        child of its supervisor (silo_node/supervisor.py, resident worker)."""
+        child of its supervisor (silo_node/ops/supervisor.py, resident worker)."""
         from silotune.processes import _family
 
         leader = self.silo_proc(name).pid
@@ -262,7 +262,7 @@ class FaultFederation(LocalFederation):
     def restart_central(self) -> list[str]:
         """Stop whatever is left of the central site, start it again on the same addresses and
         database, and let it resume the interrupted runs (as `silotune superlink start` does)."""
-        from superlink.launch import start_superlink
+        from superlink.ops.launch import start_superlink
 
         old = self.central
         old.stop(grace=5)
@@ -491,13 +491,13 @@ def alert_expr(name: str) -> str:
 
 
 def _silo_executors(fed: FaultFederation) -> set[int]:
-    """What runs the silos' training: the resident worker (silo_node.worker), or Flower's
+    """What runs the silos' training: the resident worker (silo_node.ops.worker), or Flower's
     flower-superexec, which starts a ClientApp per message."""
     out = set()
     for pid in _silo_family(fed):
         try:
             argv = snapshot(pid).argv
-            if any(a.endswith("flower-superexec") or a == "silo_node.worker" for a in argv[:3]):
+            if any(a.endswith("flower-superexec") or a == "silo_node.ops.worker" for a in argv[:3]):
                 out.add(pid)
         except OSError:
             continue

@@ -26,13 +26,13 @@ from typing import Any
 
 from certs.node_key import generate_node_key
 from certs.pki import create_ca, issue_server_cert
-from silo_node.launch import SiloOptions, start_silo
+from silo_node.ops.launch import SiloOptions, start_silo
 from silotune.events import read_events
 from silotune.flwr_connection import run_flwr, write_connection
 from silotune.processes import ProcessGroup, start_process
-from superlink.admission import admit_silo, list_silos
-from superlink.flwr_app import format_run_config
-from superlink.launch import SuperLinkOptions, start_superlink
+from superlink.ops.admission import admit_silo, list_silos
+from superlink.ops.flwr_app import format_run_config
+from superlink.ops.launch import SuperLinkOptions, start_superlink
 from tests.fault_federation import run_config
 from tests.netlab import NetLab
 from tests.support.federation_runs import write_silo_data

@@ -1,4 +1,4 @@
-"""Test-only ClientApp: silo_node.client_app, except that the silo named ``evil`` poisons its train
+"""Test-only ClientApp: silo_node.app.client_app, except that the silo named ``evil`` poisons its train
 replies. Round 1: its update (what it sends minus what it received) scaled x100. Later rounds: an
 honest update that claims 10^9 training examples. tests/test_poisoned_silo_e2e.py copies this file
 into a throw-away Flower App directory; the real app never contains it."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from silo_node import client_app as real
+from silo_node.app import client_app as real
 from silotune import protocol as p
 from silotune.adapters import from_array_record, to_array_record
 from silotune.wire_codec import decode, decode_uplink, encode_uplink, encoding_in, payload_shapes

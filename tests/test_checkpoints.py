@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import silotune.adapters as adapters
-from superlink.checkpoints import CheckpointStore
+from superlink.app.checkpoints import CheckpointStore
 
 PEFT_CFG = {
     "peft_type": "LORA",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from certs.pki import create_ca, issue_server_cert
-from silo_node.clock_check import (
+from silo_node.ops.clock_check import (
     MAX_AHEAD_S,
     MAX_BEHIND_S,
     clock_problem,

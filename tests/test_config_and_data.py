@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from command_line.main import main as cli_main
-from silo_node.data import load_silo_records, read_records
-from silo_node.split import split_file, split_indices
+from silo_node.app.data import load_silo_records, read_records
+from silo_node.ops.split import split_file, split_indices
 from silotune.config import (
     ConfigError,
     flatten_run_config,
@@ -162,7 +162,7 @@ def test_empty_required_field_names_the_row(tmp_path: Path) -> None:
 
 
 def test_templates_mask_free_prompt_ends_without_trailing_space() -> None:
-    from silo_node.templates import TEMPLATES
+    from silo_node.app.templates import TEMPLATES
 
     for t in TEMPLATES.values():
         prompt, response = t.render({"instruction": "Do it", "input": "x", "output": "done"})

@@ -1,5 +1,6 @@
-"""Bounded influence (superlink/defences/) and the robust aggregators (superlink/defences/aggregators.py),
-against values computed by hand and against dense numpy where the code stays factored."""
+"""Bounded influence (superlink/app/defences/) and the robust aggregators
+(superlink/app/defences/aggregators.py), against values computed by hand and against dense numpy
+where the code stays factored."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from silotune.adapters import A_SUFFIX, B_SUFFIX
 from silotune.config import PeftSettings, StrategySettings
-from superlink.defences import (
+from superlink.app.defences import (
     Defence,
     anomaly_scores,
     apply_clip,
@@ -19,8 +20,8 @@ from superlink.defences import (
     factored_gram,
     module_grams,
 )
-from superlink.defences.aggregators import AGGREGATORS
-from superlink.strategies import SiloUpdate, get_strategy
+from superlink.app.defences.aggregators import AGGREGATORS
+from superlink.app.strategies import SiloUpdate, get_strategy
 
 RNG = np.random.default_rng(0)
 ALPHA = 16.0

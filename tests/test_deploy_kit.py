@@ -97,7 +97,7 @@ def test_silo_kits_ship_a_policy_pinned_to_the_federation(fed: Path, tmp_path: P
     """Every silo kit carries policy.toml (mounted by its compose file): the federation's CA pinned,
     no local-path model, no remote code; the Kubernetes base mounts the same file."""
     from certs.pki import create_ca
-    from silo_node.policy import check_federation, load_policy
+    from silo_node.app.policy import check_federation, load_policy
 
     out = tmp_path / "kits"
     assert _kit(fed, out) == 0

@@ -237,8 +237,8 @@ def test_fedavg_with_one_silo_is_isolated_training(tiny_model: Path) -> None:
     import numpy as np
 
     from evaluation.inprocess import AdapterBank, Silo, train_federated, train_isolated
-    from silo_node.templates import get_template
-    from silo_node.training import encode_records
+    from silo_node.app.templates import get_template
+    from silo_node.app.training import encode_records
     from silotune.config import parse_run_config
     from silotune.modeling import load_model
 
@@ -336,8 +336,8 @@ def test_in_process_federation_trains_in_every_transport_format(tiny_model: Path
     import numpy as np
 
     from evaluation.inprocess import AdapterBank, Silo, train_federated
-    from silo_node.templates import get_template
-    from silo_node.training import encode_records
+    from silo_node.app.templates import get_template
+    from silo_node.app.training import encode_records
     from silotune.config import parse_run_config
     from silotune.modeling import load_model
 

@@ -22,7 +22,7 @@ from evaluation.benchmarks import DataSource, get_benchmark  # noqa: E402
 from evaluation.extraction import flowertune_answer_segment, sentiment_label  # noqa: E402
 from evaluation.items import ChoiceItem  # noqa: E402
 from evaluation.runner import EvalSettings, evaluate_suite, run_choice  # noqa: E402
-from silo_node.templates import instruction_answer_prompt  # noqa: E402
+from silo_node.app.templates import instruction_answer_prompt  # noqa: E402
 from silotune.errors import UserError  # noqa: E402
 
 LABELS = ("negative", "neutral", "positive")

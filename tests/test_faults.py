@@ -17,7 +17,7 @@ from flwr.app import Message
 
 from silotune.config import ConfigError, load_toml_run_config, parse_run_config
 from silotune.events import read_events
-from superlink.rounds import Federation
+from superlink.app.rounds import Federation
 from tests.support.scripted_grid import FakeGrid, FakeSilo
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -116,8 +116,8 @@ def _two_silos() -> dict[int, FakeSilo]:
 
 
 def test_second_serverapp_on_a_run_dir_is_refused_and_names_the_holder(tmp_path: Path) -> None:
-    from superlink import server_app
-    from superlink.run_lock import RunDirLocked, RunLock
+    from superlink.app import server_app
+    from superlink.app.run_lock import RunDirLocked, RunLock
 
     run_dir = tmp_path / "run"
     context = SimpleNamespace(run_config={"run-dir": str(run_dir), "num-rounds": 1}, run_id=22)
@@ -131,7 +131,7 @@ def test_second_serverapp_on_a_run_dir_is_refused_and_names_the_holder(tmp_path:
 
 
 def test_lock_is_held_for_the_run_and_released_after(tmp_path: Path) -> None:
-    from superlink.run_lock import RunDirLocked, RunLock
+    from superlink.app.run_lock import RunDirLocked, RunLock
 
     clock = Clock()
     seen: list[str] = []
@@ -151,11 +151,11 @@ def test_lock_is_held_for_the_run_and_released_after(tmp_path: Path) -> None:
 
 
 def test_a_lock_left_by_a_dead_process_does_not_block(tmp_path: Path) -> None:
-    from superlink.run_lock import RunDirLocked, RunLock
+    from superlink.app.run_lock import RunDirLocked, RunLock
 
     run_dir = tmp_path / "run"
     code = (
-        "import sys, time; from superlink.run_lock import RunLock; "
+        "import sys, time; from superlink.app.run_lock import RunLock; "
         f"RunLock({str(run_dir)!r}, 'old').acquire(); print('locked', flush=True); time.sleep(60)"
     )
     proc = subprocess.Popen(
@@ -236,7 +236,7 @@ def test_node_listing_survives_database_is_locked(tmp_path: Path) -> None:
 def test_grid_calls_back_off_until_the_deadline_and_raise_permanent_errors_at_once() -> None:
     import httpx
 
-    from superlink.grid_calls import GridCalls, GridUnavailable, is_transient
+    from superlink.app.grid_calls import GridCalls, GridUnavailable, is_transient
 
     clock = Clock()
     calls = GridCalls(clock.sleep, clock, first_delay=0.5, max_delay=4.0)
@@ -269,7 +269,7 @@ def test_grid_calls_back_off_until_the_deadline_and_raise_permanent_errors_at_on
 
 
 def test_a_run_that_fails_mid_run_reports_its_true_round_count(tmp_path: Path) -> None:
-    from superlink.grid_calls import GridUnavailable
+    from superlink.app.grid_calls import GridUnavailable
 
     clock = Clock()
 
@@ -289,7 +289,7 @@ def test_a_run_that_fails_mid_run_reports_its_true_round_count(tmp_path: Path) -
 
 
 def test_serverapp_failure_writes_one_run_end_with_the_true_count(tmp_path: Path) -> None:
-    from superlink import server_app
+    from superlink.app import server_app
 
     run_dir = tmp_path / "run"
     good = server_app.main  # a first run completes one round
@@ -339,7 +339,7 @@ def test_a_silo_that_keeps_failing_its_handshake_is_asked_less_and_less(tmp_path
 
 
 def test_backoff_is_capped() -> None:
-    from superlink.handshake_backoff import HandshakeBackoff
+    from superlink.app.handshake_backoff import HandshakeBackoff
 
     b = HandshakeBackoff(cap_rounds=4)
     rnd = 0
@@ -423,7 +423,7 @@ def test_replies_that_came_while_a_pull_blocked_past_the_deadline_are_kept(tmp_p
 
 
 def test_rounds_stalled_in_a_row_end_the_run_cleanly(tmp_path: Path) -> None:
-    from superlink.watchdog import MAX_CONSECUTIVE_STALLS
+    from superlink.app.watchdog import MAX_CONSECUTIVE_STALLS
 
     clock = Clock()
     fed = _fed(tmp_path, _slow_silos(clock, set(range(2, 20))), clock, **{"num-rounds": 10})

@@ -92,17 +92,17 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(federation, tiny_model
 
 def test_compare_and_a_deployed_run_share_one_round_core(federation, tiny_model) -> None:
     """`silotune compare`'s in-process federation and a real Flower run, same config and seed, two
-    rounds: the same global adapter, because both run superlink/round_core.py and the silo's own
+    rounds: the same global adapter, because both run superlink/app/round_core.py and the silo's own
     train_round with round_seed. Any drift between the two (a defence, a weight, a seed) shows here."""
     import numpy as np
 
     from evaluation.inprocess import AdapterBank, Silo, train_federated
-    from silo_node.data import load_silo_records, split_train_eval
-    from silo_node.templates import get_template
-    from silo_node.training import encode_records
+    from silo_node.app.data import load_silo_records, split_train_eval
+    from silo_node.app.templates import get_template
+    from silo_node.app.training import encode_records
     from silotune.config import parse_run_config, parse_silo_config
     from silotune.modeling import load_model
-    from superlink.checkpoints import CheckpointStore
+    from superlink.app.checkpoints import CheckpointStore
 
     values = run_config(tiny_model, "core", **{"strategy.name": "fedavg"})
     federation.submit(values, timeout=900)

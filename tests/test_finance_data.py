@@ -12,7 +12,7 @@ import pytest
 from evaluation.benchmarks import DataSource
 from evaluation.benchmarks.finance import load_fiqa, load_fpb, load_tfns
 from evaluation.finance_data import build_finance_data, evaluation_texts, normalise, write_finance_data
-from silo_node.split import split_file, split_indices
+from silo_node.ops.split import split_file, split_indices
 from silotune.errors import UserError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -141,7 +141,7 @@ def test_split_by_column_gives_each_value_its_own_silo(tmp_path: Path) -> None:
 
 
 def test_jsonl_with_a_unicode_line_separator_inside_a_string_reads_as_one_row(tmp_path: Path) -> None:
-    from silo_node.data import read_records
+    from silo_node.app.data import read_records
 
     path = tmp_path / "rows.jsonl"
     path.write_text(

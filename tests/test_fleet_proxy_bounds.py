@@ -24,8 +24,8 @@ import pytest
 
 from certs.pki import create_ca, issue_server_cert
 from silotune.processes import ProcessGroup
-from superlink.launch import SuperLinkOptions, start_superlink
-from superlink.proxy import ProxyLimits, read_access_log
+from superlink.ops.launch import SuperLinkOptions, start_superlink
+from superlink.ops.proxy import ProxyLimits, read_access_log
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow

@@ -18,7 +18,7 @@ import pytest
 
 from certs.pki import create_ca, issue_server_cert
 from silotune.errors import UserError
-from superlink.launch import (
+from superlink.ops.launch import (
     SuperLinkOptions,
     build_superlink_argv,
     operator_address,
@@ -26,7 +26,7 @@ from superlink.launch import (
     proxy_options,
     start_fleet_proxy,
 )
-from superlink.proxy import (
+from superlink.ops.proxy import (
     ACCESS_LOG_FORMAT,
     STDOUT,
     ProxyOptions,
@@ -108,7 +108,7 @@ def test_insecure_proxy_is_plaintext_but_still_filters() -> None:
 
 def test_envoy_accepts_the_config(pki: dict[str, Path], tmp_path: Path) -> None:
     """Envoy's own validator (no sockets) accepts what we generate."""
-    from superlink.proxy import write_envoy_config
+    from superlink.ops.proxy import write_envoy_config
 
     try:
         find_envoy()
@@ -281,7 +281,7 @@ def _filters(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def test_bounds_are_rendered_with_a_body_limit_derived_from_the_adapter(pki: dict[str, Path]) -> None:
     """Body limit (413), deadlines, per-client bucket, circuit breakers, connection and heap caps."""
-    from superlink.proxy import (
+    from superlink.ops.proxy import (
         FLOWER_CHUNK_BYTES,
         MIN_CLIENT_RATE,
         REQUEST_OVERHEAD_BYTES,
@@ -343,8 +343,8 @@ def test_bounds_are_rendered_with_a_body_limit_derived_from_the_adapter(pki: dic
 
 
 def test_sizes_parse_and_the_cli_passes_them(tmp_path: Path) -> None:
-    from superlink.cli import _size
-    from superlink.proxy import parse_size
+    from superlink.ops.cli import _size
+    from superlink.ops.proxy import parse_size
 
     assert parse_size("6291456") == 6291456
     assert parse_size("6MiB") == parse_size("6M") == parse_size("6 mib") == 6 * 2**20

@@ -59,11 +59,33 @@ def test_an_upward_import_breaks_the_contract_even_inside_a_function(tree_copy: 
 
 
 def test_the_roles_never_import_each_other(tree_copy: Path) -> None:
-    target = tree_copy / "silo_node" / "training.py"
+    target = tree_copy / "silo_node" / "app" / "training.py"
     original = target.read_text()
-    target.write_text(original + "\nimport superlink.rounds  # noqa: E402,F401\n")
+    target.write_text(original + "\nimport superlink.app.rounds  # noqa: E402,F401\n")
     try:
         res = lint_imports(tree_copy)
     finally:
         target.write_text(original)
-    assert res.returncode != 0 and "silo_node.training -> superlink.rounds" in res.stdout
+    assert res.returncode != 0 and "silo_node.app.training -> superlink.app.rounds" in res.stdout
+
+
+@pytest.mark.parametrize(
+    ("app_module", "ops_module"),
+    [
+        ("superlink/app/rounds.py", "superlink.ops.admission"),
+        ("silo_node/app/client_app.py", "silo_node.ops.launch"),
+    ],
+)
+def test_an_app_half_never_imports_its_operator_tooling(
+    tree_copy: Path, app_module: str, ops_module: str
+) -> None:
+    """What the FAB ships (``*.app``) cannot reach the tooling it leaves out (``*.ops``)."""
+    target = tree_copy / app_module
+    original = target.read_text()
+    target.write_text(original + f"\n\ndef _sneaky() -> None:\n    import {ops_module}  # noqa: F401\n")
+    try:
+        res = lint_imports(tree_copy)
+    finally:
+        target.write_text(original)
+    source = app_module.removesuffix(".py").replace("/", ".")
+    assert res.returncode != 0 and f"{source} -> {ops_module}" in res.stdout

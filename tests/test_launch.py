@@ -12,8 +12,8 @@ import pytest
 
 from certs.node_key import generate_node_key
 from certs.pki import create_ca, issue_server_cert
-from silo_node.cli import parse_node_config_text
-from silo_node.launch import (
+from silo_node.ops.cli import parse_node_config_text
+from silo_node.ops.launch import (
     SiloOptions,
     build_supernode_argv,
     format_node_config,
@@ -23,7 +23,7 @@ from silotune.config import ConfigError
 from silotune.errors import UserError
 from silotune.flwr_connection import read_connection, write_connection
 from silotune.processes import ProcessFailed, ProcessGroup, start_process, wait_for_superlink
-from superlink.launch import SuperLinkOptions, build_superlink_argv, superlink_env
+from superlink.ops.launch import SuperLinkOptions, build_superlink_argv, superlink_env
 
 
 @pytest.fixture()

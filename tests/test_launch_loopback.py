@@ -16,13 +16,13 @@ import pytest
 from certs.node_key import generate_node_key
 from certs.pki import create_ca, issue_server_cert
 from command_line.main import main
-from silo_node.launch import SiloOptions, diagnose_tls, start_silo
+from silo_node.ops.launch import SiloOptions, diagnose_tls, start_silo
 from silotune.errors import UserError
 from silotune.flwr_connection import write_connection
 from silotune.processes import ManagedProcess, ProcessFailed, ProcessGroup, start_process
-from superlink.admission import admit_silo, list_silos, remove_silo
-from superlink.launch import SuperLinkOptions, start_superlink
-from superlink.proxy import read_access_log
+from superlink.ops.admission import admit_silo, list_silos, remove_silo
+from superlink.ops.launch import SuperLinkOptions, start_superlink
+from superlink.ops.proxy import read_access_log
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow

@@ -19,11 +19,11 @@ import pytest
 
 from certs.node_key import generate_node_key
 from certs.pki import create_ca, issue_server_cert
-from silo_node.launch import SiloOptions, format_node_config, start_silo
+from silo_node.ops.launch import SiloOptions, format_node_config, start_silo
 from silotune.flwr_connection import run_flwr, write_connection
 from silotune.processes import ProcessGroup, python_in_netns
-from superlink.admission import admit_silo, list_silos
-from superlink.launch import SuperLinkOptions, start_superlink
+from superlink.ops.admission import admit_silo, list_silos
+from superlink.ops.launch import SuperLinkOptions, start_superlink
 from tests.netlab import NetLab, netns_unavailable_reason
 from tests.waiting import wait_until
 

@@ -15,12 +15,12 @@ import pytest
 
 from certs.node_key import generate_node_key
 from certs.pki import create_ca, issue_server_cert
-from silo_node.launch import SiloOptions, start_silo
+from silo_node.ops.launch import SiloOptions, start_silo
 from silotune.errors import UserError
 from silotune.flwr_connection import run_flwr, write_connection
 from silotune.processes import ManagedProcess, ProcessFailed, ProcessGroup
-from superlink.admission import admit_silo, list_silos
-from superlink.launch import SuperLinkOptions, start_superlink
+from superlink.ops.admission import admit_silo, list_silos
+from superlink.ops.launch import SuperLinkOptions, start_superlink
 from tests.netlab import NetLab, netns_unavailable_reason
 from tests.waiting import wait_until
 
@@ -171,7 +171,7 @@ def _flwr(fed: dict[str, Any], args: list[str], timeout: float = 120) -> dict[st
 
 
 def test_rounds_complete_across_hosts_despite_refused_silo(lab_federation: dict[str, Any]) -> None:
-    from silo_node.launch import format_node_config
+    from silo_node.ops.launch import format_node_config
     from tests.tiny_model import make_tiny_llama
 
     fed, tmp = lab_federation, lab_federation["tmp"]

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from silo_node.optimizer_state import (
+from silo_node.app.optimizer_state import (
     FORMAT,
     OptimizerStore,
     apply_state,
@@ -24,8 +24,8 @@ from silo_node.optimizer_state import (
     mismatch,
     to_tensors,
 )
-from silo_node.templates import get_template
-from silo_node.training import encode_example, train_round
+from silo_node.app.templates import get_template
+from silo_node.app.training import encode_example, train_round
 from silotune.adapters import adapter_state, attach_adapter, load_adapter_state
 from silotune.config import ModelConfig, PeftSettings, TrainSettings, parse_run_config
 from silotune.modeling import load_model
@@ -146,7 +146,7 @@ def test_a_state_of_another_rank_is_ignored_with_a_warning(tiny_model: Path, cap
     model4, tok, enc = _setup(tiny_model, rank=4)
     kept = train_round(model4, tok, enc, KEEP, lr=1e-2, seed=1).optimizer_state
     model2, _, _ = _setup(tiny_model, rank=2)
-    with caplog.at_level(logging.WARNING, logger="silo_node.optimizer_state"):
+    with caplog.at_level(logging.WARNING, logger="silo_node.app.optimizer_state"):
         result = train_round(model2, tok, enc, KEEP, lr=1e-2, seed=2, optimizer_state=kept)
     warnings = [r for r in caplog.records if "ignoring the kept AdamW state" in r.getMessage()]
     assert len(warnings) == 1 and "another rank" in warnings[0].getMessage()
@@ -209,7 +209,7 @@ def test_the_file_round_trips_and_a_failed_write_leaves_no_stale_state(tmp_path:
 def test_an_unreadable_file_is_one_warning_and_nothing(tmp_path: Path, caplog, content: bytes) -> None:  # noqa: ANN001
     path = tmp_path / "run-1-adamw.safetensors"
     path.write_bytes(content)
-    with caplog.at_level(logging.WARNING, logger="silo_node.optimizer_state"):
+    with caplog.at_level(logging.WARNING, logger="silo_node.app.optimizer_state"):
         assert OptimizerStore(path).load() is None
     assert [r.getMessage() for r in caplog.records if "unreadable optimizer state" in r.getMessage()]
     assert len(caplog.records) == 1
@@ -235,7 +235,7 @@ def silo(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch):  # 
     from flwr.app import ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from silo_node import client_app, resident
+    from silo_node.app import client_app, resident
     from silotune.adapters import from_array_record, to_array_record
     from silotune.wire_codec import Encoding, decode, encode, payload_shapes
 
@@ -303,7 +303,7 @@ def test_the_clientapp_carries_the_state_on_disk_and_never_sends_it(silo) -> Non
 
 
 def test_without_a_state_dir_the_worker_keeps_it_in_memory(silo) -> None:  # noqa: ANN001
-    from silo_node import resident
+    from silo_node.app import resident
     from silotune.config import parse_silo_config
 
     _, adapter = silo(1, state_dir=False, **{"train.keep-optimizer-state": True})
@@ -316,7 +316,7 @@ def test_without_a_state_dir_the_worker_keeps_it_in_memory(silo) -> None:  # noq
 def test_a_corrupt_file_is_ignored_then_overwritten(silo, caplog) -> None:  # noqa: ANN001
     silo.path.parent.mkdir(parents=True)
     silo.path.write_bytes(b"\x00garbage from a crashed disk")
-    with caplog.at_level(logging.WARNING, logger="silo_node.optimizer_state"):
+    with caplog.at_level(logging.WARNING, logger="silo_node.app.optimizer_state"):
         silo(1, **{"train.keep-optimizer-state": True})
     assert len([r for r in caplog.records if "unreadable optimizer state" in r.getMessage()]) == 1
     kept = OptimizerStore(silo.path).load()
@@ -329,7 +329,7 @@ def test_a_corrupt_file_is_ignored_then_overwritten(silo, caplog) -> None:  # no
 
 def test_the_inprocess_federation_honours_the_setting(tiny_model: Path) -> None:
     from evaluation.inprocess import AdapterBank, Silo, train_federated, train_isolated
-    from silo_node.training import encode_records
+    from silo_node.app.training import encode_records
 
     loaded = load_model(ModelConfig(name=str(tiny_model)))
     template = get_template("finance")

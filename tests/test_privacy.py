@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
 
-from silo_node import client_app
-from silo_node.audit import read_audit
-from silo_node.policy import PolicyError, PrivacyPolicy, load_policy
-from silo_node.privacy import (
+from silo_node.app import client_app
+from silo_node.app.audit import read_audit
+from silo_node.app.policy import PolicyError, PrivacyPolicy, load_policy
+from silo_node.app.privacy import (
     DPRound,
     Ledger,
     dataset_id,
@@ -148,8 +148,8 @@ def test_target_epsilon_calibrates_the_noise_to_the_runs_rounds() -> None:
 _CHILD = """
 import sys
 from pathlib import Path
-from silo_node.policy import PrivacyPolicy
-from silo_node.privacy import round_budget
+from silo_node.app.policy import PrivacyPolicy
+from silo_node.app.privacy import round_budget
 from silotune.config import SiloConfig, parse_run_config
 tmp = Path(sys.argv[1])
 silo = SiloConfig(data_path=str(tmp / "rows.jsonl"), name="hospital-a", state_dir=str(tmp / "state"))
@@ -215,8 +215,8 @@ def test_the_budget_persists_across_processes_and_runs_then_refuses(tmp_path: Pa
 def test_each_records_gradient_is_clipped_by_opacus(tiny_model: Path) -> None:
     import torch
 
-    from silo_node.templates import get_template
-    from silo_node.training import collate, encode_example
+    from silo_node.app.templates import get_template
+    from silo_node.app.training import collate, encode_example
     from silotune.adapters import attach_adapter
     from silotune.config import ModelConfig, PeftSettings
     from silotune.modeling import load_model

@@ -8,19 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from silo_node.memory import MemoryPeaks
+from silo_node.app.memory import MemoryPeaks
 from silotune import protocol as p
 
 REPO = Path(__file__).resolve().parents[1]
 # The round's writers and readers: the ClientApp, the round loop and its core, the reply checks,
 # the strategies, and compare's in-process federation.
 ROUND_FILES = [
-    "silo_node/client_app.py",
-    "superlink/rounds.py",
-    "superlink/round_core.py",
-    "superlink/reply_checks.py",
+    "silo_node/app/client_app.py",
+    "superlink/app/rounds.py",
+    "superlink/app/round_core.py",
+    "superlink/app/reply_checks.py",
     "evaluation/inprocess.py",
-    *[str(f.relative_to(REPO)) for f in sorted((REPO / "superlink" / "strategies").glob("*.py"))],
+    *[str(f.relative_to(REPO)) for f in sorted((REPO / "superlink" / "app" / "strategies").glob("*.py"))],
 ]
 NOT_KEYS = {"PROGRESS_PREFIX", "DONE_PREFIX", "FAILED_MARK"}
 MESSAGE_KEYS = {
@@ -31,7 +31,7 @@ MESSAGE_KEYS = {
     and "_" not in value  # the snake_case memory fields are event fields, not message keys
 }  # fmt: skip
 # A run-config key that happens to equal a message key: the resume check compares config keys.
-ALLOWED = {("superlink/rounds.py", "domain")}
+ALLOWED = {("superlink/app/rounds.py", "domain")}
 
 
 def string_literals(path: Path) -> list[tuple[int, str]]:

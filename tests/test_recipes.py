@@ -10,7 +10,7 @@ import pytest
 from silotune.config import parse_run_config
 from silotune.errors import UserError
 from silotune.recipes import available, recipe_values
-from superlink.run_cli import run_values
+from superlink.ops.run_cli import run_values
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
 """Every class of bad silo reply is rejected with its reason code, and the round goes on.
 
-Driven through the real round loop (superlink/rounds.py) on the scripted grid of tests/test_rounds.py:
+Driven through the real round loop (superlink/app/rounds.py) on the scripted grid of tests/test_rounds.py:
 silos a and b are honest (both add 1 to every tensor), silo c sends the crafted reply. The run must
 complete, c's reply must be refused with the expected code, and the global adapter must be what
 a and b alone make of it.
@@ -19,7 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from silotune import protocol as p
 from silotune.adapters import to_array_record
 from silotune.wire_codec import DATA_KEY, META_KEY, Encoding, decode, payload_shapes
-from superlink.reply_checks import ReplyRejected, check_eval_reply, check_handshake
+from superlink.app.reply_checks import ReplyRejected, check_eval_reply, check_handshake
 from tests.support.scripted_grid import INIT, FakeGrid, FakeSilo
 from tests.support.scripted_grid import events_of as _kinds
 from tests.support.scripted_grid import make_federation as _fed
@@ -313,7 +313,7 @@ def test_checks_directly() -> None:
 
 def test_a_packed_initial_adapter_is_checked_by_its_own_tensor_list() -> None:
     from silotune.wire_codec import encode
-    from superlink.reply_checks import check_init_reply
+    from superlink.app.reply_checks import check_init_reply
 
     def content(arrays: dict[str, np.ndarray]) -> RecordDict:
         info = ConfigRecord({p.PEFT_CONFIG: '{"r": 2, "peft_type": "LORA"}'})

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture()
 def resident_mode():
-    from silo_node import resident
+    from silo_node.app import resident
 
     resident.RESIDENT = True
     resident.release_model()
@@ -58,7 +58,7 @@ def _message_and_context(model: Path, data: Path, server_round: int, arrays):  #
 
 
 def test_model_loads_once_data_reloads_on_change_and_rss_stays_flat(resident_mode, tmp_path) -> None:
-    from silo_node.client_app import train
+    from silo_node.app.client_app import train
     from silotune.adapters import to_array_record
     from silotune.config import parse_run_config
 

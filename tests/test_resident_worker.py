@@ -1,4 +1,4 @@
-"""The resident silo worker (silo_node/worker.py) in a real loopback federation (issue 13).
+"""The resident silo worker (silo_node/ops/worker.py) in a real loopback federation (issue 13).
 
 Three SuperNodes with --isolation process, each beside its worker, train a tiny random Llama: the
 model loads once across rounds, a worker SIGKILLed mid-round comes back and its silo answers the
@@ -203,7 +203,7 @@ def _flwr_run(fed: LocalFederation, app: Path, out: Path, markers: Path) -> list
 
 
 def test_a_foreign_app_is_refused_until_the_policy_allows_its_hash(resident, policy_file, tmp_path) -> None:
-    from silo_node.pinning import flower_fab_hash
+    from silo_node.ops.pinning import flower_fab_hash
     from silotune.silo_failures import SiloFailure
 
     app = _foreign_app(tmp_path)
@@ -230,7 +230,7 @@ def test_a_foreign_app_is_refused_until_the_policy_allows_its_hash(resident, pol
 def test_worker_and_per_message_paths_give_the_same_adapter(resident, tiny_model, tmp_path_factory) -> None:
     import numpy as np
 
-    from superlink.checkpoints import CheckpointStore
+    from superlink.app.checkpoints import CheckpointStore
 
     values = _run_config(tiny_model, "same", **{"strategy.name": "fedavg"})
     resident.submit(values, timeout=900)

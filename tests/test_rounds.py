@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from superlink.round_core import sample_nodes
+from superlink.app.round_core import sample_nodes
 from tests.support.scripted_grid import FakeGrid, FakeSilo
 from tests.support.scripted_grid import events_of as _kinds
 from tests.support.scripted_grid import make_federation as _fed

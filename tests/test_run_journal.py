@@ -1,4 +1,4 @@
-"""The run journal (superlink/run_journal.py): what is re-submitted when the central site restarts.
+"""The run journal (superlink/ops/run_journal.py): what is re-submitted when the central site restarts.
 No processes: the re-submission is a recorded call; the run dirs hold hand-written events."""
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 
-from superlink.run_journal import (
+from superlink.app.run_lock import held_by, stop_orphaned_holder
+from superlink.ops.run_journal import (
     MAX_FRUITLESS_RESUMES,
     load,
     open_entries,
     record_submission,
     resume_open_runs,
 )
-from superlink.run_lock import held_by, stop_orphaned_holder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,7 +129,7 @@ def _lock_holder(tmp_path: Path, run_dir: Path, name: str) -> subprocess.Popen[b
     script = tmp_path / name
     script.write_text(
         f"import sys, time\nsys.path.insert(0, {str(ROOT)!r})\n"
-        "from superlink.run_lock import RunLock\n"
+        "from superlink.app.run_lock import RunLock\n"
         f"with RunLock({str(run_dir)!r}, 'old-run'):\n"
         "    print('locked', flush=True)\n"
         "    time.sleep(120)\n"
@@ -182,7 +182,7 @@ def test_a_run_dir_that_is_gone_is_not_started_over(tmp_path: Path) -> None:
 def test_superlink_start_offers_no_resume() -> None:
     import argparse
 
-    from superlink.cli import register
+    from superlink.ops.cli import register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
@@ -197,7 +197,7 @@ def test_a_full_disk_fails_the_checkpoint_clearly_and_keeps_the_last(
 
     import numpy as np
 
-    import superlink.checkpoints as ck
+    import superlink.app.checkpoints as ck
 
     store = ck.CheckpointStore(tmp_path / "run")
     adapter = {"base_model.model.layers.0.self_attn.q_proj.lora_A.weight": np.ones((2, 4), np.float32)}

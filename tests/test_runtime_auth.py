@@ -1,4 +1,4 @@
-"""The silo's local Runtime API secret and its launch settings (silo_node/runtime_auth.py; issue 23).
+"""The silo's local Runtime API secret and its launch settings (silo_node/app/runtime_auth.py; issue 23).
 
 Fast checks: the secret file is 0600, made once and reused, refused when others could read it, and
 never printed, logged, put on a command line or in the environment; both executors and the
@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-from silo_node import client_app, runtime_auth
-from silo_node.audit import read_audit
-from silo_node.runtime_auth import SECRET_FILE, SETTINGS_ENV, ensure_secret, load_secret
+from silo_node.app import client_app, runtime_auth
+from silo_node.app.audit import read_audit
+from silo_node.app.runtime_auth import SECRET_FILE, SETTINGS_ENV, ensure_secret, load_secret
 from silotune.errors import PolicyRefused, UserError
 
 RUN_ID = 5151
@@ -73,7 +73,7 @@ def test_a_secret_others_could_read_or_replace_is_refused(tmp_path: Path) -> Non
 
 def _started(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, executor: str) -> dict[str, Any]:
     """What start_silo would start (argv, env), without starting it."""
-    from silo_node import launch
+    from silo_node.ops import launch
 
     seen: dict[str, Any] = {}
 
@@ -116,7 +116,7 @@ def test_silo_start_gives_the_secrets_path_to_the_supernode_and_the_executor_nev
         assert Path(worker[0]).name == "flower-superexec"
         assert worker[worker.index("--runtime-api-address") + 1] == "127.0.0.1:9555"
     else:
-        assert worker[1:3] == ["-m", "silo_node.worker"]
+        assert worker[1:3] == ["-m", "silo_node.ops.worker"]
     # The ClientApp's settings travel in the environment the silo's processes start with.
     settings = json.loads(seen["env"][SETTINGS_ENV])
     assert settings["state-dir"] == str((tmp_path / "state").resolve()) and settings["name"] == "hospital-a"
@@ -132,7 +132,7 @@ def test_silo_start_gives_the_secrets_path_to_the_supernode_and_the_executor_nev
 def test_the_worker_signs_acquire_task_with_the_secret(tmp_path: Path) -> None:
     from flwr.supercore.interceptors import SuperExecAuthHttpInterceptor
 
-    from silo_node.worker import Worker
+    from silo_node.ops.worker import Worker
 
     signed = Worker("127.0.0.1:1", secret=load_secret(ensure_secret(tmp_path)))._client(None)
     plain = Worker("127.0.0.1:1")._client(None)

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from demo.local_federation import LocalFederation, SiloSpec
-from silo_node.runtime_auth import SECRET_FILE
+from silo_node.app.runtime_auth import SECRET_FILE
 from silotune.events import read_events
 from tests.support.federation_runs import run_config, write_silo_data
 

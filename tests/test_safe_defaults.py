@@ -1,6 +1,6 @@
 """Under the shipped defaults, no single silo steers a run or picks its starting point (issue 23, 1-2).
 
-Driven through the real round loop (superlink/rounds.py) on the scripted grid: honest silos add 1 to
+Driven through the real round loop (superlink/app/rounds.py) on the scripted grid: honest silos add 1 to
 every tensor they receive; the hostile one lies in the way the test names.
 """
 
@@ -107,7 +107,7 @@ def test_two_silos_that_disagree_on_the_start_stop_the_run_before_round_1(tmp_pa
 
 
 def test_a_silo_refuses_a_start_it_would_not_have_made() -> None:
-    from silo_node.client_app import _check_start
+    from silo_node.app.client_app import _check_start
 
     run = parse_run_config({"peft.rank": 2})
     mine = {k: v.copy() for k, v in INIT.items()}

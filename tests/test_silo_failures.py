@@ -6,7 +6,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from monitoring.exporter import FederationState
-from silo_node.client_app import reply_with_failure_code
+from silo_node.app.client_app import reply_with_failure_code
 from silotune import metrics as m
 from silotune.errors import DataError, ModelMismatchError, NoLearningError, UserError
 from silotune.silo_failures import (
@@ -51,7 +51,7 @@ def test_the_central_site_records_only_code_and_fixed_text_whoever_sent_the_repl
     # A SiloTune silo's code: the silo's own wording is not trusted either.
     assert describe_error(SiloFailure.DATA_INVALID, CANARY) == reason_for(SiloFailure.DATA_INVALID)
     # Flower's default reply for an unwrapped exception holds str(exception): only the class is kept.
-    flower = describe_error(2, f"<class 'silo_node.data.DataError'>:<'{CANARY}'>")
+    flower = describe_error(2, f"<class 'silo_node.app.data.DataError'>:<'{CANARY}'>")
     assert flower == "CLIENT_APP_RAISED_EXCEPTION: DataError (details in the silo's log)"
     assert describe_error(8, CANARY) == "CLIENT_APP_CRASHED: see the silo's log"
     assert describe_error(4242, CANARY) == "ERROR_4242: see the silo's log"

@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
 
-from silo_node import client_app
-from silo_node.audit import approve_run, arrays_sha256, read_audit
-from silo_node.policy import PolicyError, SiloPolicy, check_federation, check_run, load_policy
+from silo_node.app import client_app
+from silo_node.app.audit import approve_run, arrays_sha256, read_audit
+from silo_node.app.policy import PolicyError, SiloPolicy, check_federation, check_run, load_policy
 from silotune.adapters import to_array_record
 from silotune.config import parse_run_config
 from silotune.errors import PolicyRefused, UserError
 from silotune.events import read_events
 from silotune.silo_failures import SiloFailure, describe_error, reason_for
 from silotune.wire_codec import Encoding, encode
-from superlink.rounds import Federation, load_admitted_names
+from superlink.app.rounds import Federation, load_admitted_names
 from tests.support.scripted_grid import FakeGrid, FakeSilo
 
 RUN_ID = 4242
@@ -85,7 +85,7 @@ def test_policy_file_lists_hub_models_and_sets_limits(tmp_path: Path) -> None:
 
 
 def test_the_policy_owns_every_compute_knob_and_the_adapted_modules(tmp_path: Path) -> None:
-    from silo_node.policy import check_silo_rank
+    from silo_node.app.policy import check_silo_rank
 
     path = tmp_path / "policy.toml"
     path.write_text('max-batch-size = 8\nmax-rank = 16\nallowed-target-modules = ["q_proj", "v_proj"]\n')
@@ -128,7 +128,7 @@ def test_a_bad_policy_file_names_the_file_and_the_key(tmp_path: Path, text: str,
 
 def test_silo_start_refuses_a_federation_other_than_the_policys(tmp_path: Path) -> None:
     from certs.pki import create_ca
-    from silo_node.policy import ca_fingerprint
+    from silo_node.app.policy import ca_fingerprint
 
     create_ca(tmp_path / "ours")
     create_ca(tmp_path / "theirs")
@@ -146,7 +146,7 @@ def test_silo_start_refuses_a_federation_other_than_the_policys(tmp_path: Path) 
 
 
 def test_start_silo_checks_the_policy_before_anything_starts(tmp_path: Path) -> None:
-    from silo_node.launch import SiloOptions, start_silo
+    from silo_node.ops.launch import SiloOptions, start_silo
 
     data = _data(tmp_path)
     bad = _write(tmp_path / "bad.toml", "max-steps = 3\n")
@@ -158,7 +158,7 @@ def test_start_silo_checks_the_policy_before_anything_starts(tmp_path: Path) -> 
 
 @pytest.mark.parametrize("policy", ["require-approval = true\n", f"allowed-apps = ['{'ab' * 32}']\n"])
 def test_per_message_executor_refuses_a_policy_it_cannot_enforce(tmp_path: Path, policy: str) -> None:
-    from silo_node.launch import SiloOptions, start_silo
+    from silo_node.ops.launch import SiloOptions, start_silo
 
     path = _write(tmp_path / "policy.toml", policy)
     opts = SiloOptions(superlink="127.0.0.1:1", node_config={"data-path": str(_data(tmp_path)),
@@ -170,7 +170,7 @@ def test_per_message_executor_refuses_a_policy_it_cannot_enforce(tmp_path: Path,
 def test_per_message_executor_says_loudly_what_it_gives_up(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from silo_node.launch import SiloOptions, check_policy
+    from silo_node.ops.launch import SiloOptions, check_policy
     from silotune.config import parse_silo_config
 
     silo = parse_silo_config({"data-path": str(_data(tmp_path)), "name": "hospital-a"})
@@ -224,7 +224,7 @@ def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*a: object, **k: object) -> None:
         raise AssertionError("a model was touched before the policy check")
 
-    from silo_node import resident
+    from silo_node.app import resident
     from silotune import modeling
 
     monkeypatch.setattr(resident, "model_with_adapter", boom)
@@ -426,7 +426,7 @@ def test_central_records_use_admitted_names_never_claimed_ones(tmp_path: Path, m
 
 
 def test_superlink_env_points_the_serverapp_at_the_admission_ledger(tmp_path: Path) -> None:
-    from superlink.launch import SuperLinkOptions, superlink_env
+    from superlink.ops.launch import SuperLinkOptions, superlink_env
 
     env = superlink_env(SuperLinkOptions(flwr_home=tmp_path / "ws" / "superlink" / "flwr-home"), base={})
     paths = env["SILOTUNE_ADMISSIONS"].split(":")

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from demo.local_federation import CONNECTION, LocalFederation, SiloSpec
-from silo_node.audit import read_audit
+from silo_node.app.audit import read_audit
 from silotune.events import read_events
 from tests.support.monitoring_stack import everything, exporter, exposition, prometheus, values, wait_until
 
@@ -69,7 +69,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _state(fed: LocalFederation, name: str) -> Path:
-    return fed.ws / "silos" / name / "state"  # silo_node.launch.default_state_dir of its flwr-home
+    return fed.ws / "silos" / name / "state"  # silo_node.ops.launch.default_state_dir of its flwr-home
 
 
 def _run_config(model: Path, run_dir: str, **extra: object) -> dict:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from silo_node.data import load_silo_records
-from silo_node.templates import get_template
-from silo_node.training import encode_records, evaluate_loss, train_round
+from silo_node.app.data import load_silo_records
+from silo_node.app.templates import get_template
+from silo_node.app.training import encode_records, evaluate_loss, train_round
 from silotune.adapters import attach_adapter
 from silotune.config import parse_run_config, parse_silo_config
 from silotune.modeling import load_model

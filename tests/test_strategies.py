@@ -7,8 +7,8 @@ import pytest
 
 from silotune.adapters import A_SUFFIX, B_SUFFIX
 from silotune.config import PeftSettings, StrategySettings
-from superlink.strategies import REGISTRY, SiloUpdate, get_strategy
-from superlink.strategies.flexlora import FlexLoRA, svd_of_product
+from superlink.app.strategies import REGISTRY, SiloUpdate, get_strategy
+from superlink.app.strategies.flexlora import FlexLoRA, svd_of_product
 
 
 def _s(**kw: object) -> StrategySettings:

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from silo_node.templates import get_template
-from silo_node.training import encode_example, train_round
+from silo_node.app.templates import get_template
+from silo_node.app.training import encode_example, train_round
 from silotune.adapters import adapter_state, attach_adapter
 from silotune.config import ModelConfig, PeftSettings, TrainSettings
 from silotune.errors import NoLearningError

@@ -1,4 +1,4 @@
-"""The resident worker gives up on a task whose message never becomes available (silo_node/worker.py).
+"""The resident worker gives up on a task whose message never becomes available (silo_node/ops/worker.py).
 
 After a SuperLink restart the SuperNode can hand out a task for a message it then drops (its run is
 no longer running). Flower's own pull waits up to two hours for that message's objects; the worker
@@ -19,7 +19,7 @@ from flwr.supercore.fab import Fab
 from flwr.supercore.inflatable.inflatable_utils import ObjectPullError
 from flwr.supercore.run import Run
 
-from silo_node.worker import pull_task_input
+from silo_node.ops.worker import pull_task_input
 
 
 class NeverAvailable:

@@ -21,7 +21,7 @@ from evaluation.benchmarks.base import (
     seeded_test_split,
 )
 from evaluation.items import ChoiceItem
-from silo_node.templates import instruction_answer_prompt
+from silo_node.app.templates import instruction_answer_prompt
 from silotune.errors import DataError
 
 LABELS = ("negative", "neutral", "positive")

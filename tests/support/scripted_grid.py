@@ -16,7 +16,7 @@ from silotune.adapters import from_array_record, to_array_record
 from silotune.config import parse_run_config
 from silotune.events import read_events
 from silotune.wire_codec import decode, encode_uplink, encoding_in, payload_shapes
-from superlink.rounds import Federation
+from superlink.app.rounds import Federation
 
 SHA = "a" * 64
 INIT = {"m.lora_A.weight": np.ones((2, 3), np.float32), "m.lora_B.weight": np.zeros((4, 2), np.float32)}

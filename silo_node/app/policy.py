@@ -1,0 +1,279 @@
+"""Silo policy: what this silo will do for a run, decided by the silo's operator, not by the run.
+
+The run config comes from whoever submits the run, and every silo would otherwise obey it, including
+``model.trust-remote-code=true`` with any ``model.name`` (arbitrary code at the silo). So each silo
+checks every message's run against its own policy file BEFORE any model is loaded, and refuses what
+the policy does not allow. The reason goes to this silo's log and audit log; the central site gets
+only the code POLICY_REFUSED with its fixed text (silotune/silo_failures.py).
+
+The file (TOML, ``silotune silo start --policy FILE``; all keys optional)::
+
+    federation-ca-sha256 = "AB:CD:..."     # the federation this silo serves (checked at start)
+    allow-embedded = true                  # embedded:* models shipped inside a Python package
+    allow-local-paths = false              # true: base models in any local directory of this machine
+    allow-trust-remote-code = false        # never run a model's own Python code unless true
+    max-rounds = 1000
+    max-local-steps = 1000
+    max-seq-length = 4096
+    max-batch-size = 64                    # every compute knob of a run is the silo's to cap:
+    max-grad-accum = 64                    #   memory (batch x seq) and time (steps x accum)
+    max-rank = 64                          # LoRA rank (FlexLoRA: this silo's own rank too)
+    allowed-target-modules = []            # e.g. ["q_proj", "v_proj"]; empty: any, "all-linear" too
+    require-approval = false               # hold each new run until `silotune silo approve RUN_ID`
+    allowed-apps = []                      # FAB hashes of other apps the resident worker may run
+    approval-timeout-hours = 72            # then refuse it
+
+    [[models]]                             # hub ids (or pinned local paths) this silo will load
+    name = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    sha256 = "..."                         # optional: the weight files' hash (silotune model id)
+
+    [privacy]                              # DP-SGD on this silo's records (docs/privacy.md)
+    noise-multiplier = 1.0                 # or target-epsilon = 3.0 (what each run may spend)
+    delta = 1e-5
+    max-grad-norm = 1.0                    # per-sample clipping norm
+    epsilon-budget = 8.0                   # all runs together, on this dataset; then refuse
+    accountant = "rdp"                     # or "prv" (Opacus's accountants)
+    dataset-id = ""                        # the budget's key; default: the data file's path
+
+Without a file the defaults above apply: embedded models only (no local directory unless allowed or
+listed, no hub id unless listed), no remote code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from silotune.config import RunConfig, _format_error
+from silotune.errors import ApprovalPending, PolicyRefused, UserError
+
+POLICY_ENV = "SILOTUNE_SILO_POLICY"  # alternative to node config's policy-file
+_HEX_FP = re.compile(r"^[0-9A-F]{64}$")
+__all__ = ["ApprovalPending", "PolicyRefused", "SiloPolicy", "load_policy"]
+
+
+def _dash(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class PolicyError(UserError):
+    """The policy file itself is unreadable or invalid; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", alias_generator=_dash, populate_by_name=True, frozen=True)
+
+
+class AllowedModel(_Strict):
+    name: str
+    sha256: str = ""  # empty: any weights under this name (not recommended for hub ids)
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: str) -> str:
+        if v and not re.fullmatch(r"[0-9a-fA-F]{64}", v):
+            raise ValueError("must be 64 hex digits (the weight files' SHA-256), or absent")
+        return v.lower()
+
+
+class PrivacyPolicy(_Strict):
+    """``[privacy]``: record-level DP at this silo. Only the silo's policy sets these; the run
+    config has no key for any of them (silo_node/app/privacy.py applies them, docs/privacy.md)."""
+
+    noise_multiplier: float | None = Field(None, gt=0)
+    target_epsilon: float | None = Field(None, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    epsilon_budget: float = Field(..., gt=0)
+    accountant: Literal["rdp", "prv"] = "rdp"
+    dataset_id: str = ""
+
+    @model_validator(mode="after")
+    def _one_noise_source(self) -> PrivacyPolicy:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("set exactly one of noise-multiplier and target-epsilon")
+        if self.target_epsilon is not None and self.target_epsilon > self.epsilon_budget:
+            raise ValueError("target-epsilon must not exceed epsilon-budget")
+        return self
+
+
+class SiloPolicy(_Strict):
+    federation_ca_sha256: str = ""
+    allow_embedded: bool = True
+    # Off by default: a run could otherwise name any directory the silo can read as its base model.
+    allow_local_paths: bool = False
+    allow_trust_remote_code: bool = False
+    max_rounds: int = Field(1000, ge=1)
+    max_local_steps: int = Field(1000, ge=1)
+    max_seq_length: int = Field(4096, ge=8)
+    max_batch_size: int = Field(64, ge=1)
+    max_grad_accum: int = Field(64, ge=1)
+    max_rank: int = Field(64, ge=1)
+    # Module names a run may adapt ("all-linear" must be listed to be allowed); empty: any.
+    allowed_target_modules: tuple[str, ...] = ()
+    require_approval: bool = False
+    approval_timeout_hours: float = Field(72.0, gt=0)
+    models: tuple[AllowedModel, ...] = ()
+    # Flower FAB hashes (sha256 of the .fab) of apps other than the installed SiloTune that the
+    # resident worker may run (silo_node/ops/worker.py); `silotune silo app-hash APP_DIR` prints one.
+    allowed_apps: tuple[str, ...] = ()
+    # Differential privacy at this silo (absent: none); see PrivacyPolicy.
+    privacy: PrivacyPolicy | None = None
+
+    @field_validator("allowed_apps")
+    @classmethod
+    def _app_hashes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for h in v:
+            if not re.fullmatch(r"[0-9a-fA-F]{64}", h):
+                raise ValueError(f"{h!r} is not a FAB hash (64 hex digits)")
+        return tuple(h.lower() for h in v)
+
+    @field_validator("federation_ca_sha256")
+    @classmethod
+    def _fingerprint(cls, v: str) -> str:
+        norm = normalise_fingerprint(v)
+        if v and not _HEX_FP.match(norm):
+            raise ValueError("must be the CA certificate's SHA-256 (`silotune certs show ca.crt`)")
+        return norm
+
+
+def normalise_fingerprint(text: str) -> str:
+    return text.replace(":", "").replace(" ", "").strip().upper()
+
+
+def load_policy(path: str | Path | None) -> SiloPolicy:
+    """The policy in ``path``; the defaults when ``path`` is empty. Errors name the file and key."""
+    if not path:
+        return SiloPolicy()
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise PolicyError(f"cannot read the silo policy {p}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(f"invalid silo policy {p}: not valid TOML ({exc})") from None
+    try:
+        return SiloPolicy.model_validate(raw)
+    except ValidationError as err:
+        raise PolicyError(_format_error(err, f"silo policy {p}")) from None
+
+
+def ca_fingerprint(ca_file: Path) -> str:
+    """SHA-256 of the CA certificate (DER), 64 upper-case hex digits."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        cert = x509.load_pem_x509_certificate(Path(ca_file).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read the CA certificate {ca_file}: {exc}") from None
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest().upper()
+
+
+def check_federation(policy: SiloPolicy, ca_file: Path | None, policy_path: str | Path = "") -> None:
+    """At `silo start`: refuse to serve a federation other than the one the policy names."""
+    if not policy.federation_ca_sha256:
+        return
+    where = f" ({policy_path})" if policy_path else ""
+    if ca_file is None:
+        raise UserError(
+            f"the silo policy{where} pins federation-ca-sha256, but the silo was started without "
+            "--ca (plaintext): refusing to start"
+        )
+    actual = ca_fingerprint(ca_file)
+    if actual != policy.federation_ca_sha256:
+        raise UserError(
+            f"the CA in {ca_file} (SHA-256 {actual}) is not the federation this silo's policy{where} "
+            f"serves (federation-ca-sha256 {policy.federation_ca_sha256}): refusing to start"
+        )
+
+
+def _is_local_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().is_dir()
+
+
+def check_run(policy: SiloPolicy, run: RunConfig) -> None:
+    """Raise PolicyRefused (detail for this silo's log) if the run asks for more than the policy allows.
+
+    Only cheap checks that load nothing; the model's weight hash is checked by ``check_model_hash``."""
+    name = run.model.name
+    if run.model.trust_remote_code and not policy.allow_trust_remote_code:
+        raise PolicyRefused(
+            f"the run asks for model.trust-remote-code=true (model {name!r}); this silo's policy "
+            "does not allow it (allow-trust-remote-code)"
+        )
+    if _allowed_entry(policy, name) is None:
+        if name.startswith("embedded:"):
+            if not policy.allow_embedded:
+                raise PolicyRefused(
+                    f"the run's base model {name!r} is embedded; the policy has allow-embedded = false"
+                )
+        elif _is_local_path(name):
+            if not policy.allow_local_paths:
+                raise PolicyRefused(
+                    f"the run's base model {name!r} is a local path; the policy has allow-local-paths=false "
+                    "and does not list it under [[models]]"
+                )
+        else:
+            raise PolicyRefused(
+                f"the run's base model {name!r} is not in this silo's policy ([[models]] name = ...)"
+            )
+    limits = (
+        ("num-rounds", run.num_rounds, policy.max_rounds, "max-rounds"),
+        ("train.local-steps", run.train.local_steps, policy.max_local_steps, "max-local-steps"),
+        ("train.seq-length", run.train.seq_length, policy.max_seq_length, "max-seq-length"),
+        ("train.batch-size", run.train.batch_size, policy.max_batch_size, "max-batch-size"),
+        ("train.grad-accum", run.train.grad_accum, policy.max_grad_accum, "max-grad-accum"),
+        ("peft.rank", run.peft.rank, policy.max_rank, "max-rank"),
+    )
+    for key, asked, limit, policy_key in limits:
+        if asked > limit:
+            raise PolicyRefused(
+                f"the run asks for {key}={asked}; this silo's policy allows at most {policy_key}={limit}"
+            )
+    check_target_modules(policy, run.peft.target_modules)
+
+
+def check_target_modules(policy: SiloPolicy, target_modules: str) -> None:
+    """Refuse adapted modules the policy does not list (``all-linear`` only when listed itself)."""
+    if not policy.allowed_target_modules:
+        return
+    asked = [m.strip() for m in target_modules.split(",") if m.strip()]
+    extra = sorted(set(asked) - set(policy.allowed_target_modules))
+    if extra:
+        raise PolicyRefused(
+            f"the run asks for peft.target-modules={target_modules!r}; this silo's policy allows only "
+            f"{', '.join(policy.allowed_target_modules)} (allowed-target-modules), not {', '.join(extra)}"
+        )
+
+
+def check_silo_rank(policy: SiloPolicy, rank: int) -> None:
+    """A silo's own LoRA rank (FlexLoRA, node config ``lora-rank``) is a compute knob too."""
+    if rank > policy.max_rank:
+        raise PolicyRefused(f"this silo's LoRA rank {rank} exceeds its policy's max-rank={policy.max_rank}")
+
+
+def _allowed_entry(policy: SiloPolicy, name: str) -> AllowedModel | None:
+    for entry in policy.models:
+        if entry.name == name:
+            return entry
+    return None
+
+
+def check_model_hash(policy: SiloPolicy, name: str, sha256: str) -> None:
+    """A listed model with a pinned hash must have exactly those weights (hash of the files, unloaded)."""
+    entry = _allowed_entry(policy, name)
+    if entry is not None and entry.sha256 and entry.sha256 != sha256.lower():
+        raise PolicyRefused(
+            f"the base model {name!r} has weights {sha256[:12]}..., the policy pins {entry.sha256[:12]}..."
+        )
+
+
+def pinned_hash(policy: SiloPolicy, name: str) -> str:
+    entry = _allowed_entry(policy, name)
+    return entry.sha256 if entry else ""

@@ -1,0 +1,1 @@
+"""The ServerApp and everything it imports; shipped in the FAB. Never imports ``superlink.ops``."""
