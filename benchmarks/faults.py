@@ -1,7 +1,8 @@
 """Faults survived, with figures: real processes on loopback, killed, stopped or starved mid-round.
 
 A TLS SuperLink with node authentication and silos training a tiny random Llama
-(tests/tiny_model.py), started by tests/fault_federation.py (LocalFederation's steps). Scenarios:
+(tests/support/tiny_model.py), started by tests/support/fault_federation.py (LocalFederation's
+steps). Scenarios:
 
   silo-kill       SIGKILL one silo's SuperNode at a random moment of round 1 (of 3), restart it
                   with the same command line 3 s later: round 1 completes with the other silo, the
@@ -16,7 +17,7 @@ A TLS SuperLink with node authentication and silos training a tiny random Llama
                   checkpoint fails with a clear error, round 1's is intact, a resume after freeing
                   space completes the run.
 
-  links           in the network-namespace lab (tests/fault_links.py; root): one silo's link cut
+  links           in the network-namespace lab (tests/support/fault_links.py; root): one silo's link cut
                   for 30 s mid-round, 20 % packet loss (nftables), 4 Mbit/s (tc tbf), 100 ms each
                   way (a delaying TCP relay); each run against a clean run's round times. Not in
                   the default set (``--only links``): it builds its own federations.
@@ -57,7 +58,7 @@ SILOS = ["hospital-a", "hospital-b"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tests.fault_federation import (
+    from tests.support.fault_federation import (
         FaultFederation,
         central_kill,
         disk_full,
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         silo_specs,
         stalled_silos,
     )
-    from tests.tiny_model import make_tiny_llama
+    from tests.support.tiny_model import make_tiny_llama
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one repetition of each scenario")
@@ -157,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _links(work: Path, model: Path, rng: random.Random, runs: int) -> dict:
-    from tests.fault_links import FAULTS, link_run
-    from tests.netlab import netns_unavailable_reason
+    from tests.support.fault_links import FAULTS, link_run
+    from tests.support.netlab import netns_unavailable_reason
 
     reason = netns_unavailable_reason()
     if reason:

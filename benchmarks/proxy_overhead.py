@@ -149,7 +149,7 @@ def main() -> int:
         issue_server_cert(tmp / "ca", tmp / "srv", ["localhost"], [])
         direct = measure(tmp, proxy=False, n_requests=n_requests, n_handshakes=n_handshakes)
         proxied = measure(tmp, proxy=True, n_requests=n_requests, n_handshakes=n_handshakes)
-        from tests.tiny_model import make_tiny_llama
+        from tests.support.tiny_model import make_tiny_llama
 
         model = make_tiny_llama(tmp / "tiny-llama")
         fed_runs: dict[bool, list[dict[str, float]]] = {False: [], True: []}

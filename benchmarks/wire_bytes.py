@@ -2,7 +2,7 @@
 
 A real TLS federation on loopback (demo.local_federation.LocalFederation: SuperLink behind the
 Fleet-only Envoy proxy, silos with node keys, the resident worker) trains a tiny random Llama
-(tests/tiny_model.py) with LoRA on every linear layer, so that one adapter is a few MB and the
+(tests/support/tiny_model.py) with LoRA on every linear layer, so that one adapter is a few MB and the
 payload dominates. The silos reach the proxy through a byte-counting TCP relay in this process,
 and the bytes of the silos' traffic are counted at three layers:
 
@@ -395,7 +395,7 @@ def main() -> int:
     from demo.local_federation import LocalFederation, SiloSpec
     from demo.sample_data import write_demo_data
     from superlink.ops.launch import access_log_beside
-    from tests.tiny_model import make_tiny_llama
+    from tests.support.tiny_model import make_tiny_llama
 
     mode = MODES["quick" if args.quick else "full"]
     load_before = os.getloadavg()

@@ -25,7 +25,7 @@ def flower_task_identity() -> Iterator[int]:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny, randomly initialised Llama and tokenizer on disk (tests/tiny_model.py), built once."""
-    from tests.tiny_model import make_tiny_llama
+    """A tiny, randomly initialised Llama and tokenizer on disk (tests/support/tiny_model.py), built once."""
+    from tests.support.tiny_model import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("model") / "tiny-llama")

@@ -99,7 +99,7 @@ def test_checkpoint_loads_with_peft(tmp_path: Path) -> None:
 
     from silotune.adapters import adapter_state, attach_adapter, peft_config_dict
     from silotune.config import PeftSettings
-    from tests.tiny_model import make_tiny_llama
+    from tests.support.tiny_model import make_tiny_llama
 
     model_dir = make_tiny_llama(tmp_path / "m")
     base = AutoModelForCausalLM.from_pretrained(model_dir)

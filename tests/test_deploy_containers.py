@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("SILOTUNE_TEST_CACHE", "/var/cache/silotune-test"))
@@ -256,7 +256,7 @@ def make_sites(tmp_path: Path) -> dict[str, Any]:
     from certs.node_key import generate_node_key
     from certs.pki import create_ca, issue_server_cert
     from deploy.kit import generate
-    from tests.tiny_model import make_tiny_llama
+    from tests.support.tiny_model import make_tiny_llama
 
     pki = tmp_path / "pki"
     create_ca(pki)

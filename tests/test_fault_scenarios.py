@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fault_federation import (
+from tests.support.fault_federation import (
     FaultFederation,
     Tally,
     central_kill,
@@ -24,7 +24,7 @@ from tests.fault_federation import (
     silo_specs,
     stalled_silos,
 )
-from tests.tiny_model import make_tiny_llama
+from tests.support.tiny_model import make_tiny_llama
 
 pytestmark = pytest.mark.slow
 

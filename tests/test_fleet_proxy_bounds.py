@@ -26,7 +26,7 @@ from certs.pki import create_ca, issue_server_cert
 from silotune.processes import ProcessGroup
 from superlink.ops.launch import SuperLinkOptions, start_superlink
 from superlink.ops.proxy import ProxyLimits, read_access_log
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 

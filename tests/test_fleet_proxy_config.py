@@ -35,7 +35,7 @@ from superlink.ops.proxy import (
     find_envoy,
     read_access_log,
 )
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
 import textwrap
@@ -89,3 +90,18 @@ def test_an_app_half_never_imports_its_operator_tooling(
         target.write_text(original)
     source = app_module.removesuffix(".py").replace("/", ".")
     assert res.returncode != 0 and f"{source} -> {ops_module}" in res.stdout
+
+
+def test_test_helpers_live_in_support_and_benchmarks_import_only_that() -> None:
+    """tests/ holds test modules and conftest.py; every helper is in tests/support/, the one part of
+    tests/ that benchmarks/ may import."""
+    loose = [f.name for f in (REPO / "tests").glob("*.py") if not f.name.startswith("test_")]
+    assert sorted(loose) == ["__init__.py", "conftest.py"]
+    reached = set()
+    for f in sorted((REPO / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "tests":
+                reached.add((f.name, node.module))
+            elif isinstance(node, ast.Import):
+                reached |= {(f.name, a.name) for a in node.names if a.name.split(".")[0] == "tests"}
+    assert reached and all(m.startswith("tests.support.") for _, m in reached), sorted(reached)

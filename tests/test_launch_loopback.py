@@ -23,7 +23,7 @@ from silotune.processes import ManagedProcess, ProcessFailed, ProcessGroup, star
 from superlink.ops.admission import admit_silo, list_silos, remove_silo
 from superlink.ops.launch import SuperLinkOptions, start_superlink
 from superlink.ops.proxy import read_access_log
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from tests.support.monitoring_stack import empty_panels, exporter, prometheus, query, values
-from tests.tiny_model import make_tiny_llama
-from tests.waiting import wait_until
+from tests.support.tiny_model import make_tiny_llama
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 

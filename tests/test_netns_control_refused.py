@@ -24,8 +24,8 @@ from silotune.flwr_connection import run_flwr, write_connection
 from silotune.processes import ProcessGroup, python_in_netns
 from superlink.ops.admission import admit_silo, list_silos
 from superlink.ops.launch import SuperLinkOptions, start_superlink
-from tests.netlab import NetLab, netns_unavailable_reason
-from tests.waiting import wait_until
+from tests.support.netlab import NetLab, netns_unavailable_reason
+from tests.support.waiting import wait_until
 
 _REASON = netns_unavailable_reason()
 pytestmark = [
@@ -103,7 +103,7 @@ def _control_lines(lab: dict[str, Any]) -> list[str]:
 
 
 def test_outsider_and_silo_cannot_operate_the_federation(lab: dict[str, Any]) -> None:
-    from tests.tiny_model import make_tiny_llama
+    from tests.support.tiny_model import make_tiny_llama
 
     tmp, central = lab["tmp"], lab["central"]
     # The operator admits a silo from the central host; the silo joins through the proxy.

@@ -21,8 +21,8 @@ from silotune.flwr_connection import run_flwr, write_connection
 from silotune.processes import ManagedProcess, ProcessFailed, ProcessGroup
 from superlink.ops.admission import admit_silo, list_silos
 from superlink.ops.launch import SuperLinkOptions, start_superlink
-from tests.netlab import NetLab, netns_unavailable_reason
-from tests.waiting import wait_until
+from tests.support.netlab import NetLab, netns_unavailable_reason
+from tests.support.waiting import wait_until
 
 _REASON = netns_unavailable_reason()
 pytestmark = [
@@ -172,7 +172,7 @@ def _flwr(fed: dict[str, Any], args: list[str], timeout: float = 120) -> dict[st
 
 def test_rounds_complete_across_hosts_despite_refused_silo(lab_federation: dict[str, Any]) -> None:
     from silo_node.ops.launch import format_node_config
-    from tests.tiny_model import make_tiny_llama
+    from tests.support.tiny_model import make_tiny_llama
 
     fed, tmp = lab_federation, lab_federation["tmp"]
     model = make_tiny_llama(tmp / "tiny-model")

@@ -1,5 +1,5 @@
 """Real processes: a SuperLink and three SuperNodes on loopback (tests/test_federation_e2e.py's set-up),
-one of which runs a ClientApp that poisons its replies (tests/poisoned_client_app.py). The poisoned
+one of which runs a ClientApp that poisons its replies (tests/support/poisoned_client_app.py). The poisoned
 update is clipped and flagged in round 1, the forged example count rejected in round 2, and the run
 completes with the honest silos' updates."""
 
@@ -16,21 +16,23 @@ from silotune import protocol as p
 from tests.support.federation_runs import run_config as _run_config
 from tests.support.federation_runs import run_events as _events
 from tests.support.federation_runs import write_silo_data as _write_silo_data
-from tests.tiny_model import make_tiny_llama
+from tests.support.tiny_model import make_tiny_llama
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _poisoned_app_dir(dest: Path) -> Path:
-    """A Flower App directory whose ClientApp is tests/poisoned_client_app.py (ServerApp unchanged)."""
+    """A Flower App directory whose ClientApp is tests/support/poisoned_client_app.py (ServerApp
+    unchanged)."""
     dest.mkdir(parents=True)
     text = (ROOT / "pyproject.toml").read_text()
     text = re.sub(r'(?m)^clientapp = ".*"$', 'clientapp = "poisoned_client_app:app"', text)
     # The packages themselves come from the installed (editable) silotune, not from the FAB.
-    text = re.sub(r"(?m)^fab-include = .*$", 'fab-include = ["*.py"]', text)
+    text, n = re.subn(r"(?ms)^fab-include = \[.*?\]$", 'fab-include = ["*.py"]', text)
+    assert n == 1, "pyproject.toml's fab-include not found"
     (dest / "pyproject.toml").write_text(text)
-    shutil.copy(ROOT / "tests" / "poisoned_client_app.py", dest / "poisoned_client_app.py")
+    shutil.copy(ROOT / "tests" / "support" / "poisoned_client_app.py", dest / "poisoned_client_app.py")
     return dest
 
 

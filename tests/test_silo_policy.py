@@ -272,7 +272,7 @@ def test_approval_holds_a_run_until_the_operator_approves_then_times_out_others(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from command_line.main import main
-    from tests.tiny_model import make_tiny_llama
+    from tests.support.tiny_model import make_tiny_llama
 
     model = make_tiny_llama(tmp_path / "tiny")
     policy = _write(

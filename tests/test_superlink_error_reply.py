@@ -1,6 +1,6 @@
 """An error reply that the SuperLink makes itself (the silo went offline: its link was cut) comes from
 node 1, Flower's SUPERLINK_NODE_ID, not from the silo. Found by the link-down fault run
-(tests/fault_links.py): the round loop took node 1 for a silo and the run failed with KeyError: 1."""
+(tests/support/fault_links.py): the round loop took node 1 for a silo and the run failed with KeyError: 1."""
 
 from __future__ import annotations
 

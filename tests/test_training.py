@@ -19,7 +19,7 @@ from silotune.adapters import (
 )
 from silotune.config import ModelConfig, PeftSettings, TrainSettings
 from silotune.modeling import load_model, model_identity
-from tests.tiny_model import make_tiny_llama
+from tests.support.tiny_model import make_tiny_llama
 
 RECORD = {"instruction": "", "input": "shares rose after strong earnings", "output": "positive"}
 

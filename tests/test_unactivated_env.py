@@ -14,7 +14,7 @@ from certs.node_key import generate_node_key
 from certs.pki import create_ca, issue_server_cert
 from silotune.flwr_connection import interpreter_bin
 from silotune.processes import ProcessGroup, wait_for_superlink
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 SILOTUNE = interpreter_bin() / "silotune"

@@ -9,7 +9,7 @@ Faults on silo-a only:
   loss      20 % of the packets it sends are dropped (nftables in its namespace)
   tbf       its egress is limited to 4 Mbit/s (tc tbf)
   latency   every chunk each way waits 100 ms in a TCP relay inside its namespace
-            (tests/delay_relay.py; the kernel here has no netem)
+            (tests/support/delay_relay.py; the kernel here has no netem)
 
 Used by benchmarks/faults.py (``--only links``).
 """
@@ -33,13 +33,13 @@ from silotune.processes import ProcessGroup, start_process
 from superlink.ops.admission import admit_silo, list_silos
 from superlink.ops.flwr_app import format_run_config
 from superlink.ops.launch import SuperLinkOptions, start_superlink
-from tests.fault_federation import run_config
-from tests.netlab import NetLab
+from tests.support.fault_federation import run_config
 from tests.support.federation_runs import write_silo_data
-from tests.waiting import wait_until
+from tests.support.netlab import NetLab
+from tests.support.waiting import wait_until
 
 PORT = 8000
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SILOS = ("silo-a", "silo-b")
 FAULTS = ("clean", "link-down", "loss", "tbf", "latency")
 NFT_LOSS = (
@@ -76,7 +76,7 @@ def link_run(work: Path, model: Path, fault: str, rng: random.Random, rounds: in
         a = hosts["silo-a"]
         address = {name: f"{link.ip}:{PORT}" for name in SILOS}
         if fault == "latency":
-            relay = [sys.executable, "-m", "tests.delay_relay", "--listen", "127.0.0.1:9000",
+            relay = [sys.executable, "-m", "tests.support.delay_relay", "--listen", "127.0.0.1:9000",
                      "--to", f"{link.ip}:{PORT}", "--delay", "0.1", "--max-seconds", "3600"]  # fmt: skip
             group.add(start_process("delay relay", ["env", f"PYTHONPATH={REPO}", *relay],
                                     work / "logs" / "relay.log", netns=a.netns, cwd=REPO))  # fmt: skip
@@ -148,8 +148,8 @@ def link_run(work: Path, model: Path, fault: str, rng: random.Random, rounds: in
         }
 
 
-if __name__ == "__main__":  # python -m tests.fault_links WORKDIR [FAULT ...]
-    from tests.tiny_model import make_tiny_llama
+if __name__ == "__main__":  # python -m tests.support.fault_links WORKDIR [FAULT ...]
+    from tests.support.tiny_model import make_tiny_llama
 
     out = Path(sys.argv[1])
     mdl = make_tiny_llama(out / "tiny-llama")

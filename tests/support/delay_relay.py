@@ -1,4 +1,4 @@
-"""A TCP relay that adds latency: ``python -m tests.delay_relay --listen 127.0.0.1:9000 --to IP:PORT
+"""A TCP relay that adds latency: ``python -m tests.support.delay_relay --listen 127.0.0.1:9000 --to IP:PORT
 --delay 0.1``. Runs inside a lab namespace (the kernel here has no netem); every chunk waits
 ``delay`` seconds in each direction, in order. Bounded: it exits after ``--max-seconds``."""
 

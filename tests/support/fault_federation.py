@@ -482,7 +482,7 @@ def _silo_family(fed: FaultFederation) -> set[int]:
 def alert_expr(name: str) -> str:
     import yaml
 
-    rules = Path(__file__).resolve().parents[1] / "monitoring/prometheus/rules/silotune-alerts.yml"
+    rules = Path(__file__).resolve().parents[2] / "monitoring/prometheus/rules/silotune-alerts.yml"
     for group in yaml.safe_load(rules.read_text())["groups"]:
         for rule in group["rules"]:
             if rule.get("alert") == name:
