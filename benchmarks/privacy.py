@@ -1,0 +1,301 @@
+"""Does record-level DP at a silo work? Canary exposure, membership inference and utility per epsilon.
+
+SmolLM2-135M-Instruct (embedded), LoRA on TFNS (FlowerTune's finance sentiment set, read from
+``$SILOTUNE_DATA_DIR`` or /work/shared/data: tfns/sent_train.csv to train, tfns/sent_valid.csv to
+evaluate and as non-members), 3 silos (IID), FedAvg with equal weights. Every silo trains with the
+silo's own DP-SGD (silo_node/app/privacy.py: Opacus per-sample clipping and noise on Poisson batches)
+at the row's epsilon, or without DP in the "no DP" row; the central site averages. What is
+measured is the final global adapter, the thing that leaves the silos.
+
+- **Canary exposure** (Carlini et al. 2019, "The Secret Sharer"): silo 0's data holds C unique
+  canary records, each repeated k times: "Instruction: Give the account code of this client. /
+  Input: client <name> / Answer: <6 random digits>". Exposure of a canary = log2(M+1) -
+  log2(rank), where rank is its secret's position (1 = most likely) among the secret and M random
+  6-digit candidates, by the model's loss on the answer. Chance: about 1 bit; the maximum
+  log2(M+1) means the model ranks the true secret first.
+- **Membership inference**: a loss-threshold attack (Yeom et al. 2018): the AUC of "lower loss =
+  member" over silo 0's training rows (members) against held-out TFNS rows (non-members). 0.5 is
+  chance.
+- **Utility**: accuracy and macro-F1 on TFNS validation items, by generated answer with
+  FlowerTune's extraction (as ``silotune eval``), a stated subset of the finance suite.
+
+Accounting: each silo's epsilon is Opacus's RDP accountant over all its rounds at delta 1e-5,
+with the noise calibrated (``target-epsilon``) so that the whole run spends exactly the row's
+epsilon; sampling is Poisson at q = batch / rows, which is what that accountant assumes.
+
+    python benchmarks/privacy.py --quick   # no DP and epsilon 8; 2 rounds x 4 steps, small sets
+    python benchmarks/privacy.py           # no DP, epsilon 8, 3, 1; 3 rounds x 10 steps
+
+Prints a table, then one JSON line: per row ``epsilon``, ``exposure_mean``, ``exposure_max``,
+``mia_auc``, ``accuracy``, ``macro_f1``, ``noise_multiplier``; and ``exposure_chance``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LABELS = {"0": "negative", "1": "positive", "2": "neutral"}
+CANARY_INSTRUCTION = "Give the account code of this client."
+NAMES = ("Avery Quill", "Bram Okafor", "Cleo Vantorre", "Dario Mensk", "Esme Rundqvist", "Femi Ostrander")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _data_root() -> Path:
+    root = Path(os.environ.get("SILOTUNE_DATA_DIR", "/work/shared/data"))
+    if not (root / "tfns" / "sent_train.csv").exists():
+        raise SystemExit(f"TFNS not found under {root}/tfns (set SILOTUNE_DATA_DIR)")
+    return root
+
+
+def _tfns(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return [{"input": r["text"], "output": LABELS[r["label"]]} for r in csv.DictReader(fh)]
+
+
+def canary(name: str, secret: str) -> dict[str, str]:
+    return {"instruction": CANARY_INSTRUCTION, "input": f"client {name}", "output": secret}
+
+
+def exposure(true_loss: float, candidate_losses: np.ndarray) -> float:
+    """log2(M+1) - log2(rank of the true secret among itself and the M candidates, by loss)."""
+    rank = 1 + int(np.sum(candidate_losses < true_loss))
+    return math.log2(len(candidate_losses) + 1) - math.log2(rank)
+
+
+def auc_lower_is_member(member_losses: np.ndarray, other_losses: np.ndarray) -> float:
+    """AUC of the score -loss for members against non-members (Mann-Whitney U, ties count 1/2)."""
+    m, o = np.asarray(member_losses, float), np.asarray(other_losses, float)
+    if not len(m) or not len(o):
+        return float("nan")
+    wins = (m[:, None] < o[None, :]).sum() + 0.5 * (m[:, None] == o[None, :]).sum()
+    return float(wins / (len(m) * len(o)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores")
+    ap.add_argument("--epsilons", help="comma-separated; 0 = no DP (default: 0,8,3,1; quick 0,8)")
+    ap.add_argument("--rounds", type=int)
+    ap.add_argument("--local-steps", type=int)
+    ap.add_argument("--rows-per-silo", type=int)
+    ap.add_argument("--canaries", type=int)
+    ap.add_argument("--repeats", type=int, help="k: copies of each canary in silo 0's data")
+    ap.add_argument("--candidates", type=int, help="M: random secrets each canary is ranked against")
+    ap.add_argument("--mia-rows", type=int)
+    ap.add_argument("--eval-limit", type=int)
+    ap.add_argument("--seed", type=int, default=11)
+    args = ap.parse_args(argv)
+    quick = {"epsilons": "0,8", "rounds": 2, "local_steps": 4, "rows_per_silo": 48, "canaries": 2,
+             "repeats": 4, "candidates": 50, "mia_rows": 32, "eval_limit": 24}  # fmt: skip
+    full = {"epsilons": "0,8,3,1", "rounds": 3, "local_steps": 10, "rows_per_silo": 300, "canaries": 5,
+            "repeats": 8, "candidates": 500, "mia_rows": 200, "eval_limit": 300}  # fmt: skip
+    for k, v in (quick if args.quick else full).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    epsilons = [float(x) for x in args.epsilons.split(",") if x.strip()]
+
+    import torch
+
+    from evaluation.benchmarks import SUITES, DataSource
+    from evaluation.compare import select_items
+    from evaluation.inprocess import AdapterBank, silo_seed
+    from evaluation.runner import EvalSettings, run_choice
+    from silo_node.app.policy import PrivacyPolicy
+    from silo_node.app.privacy import plan_round, train_round_dp
+    from silo_node.app.templates import get_template
+    from silo_node.app.training import IGNORE_INDEX, collate, encode_records, train_round
+    from silotune.adapters import adapter_state
+    from silotune.config import EMBEDDED_MODEL, lr_for_round, parse_run_config
+    from silotune.modeling import load_model
+    from superlink.app.strategies import SiloUpdate, get_strategy
+
+    torch.manual_seed(args.seed)
+    t_start = time.monotonic()
+    root = _data_root()
+    rng = random.Random(args.seed)
+    run = parse_run_config(
+        {
+            "model.name": EMBEDDED_MODEL,
+            "num-rounds": args.rounds,
+            "peft.rank": 16,
+            "peft.alpha": 16,
+            "peft.target-modules": "all-linear",
+            "train.local-steps": args.local_steps,
+            "train.batch-size": 8,
+            "train.seq-length": 96,
+            "train.lr-max": 2e-3,
+            "train.lr-min": 2e-4,
+            "train.seed": args.seed,
+            "train.prompt-style": "eval",
+            "strategy.weighting": "equal",
+        }
+    )
+    loaded = load_model(run.model)
+    tok = loaded.tokenizer
+    template = get_template("finance")
+
+    def encode(records: list[dict[str, str]]) -> list[Any]:
+        return encode_records(
+            tok, template, records, run.train.seq_length, run.model.use_chat_template, "eval"
+        )
+
+    train_rows = _tfns(root / "tfns" / "sent_train.csv")
+    rng.shuffle(train_rows)
+    n = args.rows_per_silo
+    silo_rows = [train_rows[i * n : (i + 1) * n] for i in range(3)]
+    secrets_ = [f"{rng.randrange(10**6):06d}" for _ in range(args.canaries)]
+    canaries = [canary(NAMES[i % len(NAMES)], s) for i, s in enumerate(secrets_)]
+    silo_rows[0] = silo_rows[0] + [c for c in canaries for _ in range(args.repeats)]
+    silos = [encode(rows) for rows in silo_rows]
+    members = encode(silo_rows[0][: args.mia_rows])  # TFNS rows silo 0 trained on (no canaries)
+    bench = next(b for b in SUITES["finance"] if b.name == "tfns")
+    items = select_items(bench, bench.load(DataSource(root=root)), args.eval_limit, "random", args.seed)
+    asked = "\n".join(it.prompt for it in items)  # non-members: held-out rows not among the scored items
+    valid = [r for r in _tfns(root / "tfns" / "sent_valid.csv") if r["input"] not in asked]
+    rng.shuffle(valid)
+    nonmembers = encode(valid[: args.mia_rows])
+    settings = EvalSettings(
+        protocol="generate",
+        limit=args.eval_limit,
+        batch_size=16,
+        finance_max_new_tokens=8,
+        log=lambda m: None,
+    )
+    bank = AdapterBank(loaded.model, tok, run.peft, args.seed)
+    rank = run.peft.rank
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    @torch.no_grad()
+    def losses(model: Any, examples: list[Any], batch: int = 32) -> np.ndarray:
+        """Each example's mean loss over its answer tokens."""
+        out: list[float] = []
+        for i in range(0, len(examples), batch):
+            b = collate(examples[i : i + batch], pad)
+            logits = (
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
+            )
+            labels = b["labels"][:, 1:]
+            ce = torch.nn.functional.cross_entropy(
+                logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+            )
+            mask = (labels != IGNORE_INDEX).float()
+            out += ((ce * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
+        return np.array(out)
+
+    def federate(epsilon: float) -> tuple[dict[str, np.ndarray], float | None]:
+        strategy = get_strategy(run.strategy, run.peft)
+        glob: dict[str, np.ndarray] = copy.deepcopy(bank.initial_state(rank))
+        sigma = None
+        for rnd in range(1, args.rounds + 1):
+            lr = lr_for_round(run.train, rnd - 1, args.rounds)
+            updates = []
+            for i, ex in enumerate(silos):
+                model = bank.with_state(strategy.payload_for(glob, rank, rnd), rank)
+                seed = silo_seed(args.seed, f"silo-{i}", rnd)
+                if epsilon > 0:
+                    policy = PrivacyPolicy(
+                        target_epsilon=epsilon, epsilon_budget=epsilon, delta=1e-5, max_grad_norm=1.0
+                    )
+                    plan = plan_round(policy, run, len(ex))
+                    sigma = plan.noise_multiplier
+                    res = train_round_dp(model, tok, ex, run.train, lr=lr, seed=seed, plan=plan)
+                else:
+                    res = train_round(model, tok, ex, run.train, lr=lr, seed=seed)
+                updates.append(SiloUpdate(i, adapter_state(model), len(ex), rank))
+                _log(f"    eps {epsilon:g} round {rnd} silo-{i}: loss {res.train_loss:.4f}")
+            for u in updates:
+                u.weight = 1.0 / len(updates)
+            glob = dict(strategy.aggregate(glob, updates))
+        return glob, sigma
+
+    results: list[dict[str, Any]] = []
+    for epsilon in epsilons:
+        t0 = time.monotonic()
+        final, sigma = federate(epsilon)
+        model = bank.with_state(final, rank)
+        model.eval()
+        exposures = []
+        for c in canaries:
+            cands = [
+                canary(c["input"].removeprefix("client "), f"{rng.randrange(10**6):06d}")
+                for _ in range(args.candidates)
+            ]
+            scored = losses(model, encode([c, *cands]))
+            exposures.append(exposure(float(scored[0]), scored[1:]))
+        auc = auc_lower_is_member(losses(model, members), losses(model, nonmembers))
+        res = run_choice(bench, items, model, tok, settings)
+        row = {
+            "epsilon": epsilon if epsilon > 0 else None,
+            "noise_multiplier": round(sigma, 4) if sigma else None,
+            "exposure_mean": round(float(np.mean(exposures)), 3),
+            "exposure_max": round(float(np.max(exposures)), 3),
+            "exposures": [round(e, 3) for e in exposures],
+            "mia_auc": round(auc, 4),
+            "accuracy": round(100 * float(res.value), 2),
+            "macro_f1": round(100 * float(res.extra.get("macro_f1", 0.0)), 2),
+            "seconds": round(time.monotonic() - t0, 1),
+        }
+        results.append(row)
+        _log(f"  {json.dumps(row)}")
+
+    chance = math.log2(args.candidates + 1) - math.log2((args.candidates + 2) / 2)
+    print(
+        f"\nDP at every silo (3 silos, {args.rounds} rounds x {args.local_steps} steps, batch 8); "
+        f"{args.canaries} canaries x {args.repeats} in silo 0, ranked among {args.candidates} candidates "
+        f"(exposure: chance about {chance:.2f} bits, max {math.log2(args.candidates + 1):.2f}); membership "
+        f"AUC on {args.mia_rows}+{args.mia_rows} rows; utility on {len(items)} TFNS items"
+    )
+    print("| epsilon | sigma | exposure mean / max (bits) | membership AUC | accuracy % | macro-F1 % |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        eps = "no DP" if r["epsilon"] is None else f"{r['epsilon']:g}"
+        print(
+            f"| {eps} | {r['noise_multiplier'] or '-'} | "
+            f"{r['exposure_mean']:.2f} / {r['exposure_max']:.2f} | "
+            f"{r['mia_auc']:.3f} | {r['accuracy']:.2f} | {r['macro_f1']:.2f} |"
+        )
+    print(f"total {time.monotonic() - t_start:.0f} s")
+    summary = {
+        "rows": results,
+        "exposure_chance": round(chance, 3),
+        "exposure_max_possible": round(math.log2(args.candidates + 1), 3),
+        "settings": {
+            k: getattr(args, k)
+            for k in (
+                "quick",
+                "rounds",
+                "local_steps",
+                "rows_per_silo",
+                "canaries",
+                "repeats",
+                "candidates",
+                "mia_rows",
+                "eval_limit",
+                "seed",
+            )
+        },
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
