@@ -18,12 +18,13 @@ from silo_node.app import client_app
 from silo_node.app.audit import approve_run, arrays_sha256, read_audit
 from silo_node.app.policy import PolicyError, SiloPolicy, check_federation, check_run, load_policy
 from silotune.adapters import to_array_record
+from silotune.admission_ledger import admitted_names
 from silotune.config import parse_run_config
 from silotune.errors import PolicyRefused, UserError
 from silotune.events import read_events
 from silotune.silo_failures import SiloFailure, describe_error, reason_for
 from silotune.wire_codec import Encoding, encode
-from superlink.app.rounds import Federation, load_admitted_names
+from superlink.app.rounds import Federation
 from tests.support.scripted_grid import FakeGrid, FakeSilo
 
 RUN_ID = 4242
@@ -412,7 +413,7 @@ def test_central_records_use_admitted_names_never_claimed_ones(tmp_path: Path, m
         "bank-b": {"name": "bank-b", "node_id": "2", "fingerprint": "f", "public_key": "k", "admitted_at": 0},
     }))  # fmt: skip
     monkeypatch.setenv("SILOTUNE_ADMISSIONS", f"{tmp_path / 'missing.json'}:{ledger}")
-    assert load_admitted_names() == {1: "hospital-a", 2: "bank-b"}
+    assert admitted_names() == {1: "hospital-a", 2: "bank-b"}
     # bank-b and an unadmitted node both claim to be hospital-a.
     silos = {1: FakeSilo("hospital-a"), 2: FakeSilo("hospital-a"), 3: FakeSilo("hospital-a")}
     fed = _federation(tmp_path, FakeGrid(silos), **{"num-rounds": 1, "strategy.min-nodes": 3})

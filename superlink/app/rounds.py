@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from flwr.supercore import log
 
 from silotune import protocol as p
 from silotune.adapters import state_digest, to_array_record
+from silotune.admission_ledger import admitted_names
 from silotune.config import RunConfig, flatten_run_config
 from silotune.events import EventLog
 from silotune.metrics import BYTES_PER_MB
@@ -108,33 +108,7 @@ def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-ADMISSIONS_ENV = "SILOTUNE_ADMISSIONS"  # admission ledger(s), os.pathsep-separated (superlink/ops/launch.py)
 PENDING = SiloFailure.APPROVAL_PENDING.name
-
-
-def load_admitted_names(spec: str | None = None) -> dict[int, str] | None:
-    """node id -> the name the silo was admitted under (superlink/ops/admission.py's ledger).
-
-    None when no ledger is configured (plaintext development federations without admission): then
-    the silos' self-reported names are all there is. Unreadable ledgers count as empty, so every
-    silo is then named ``node-<id>``, never by its own claim."""
-    spec = os.environ.get(ADMISSIONS_ENV, "") if spec is None else spec
-    if not spec:
-        return None
-    names: dict[int, str] = {}
-    for part in spec.split(os.pathsep):
-        try:
-            raw = json.loads(Path(part).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if not isinstance(raw, dict):
-            continue
-        for name, entry in raw.items():
-            try:
-                names[int(entry["node_id"])] = str(name)
-            except (KeyError, TypeError, ValueError):
-                continue
-    return names
 
 
 # How often the ServerApp asks the SuperLink for replies while a round is out: a loopback call,
@@ -175,7 +149,7 @@ class Federation:
         self.handshake_failed: dict[int, str] = {}
         # Silos whose operator has not yet approved this run: asked again every round, not backed off.
         self.pending: set[int] = set()
-        self.admitted = load_admitted_names()  # node id -> admitted name; None: no ledger
+        self.admitted = admitted_names()  # node id -> admitted name; None: no ledger
         # Bounded influence (superlink/app/defences/) and each silo's run of flagged rounds.
         self.defence = Defence(cfg.strategy, cfg.peft.alpha)
         self.encoding = run_encoding(cfg)  # transport.dtype, the same at every silo

@@ -15,20 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from certs.node_key import check_node_public_key
+from silotune.admission_ledger import LEDGER_FILE, AdmittedSilo, read_ledger
 from silotune.atomic_files import atomic_write_json
 from silotune.errors import UserError
 from silotune.flwr_connection import DEFAULT_CONNECTION, run_flwr
-
-LEDGER_FILE = "admitted-silos.json"
-
-
-@dataclass(frozen=True)
-class AdmittedSilo:
-    name: str
-    node_id: str
-    fingerprint: str
-    public_key: str
-    admitted_at: float
 
 
 @dataclass(frozen=True)
@@ -45,14 +35,7 @@ def _ledger_path(flwr_home: Path) -> Path:
 
 
 def load_ledger(flwr_home: Path) -> dict[str, AdmittedSilo]:
-    path = _ledger_path(flwr_home)
-    if not path.exists():
-        return {}
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        return {name: AdmittedSilo(**entry) for name, entry in raw.items()}
-    except (OSError, ValueError, TypeError) as exc:
-        raise UserError(f"cannot read the admission ledger {path}: {exc}") from None
+    return read_ledger(_ledger_path(flwr_home))
 
 
 def _save_ledger(flwr_home: Path, ledger: dict[str, AdmittedSilo]) -> None:

@@ -15,11 +15,13 @@ lines, superlink/ops/proxy.py ``ACCESS_LOG_FORMAT``): by default beside the Supe
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from silotune.admission_ledger import ADMISSIONS_ENV, LEDGER_FILE
 from silotune.errors import UserError
 from silotune.flwr_connection import flower_env
 from silotune.processes import ManagedProcess, start_process, wait_for_superlink
@@ -154,16 +156,12 @@ def superlink_env(opts: SuperLinkOptions, base: dict[str, str] | None = None) ->
     # The ServerApp names silos by the admission ledger (superlink/ops/admission.py), never by what a
     # silo says. The ledger sits in the operator's FLWR_HOME: the SuperLink's own (demo, tests), or
     # <workspace>/flwr-home beside <workspace>/superlink/flwr-home (`silotune superlink start`).
-    if opts.flwr_home is not None and not env.get("SILOTUNE_ADMISSIONS"):
-        import os
-
-        from superlink.ops.admission import LEDGER_FILE
-
+    if opts.flwr_home is not None and not env.get(ADMISSIONS_ENV):
         home = Path(opts.flwr_home).expanduser().resolve()
         paths = [home / LEDGER_FILE]
         if home.parent.name == "superlink":
             paths.append(home.parent.parent / "flwr-home" / LEDGER_FILE)
-        env["SILOTUNE_ADMISSIONS"] = os.pathsep.join(str(p) for p in paths)
+        env[ADMISSIONS_ENV] = os.pathsep.join(str(p) for p in paths)
     return env
 
 
