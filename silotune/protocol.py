@@ -104,6 +104,16 @@ EVENT_KINDS: tuple[str, ...] = (
     EV_QUORUM_MISSED, EV_ROUND_END, EV_EVALUATION, EV_ROUND_STALLED, EV_RUN_END, EV_LOCAL_TRAIN,
 )  # fmt: skip
 
+# --- run_end statuses -------------------------------------------------------------------------------
+RUN_COMPLETED = "completed"  # every round ran
+RUN_BUDGET_EXCEEDED = "budget_exceeded"  # comm-budget-mb reached
+RUN_STALLED = "stalled"  # rounds in a row made no progress (superlink/app/watchdog.py)
+RUN_FAILED = "failed"  # an error ended the ServerApp
+RUN_STOPPED = "stopped"  # interrupted (flwr stop, a signal)
+RUN_STATUSES = (RUN_COMPLETED, RUN_BUDGET_EXCEEDED, RUN_STALLED, RUN_FAILED, RUN_STOPPED)
+# The statuses that end a run for good: a failed or stopped run may be resumed (run journal).
+CLOSING_STATUSES = (RUN_COMPLETED, RUN_BUDGET_EXCEEDED, RUN_STALLED)
+
 # --- the ServerApp's log lines that `silotune run` (superlink/ops/submit.py) follows ------------------
 # `flwr run --stream` relays the ServerApp's log from wherever the SuperLink runs, so progress
 # crosses machines without an extra port: one PROGRESS line per round, DONE or FAILED at the end.

@@ -98,3 +98,11 @@ def test_the_exporter_handles_every_server_and_silo_kind_it_counts() -> None:
     handled = {name.removeprefix("_on_") for name in dir(FederationState) if name.startswith("_on_")}
     unnamed = handled - set(p.EVENT_KINDS)
     assert not unnamed, f"exporter handlers for kinds the protocol does not name: {unnamed}"
+
+
+@pytest.mark.parametrize("rel", ["superlink/app/rounds.py", "superlink/ops/run_journal.py"])
+def test_run_end_statuses_are_written_and_read_through_their_constants(rel: str) -> None:
+    statuses = set(p.RUN_STATUSES)
+    spelled = [f"{rel}:{line}: {value!r}" for line, value in string_literals(REPO / rel) if value in statuses]
+    assert not spelled, "\n".join(spelled)
+    assert set(p.CLOSING_STATUSES) < statuses

@@ -498,7 +498,7 @@ class Federation:
             except BaseException as exc:
                 self.events.emit(
                     p.EV_RUN_END,
-                    status="failed" if isinstance(exc, Exception) else "stopped",
+                    status=p.RUN_FAILED if isinstance(exc, Exception) else p.RUN_STOPPED,
                     rounds_completed=self.rounds_completed,
                     reason=f"{type(exc).__name__}: {exc}",
                     adapter_dir=str(self.run_dir / "adapter") if self.rounds_completed else "",
@@ -525,7 +525,7 @@ class Federation:
             progress_timeout_seconds=self._progress_timeout(),
         )
         last_ckpt: Path | None = None
-        status, reason = "completed", ""
+        status, reason = p.RUN_COMPLETED, ""
         stalls = 0
         for rnd in range(start_round + 1, cfg.num_rounds + 1):
             try:
@@ -535,7 +535,7 @@ class Federation:
                 log(WARNING, "round %d failed: %s", rnd, exc)
                 self.events.emit(p.EV_ROUND_STALLED, round=rnd, reason=str(exc))
                 if stalls >= MAX_CONSECUTIVE_STALLS:
-                    status, reason = "stalled", f"{stalls} rounds in a row made no progress; last: {exc}"
+                    status, reason = p.RUN_STALLED, f"{stalls} rounds in a row made no progress; last: {exc}"
                     log(WARNING, "ending the run: %s", reason)
                     break
                 continue
@@ -551,7 +551,7 @@ class Federation:
                     self.cumulative_bytes / BYTES_PER_MB,
                     cfg.comm_budget_mb,
                 )
-                status = "budget_exceeded"
+                status = p.RUN_BUDGET_EXCEEDED
                 break
         self.events.emit(
             p.EV_RUN_END,

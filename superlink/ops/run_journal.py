@@ -43,7 +43,7 @@ from superlink.ops.flwr_app import app_dir, format_run_config
 JOURNAL_DIR = "journal"
 # run_end statuses that end a run for good (superlink/app/rounds.py); "failed" and "stopped" do not:
 # a SuperLink killed under its ServerApp can make it end either way.
-CLOSING_STATUSES = ("completed", "budget_exceeded", "stalled")
+CLOSING_STATUSES = p.CLOSING_STATUSES
 MAX_FRUITLESS_RESUMES = 3
 
 
