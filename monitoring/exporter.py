@@ -136,8 +136,8 @@ _SILO_GAUGES: dict[str, m.MetricDef] = {
     protocol.GPU_TOTAL: m.SILO_GPU_CAPACITY,
     protocol.PEAK_RSS: m.SILO_PEAK_RSS,
     "lora_rank": m.SILO_LORA_RANK,
-    "threads": m.SILO_THREADS,  # the allotment (silo_node/app/allotment.py), from local_train events
-    "gpus": m.SILO_GPUS,
+    protocol.THREADS: m.SILO_THREADS,  # the allotment (silo_node/app/allotment.py), from local_train events
+    protocol.GPUS: m.SILO_GPUS,
     "reply_seconds": m.SILO_REPLY_SECONDS,
     protocol.DP_EPSILON_SPENT: m.SILO_DP_EPSILON_SPENT,  # only silos with [privacy]
     protocol.DP_EPSILON_BUDGET: m.SILO_DP_EPSILON_BUDGET,

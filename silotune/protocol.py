@@ -40,6 +40,9 @@ EVAL_LOSS = "eval-loss"
 TOKENS = "tokens"
 TOKENS_PER_SECOND = "tokens-per-second"
 TRAIN_SECONDS = "train-seconds"
+# The silo's allotment (silo_node/app/allotment.py): one spelling in the reply, its event and the exporter.
+THREADS = "threads"
+GPUS = "gpus"
 
 # --- reason codes of update_rejected (and silo_failed at the handshake) --------------------------
 R_MISSING_RECORD = "missing_record"  # no arrays / metrics / info record, or the wrong record type

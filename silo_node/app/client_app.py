@@ -410,8 +410,8 @@ def train(msg: Message, context: Context) -> Message:
         p.TOKENS_PER_SECOND: result.tokens_per_second,
         p.TRAIN_SECONDS: result.train_seconds,
         p.LORA_RANK: rank,
-        "threads": threads,
-        "gpus": gpus,
+        p.THREADS: threads,
+        p.GPUS: gpus,
         **{k.replace("_", "-"): v for k, v in peaks.as_dict().items()},
         **{p.metric_key(k): v for k, v in dp_fields.items()},
     }
