@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from silotune.atomic_files import atomic_write_bytes, atomic_write_json
-from silotune.config import ConfigError, Domain, parse_silo_config
+from silotune.config import ConfigError, Domain, StrictSection, parse_silo_config
 from silotune.errors import UserError
 
 MANIFEST = ".silotune-kit.json"
@@ -41,15 +41,7 @@ _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$|^\[?[0-9a-fA-F:.]+\]?$")
 
 
-def _dash(name: str) -> str:
-    return name.replace("_", "-")
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", alias_generator=_dash, populate_by_name=True, frozen=True)
-
-
-class FederationSettings(_Section):
+class FederationSettings(StrictSection):
     name: str
     # Public DNS name (or IP) silos use to reach the SuperLink; it must be in the server
     # certificate's SANs (`silotune certs server --dns ...`).
@@ -76,7 +68,7 @@ class FederationSettings(_Section):
         return v
 
 
-class Images(_Section):
+class Images(StrictSection):
     central: str = "silotune-central:0.1.0"
     silo_cpu: str = "silotune-silo:0.1.0-cpu"
     silo_cuda: str = "silotune-silo:0.1.0-cuda"
@@ -84,7 +76,7 @@ class Images(_Section):
     grafana: str = "grafana/grafana-oss:11.2.0"
 
 
-class Monitoring(_Section):
+class Monitoring(StrictSection):
     central_exporter_port: int = Field(9464, ge=1, le=65535)
     silo_exporter_port: int = Field(9464, ge=1, le=65535)
     prometheus_port: int = Field(9090, ge=1, le=65535)
@@ -94,14 +86,14 @@ class Monitoring(_Section):
     bind_address: str = "127.0.0.1"
 
 
-class CentralSite(_Section):
+class CentralSite(StrictSection):
     # Host address the SuperLink port is published on.
     publish_address: str = "0.0.0.0"
     # Host directory holding the base model (mounted read-only); "" = model from the image/hub.
     model_dir: str = ""
 
 
-class SiloSite(_Section):
+class SiloSite(StrictSection):
     name: str
     # Absolute path of the private data file ON THE SILO HOST; its folder is mounted read-only.
     data_path: str
@@ -156,7 +148,7 @@ class SiloSite(_Section):
         return {"name": self.name, "data-path": data_path, **self.extra_settings()}
 
 
-class FederationFile(_Section):
+class FederationFile(StrictSection):
     federation: FederationSettings
     images: Images = Images()
     monitoring: Monitoring = Monitoring()

@@ -38,12 +38,14 @@ def _dash(name: str) -> str:
     return name.replace("_", "-")
 
 
-class _Section(BaseModel):
-    # Users write dashed keys ("lr-max"); Python uses underscores. Unknown keys are errors.
+class StrictSection(BaseModel):
+    """The one strict base of every settings file SiloTune reads (run config, silo policy, kit):
+    users write dashed keys ("lr-max"), Python uses underscores, unknown keys are errors."""
+
     model_config = ConfigDict(extra="forbid", alias_generator=_dash, populate_by_name=True, frozen=True)
 
 
-class ModelConfig(_Section):
+class ModelConfig(StrictSection):
     """Base model: a hub id, a local directory, or the embedded SmolLM2 GGUF."""
 
     name: str = EMBEDDED_MODEL
@@ -61,7 +63,7 @@ class ModelConfig(_Section):
         return v.strip()
 
 
-class PeftSettings(_Section):
+class PeftSettings(StrictSection):
     method: PeftMethod = "lora"
     rank: int = Field(8, ge=1, le=1024)
     alpha: float = Field(16.0, gt=0)
@@ -84,7 +86,7 @@ class PeftSettings(_Section):
         return v
 
 
-class TrainSettings(_Section):
+class TrainSettings(StrictSection):
     seq_length: int = Field(256, ge=8, le=131072)
     batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
@@ -109,7 +111,7 @@ class TrainSettings(_Section):
         return self
 
 
-class StrategySettings(_Section):
+class StrategySettings(StrictSection):
     name: StrategyName = "fedavg"
     fraction_train: float = Field(1.0, gt=0, le=1)
     min_nodes: int = Field(2, ge=1)
@@ -167,7 +169,7 @@ class StrategySettings(_Section):
         return v
 
 
-class TransportSettings(_Section):
+class TransportSettings(StrictSection):
     """How adapters travel (silotune/wire_codec.py): both ways, in one format for the whole run."""
 
     dtype: Literal["fp32", "bf16", "int8", "int4"] = "fp32"
@@ -181,7 +183,7 @@ class TransportSettings(_Section):
     pack: bool = True
 
 
-class RunConfig(_Section):
+class RunConfig(StrictSection):
     num_rounds: int = Field(3, ge=1)
     domain: Domain = "finance"
     run_dir: str = "runs/default"
@@ -214,7 +216,7 @@ def lr_for_round(train: TrainSettings, server_round: int, num_rounds: int) -> fl
     return train.lr_min + 0.5 * (train.lr_max - train.lr_min) * (1 + math.cos(cos_inner))
 
 
-class SiloConfig(_Section):
+class SiloConfig(StrictSection):
     """One silo's settings, from ``flower-supernode --node-config`` (or the launcher)."""
 
     data_path: str

@@ -47,9 +47,9 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from silotune.config import RunConfig, _format_error
+from silotune.config import RunConfig, StrictSection, _format_error
 from silotune.errors import ApprovalPending, PolicyRefused, UserError
 
 POLICY_ENV = "SILOTUNE_SILO_POLICY"  # alternative to node config's policy-file
@@ -57,19 +57,11 @@ _HEX_FP = re.compile(r"^[0-9A-F]{64}$")
 __all__ = ["ApprovalPending", "PolicyRefused", "SiloPolicy", "load_policy"]
 
 
-def _dash(name: str) -> str:
-    return name.replace("_", "-")
-
-
 class PolicyError(UserError):
     """The policy file itself is unreadable or invalid; the message names the file and the key."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", alias_generator=_dash, populate_by_name=True, frozen=True)
-
-
-class AllowedModel(_Strict):
+class AllowedModel(StrictSection):
     name: str
     sha256: str = ""  # empty: any weights under this name (not recommended for hub ids)
 
@@ -81,7 +73,7 @@ class AllowedModel(_Strict):
         return v.lower()
 
 
-class PrivacyPolicy(_Strict):
+class PrivacyPolicy(StrictSection):
     """``[privacy]``: record-level DP at this silo. Only the silo's policy sets these; the run
     config has no key for any of them (silo_node/app/privacy.py applies them, docs/privacy.md)."""
 
@@ -102,7 +94,7 @@ class PrivacyPolicy(_Strict):
         return self
 
 
-class SiloPolicy(_Strict):
+class SiloPolicy(StrictSection):
     federation_ca_sha256: str = ""
     allow_embedded: bool = True
     # Off by default: a run could otherwise name any directory the silo can read as its base model.
