@@ -43,7 +43,7 @@ RECIPE_OPTIONS = {
     "num-rounds": "rounds", "train.local-steps": "local-steps", "train.batch-size": "batch-size",
     "peft.rank": "rank", "peft.target-modules": "target-modules", "train.lr-max": "lr-max",
     "train.lr-min": "lr-min", "train.seq-length": "seq-length", "train.prompt-style": "prompt-style",
-    "strategy.weighting": "weighting",
+    "strategy.weighting": "weighting", "strategy.aggregator": "aggregator",
 }  # fmt: skip
 # FlexLoRA at the recipe rank at every silo: the exact average of B·A, re-factored (other ranks: --ranks).
 FLEX_RANKS = "16"
@@ -75,17 +75,19 @@ def _rows(recipe: dict[str, Any], quick: bool) -> list[tuple[str, list[str]]]:
         "--transport-dtype",
         str(recipe_values("finance")["transport.dtype"]),
     ]
+    flex = ["--approaches", "flexlora", *kept, "--ranks", FLEX_RANKS, "--transport-dtype", "bf16"]
     rows = [
         ("base", ["--approaches", "base"]),
-        # The default aggregator is consensus (issue 23: no single silo steers); `mean` keeps every
-        # silo always: the pair says what the robust default costs on a clean, non-IID run.
-        ("federated-mean", [*fed, "--aggregator", "mean"]),
+        ("federated", fed),
         ("centralized", ["--approaches", "centralized", *kept]),
         ("isolated", ["--approaches", "isolated", *kept]),
-        ("federated", fed),
+        # The run default `consensus` (issue 23: no single silo steers) instead of the recipe's `mean`:
+        # what the robust default costs on a clean, non-IID federation.
+        ("federated-consensus", [*fed, "--aggregator", "consensus"]),
+        ("flexlora-consensus", [*flex, "--aggregator", "consensus"]),
+        ("flexlora", flex),
         # Ablation: a fresh AdamW each round, the recipe FlowerTune ships.
         ("fedavg-fresh-adamw", ["--approaches", "fedavg", "--transport-dtype", "bf16"]),
-        ("flexlora", ["--approaches", "flexlora", *kept, "--ranks", FLEX_RANKS, "--transport-dtype", "bf16"]),
         ("federated-int4", [*fed, "--transport-dtype", "int4"]),
         # Scored in fp32 too: the same items in both precisions say what bf16 scoring changes.
         ("base-fp32", ["--approaches", "base", "--eval-dtype", "fp32"]),
@@ -227,11 +229,9 @@ def summarize(
             })  # fmt: skip
     by = {t["row"]: t for t in table}
     isolated = [t for t in table if t["row"].startswith("isolated ")]
-    # The shipped default (consensus) when measured; a stopped run reports the `mean` row instead.
-    fed = by.get("federated") or by["federated-mean"]
+    fed = by["federated"]
     js = {
         "federated_avg": fed["average"],
-        "federated_row": "federated" if "federated" in by else "federated-mean",
         "best_isolated_avg": max((t["average"] for t in isolated), default=None),
         "centralized_avg": by["centralized"]["average"] if "centralized" in by else None,
         "base_avg": by.get("base", by.get("base-fp32"))["average"],
@@ -249,10 +249,11 @@ def summarize(
         "eval_items": fed["items"],
         "wall_seconds": round(wall, 1),
     }
-    for extra in ("federated-mean", "federated-int4", "flexlora", "fedavg-fresh-adamw"):
+    extras = ("federated-consensus", "flexlora-consensus", "federated-int4", "flexlora", "fedavg-fresh-adamw")
+    for extra in extras:
         if extra in by:
             key = extra.replace("-", "_")
-            key = key if extra == "federated-mean" else key.replace("federated_", "")
+            key = key if extra == "federated-consensus" else key.replace("federated_", "")
             js[f"{key}_avg"], js[f"{key}_mb"] = by[extra]["average"], by[extra]["mb"]
     return {"table": table, "json": js}
 
