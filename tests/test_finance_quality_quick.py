@@ -14,6 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "tfns").is_dir(), reason="../shared/data not present")
 def test_quick_benchmark_prints_every_figure_and_resumes(tmp_path: Path) -> None:
