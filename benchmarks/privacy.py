@@ -37,7 +37,6 @@ import copy
 import csv
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -54,15 +53,8 @@ CANARY_INSTRUCTION = "Give the account code of this client."
 NAMES = ("Avery Quill", "Bram Okafor", "Cleo Vantorre", "Dario Mensk", "Esme Rundqvist", "Femi Ostrander")
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _data_root() -> Path:
-    root = Path(os.environ.get("SILOTUNE_DATA_DIR", "/work/shared/data"))
-    if not (root / "tfns" / "sent_train.csv").exists():
-        raise SystemExit(f"TFNS not found under {root}/tfns (set SILOTUNE_DATA_DIR)")
-    return root
+# The same TFNS data and log as the poisoned-silo benchmark (one place that finds the data).
+from poisoned_silo import _data_root, _log  # noqa: E402  (benchmarks/ is the script's own folder)
 
 
 def _tfns(path: Path) -> list[dict[str, str]]:
@@ -251,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
             "mia_auc": round(auc, 4),
             "accuracy": round(100 * float(res.value), 2),
             "macro_f1": round(100 * float(res.extra.get("macro_f1", 0.0)), 2),
+            # Beside every accuracy: what the adapter answers, and what constant answers score.
+            "predicted": {k: round(100 * v, 1) for k, v in res.extra.get("prediction_shares", {}).items()},
+            "constant_baselines": res.extra.get("constant_baselines"),
             "seconds": round(time.monotonic() - t0, 1),
         }
         results.append(row)

@@ -9,7 +9,6 @@ import os
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,17 +39,11 @@ from silotune.silo_failures import SiloFailure, classify, describe_error, reason
 from tests.support.scripted_grid import FakeGrid, FakeSilo, events_of, make_federation
 
 REPO = Path(__file__).resolve().parents[1]
-RUN_ID = 5151
+RUN_ID = 1  # the run id of conftest's flower_task_identity
 
 
-@pytest.fixture(autouse=True)
-def _task_identity() -> Iterator[None]:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    old = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+# Messages need a Flower task identity (tests/conftest.py); its run id is the contexts' run id.
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def _policy(**kw: object) -> PrivacyPolicy:
