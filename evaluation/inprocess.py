@@ -1,11 +1,12 @@
 """Isolated, federated and centralized PEFT training in one process, for ``silotune compare``.
 
-The federated loop runs the deployed round's own core (``superlink/app/round_core.py``: sampling, each
-silo's payload, quorum, weight caps, clipping, robust selection, the strategy's average) and the
-silo's own training (``silo_node.app.training.train_round`` with ``round_seed``); only the transport
-differs: silos are called directly instead of over Flower. Adapters travel through the run's wire
-codec (``transport.dtype``), and bytes are what ``ArrayRecord.count_bytes()`` reports for them, as in a
-real federation; ``fp32_bytes`` is the same traffic in fp32.
+The federated loop runs the deployed round's own core (``superlink/app/round_core.py``: ``plan_round``
+for sampling, each silo's payload and its wire form; ``aggregate_round`` for quorum, weight caps,
+clipping, robust selection and the strategy's average) and the silo's own training
+(``silo_node.app.training.train_round`` with ``round_seed``); only the transport differs: silos are
+called directly instead of over Flower. Adapters travel through the run's wire codec
+(``transport.dtype``), and bytes are what ``ArrayRecord.count_bytes()`` reports for them, as in a real
+federation; ``fp32_bytes`` is the same traffic in fp32.
 Replies come from this process's own training, so the deployment's reply checks are not re-run.
 
 Every approach is trained in the same *phases*: R phases, phase r at ``lr_for_round(train, r, R)``
@@ -35,14 +36,7 @@ from silotune.adapters import adapter_state, attach_adapter, load_adapter_state
 from silotune.config import PeftSettings, RunConfig, TrainSettings, lr_for_round
 from silotune.wire_codec import ErrorFeedback, decode_uplink, encode_uplink, float32_nbytes, payload_nbytes
 from superlink.app.defences import Defence
-from superlink.app.round_core import (
-    aggregate_round,
-    build_payloads,
-    encode_downlink,
-    run_encoding,
-    sample_round,
-    train_config,
-)
+from superlink.app.round_core import aggregate_round, plan_round, run_encoding
 from superlink.app.strategies import SiloUpdate, get_strategy
 
 Log = Callable[[str], None]
@@ -245,28 +239,26 @@ def train_federated(
     feedback = {s.name: ErrorFeedback() for s in silos} if run.transport.error_feedback else {}
     # Each silo's AdamW state between its rounds (train.keep-optimizer-state), as its state dir keeps it.
     kept = _kept_optimizers(run.train)
+    ranks = {i: s.rank for i, s in enumerate(silos)}
     up = down = fp32 = 0
     losses = []
-    for rnd in range(1, rounds + 1):
-        cfg = train_config(run, strategy, rnd)
-        sampled = sample_round(run, list(range(len(silos))), rnd)
-        payloads = build_payloads(strategy, global_state, {i: silos[i].rank for i in sampled}, rnd)
-        updates, held = [], {}
-        for i, payload in payloads.items():
+    for server_round in range(1, rounds + 1):
+        plan = plan_round(run, strategy, enc, global_state, list(ranks), ranks, server_round)
+        updates = []
+        for i, downlink in plan.downlinks.items():
             silo = silos[i]
-            arrays, held[i] = encode_downlink(payload, enc)
-            down += payload_nbytes(arrays)
+            down += payload_nbytes(downlink.wire)
             state, loss = _phase_train(
-                bank, held[i], silo.rank, silo.examples, run.train, run.train.local_steps,
-                float(cfg[p.LR]), round_seed(run.train.seed, silo.name, rnd),
-                float(cfg.get(p.PROXIMAL_MU, 0.0)), kept=kept, who=silo.name,
+                bank, downlink.held, silo.rank, silo.examples, run.train, run.train.local_steps,
+                float(plan.config[p.LR]), round_seed(run.train.seed, silo.name, server_round),
+                float(plan.config.get(p.PROXIMAL_MU, 0.0)), kept=kept, who=silo.name,
             )  # fmt: skip
-            reply = encode_uplink(state, held[i], enc, feedback.get(silo.name))
+            reply = encode_uplink(state, downlink.held, enc, feedback.get(silo.name))
             up += payload_nbytes(reply)
-            fp32 += float32_nbytes(payload) + float32_nbytes(state)
-            state = decode_uplink(reply, held[i], enc)
+            fp32 += downlink.fp32_bytes + float32_nbytes(state)
+            state = decode_uplink(reply, downlink.held, enc)
             updates.append(SiloUpdate(i, state, len(silo.examples), silo.rank, {p.TRAIN_LOSS: loss}))
-        agg = aggregate_round(run, strategy, defence, global_state, updates, held)
+        agg = aggregate_round(run, strategy, defence, global_state, updates, plan.held())
         global_state = agg.global_state
         if agg.train_loss is not None:
             losses.append(agg.train_loss)
@@ -278,7 +270,7 @@ def train_federated(
             else " silos used "
             + " ".join(f"{silos[sc.node_id].name}:{sc.modules_used:.2f}" for sc in agg.report.scores)
         )
-        log(f"  {strategy.name}: round {rnd}/{rounds} loss {shown} bytes so far {up + down:,}{used}")
+        log(f"  {strategy.name}: round {server_round}/{rounds} loss {shown} bytes so far {up + down:,}{used}")
     final, rank = strategy.checkpoint_adapter(global_state)
     steps = rounds * run.train.local_steps
     return TrainOutcome(

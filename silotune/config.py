@@ -183,6 +183,30 @@ class TransportSettings(StrictSection):
     pack: bool = True
 
 
+class CentralDPSettings(StrictSection):
+    """Central differential privacy on the aggregate (superlink/app/defences/central_dp.py).
+
+    The central site clips every silo's whole adapter delta to ``clipping-norm`` (L2, over all
+    tensors), averages the clipped deltas with equal weights and adds Gaussian noise of std
+    ``noise-multiplier x clipping-norm / silos asked``. Its own accountant (Opacus RDP) counts the
+    epsilon of that mechanism at ``target-delta``; with ``max-epsilon`` > 0 the run refuses the
+    round that would pass it. Separate from, and composing with, a silo's own DP-SGD budget
+    (docs/privacy.md).
+    """
+
+    enabled: bool = False
+    # z: the noise's std in clipping norms, on the sum of the clipped deltas.
+    noise_multiplier: float = Field(1.0, gt=0, allow_inf_nan=False)
+    # C: bound on the L2 norm of one silo's whole adapter delta (all tensors flattened together),
+    # relative to the adapter it was sent; in parameter units, so it depends on the adapter's scale.
+    clipping_norm: float = Field(1.0, gt=0, allow_inf_nan=False)
+    # delta of the (epsilon, delta) the accountant reports; well below 1 / (number of silos).
+    target_delta: float = Field(1e-5, gt=0, lt=1, allow_inf_nan=False)
+    # Stop before the round whose release would take epsilon past this; 0 = no limit (TOML and
+    # Flower's run config have no null).
+    max_epsilon: float = Field(0.0, ge=0, allow_inf_nan=False)
+
+
 class RunConfig(StrictSection):
     num_rounds: int = Field(3, ge=1)
     domain: Domain = "finance"
@@ -195,6 +219,7 @@ class RunConfig(StrictSection):
     train: TrainSettings = TrainSettings()
     strategy: StrategySettings = StrategySettings()
     transport: TransportSettings = TransportSettings()
+    central_dp: CentralDPSettings = CentralDPSettings()
 
     @model_validator(mode="after")
     def _consistency(self) -> RunConfig:
@@ -206,6 +231,13 @@ class RunConfig(StrictSection):
         if self.strategy.name == "flexlora" and self.peft.method not in ("lora", "qlora"):
             raise ValueError(
                 f"strategy.name=flexlora needs peft.method lora or qlora (got {self.peft.method!r})"
+            )
+        if self.central_dp.enabled and self.strategy.name == "flexlora":
+            # FlexLoRA sends every silo factors at its own rank: the deltas share no shape, so there
+            # is no one vector per silo to clip and average under one sensitivity.
+            raise ValueError(
+                "central-dp.enabled=true needs strategy.name fedavg, fedprox, fedavgm or fedadam "
+                "(flexlora's per-silo ranks give updates of different shapes)"
             )
         return self
 

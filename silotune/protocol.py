@@ -107,15 +107,44 @@ EVENT_KINDS: tuple[str, ...] = (
     EV_QUORUM_MISSED, EV_ROUND_END, EV_EVALUATION, EV_ROUND_STALLED, EV_RUN_END, EV_LOCAL_TRAIN,
 )  # fmt: skip
 
+# --- event fields that readers look up by name (the exporter, the HTML report, `silotune run`) --------
+# The round_end event and the SILOTUNE-ROUND line carry the same summary under the same names; each
+# silo_result row is written under these keys and read back under them (monitoring/, demo/).
+F_ROUND = "round"
+F_NUM_ROUNDS = "num_rounds"
+F_NODE_ID = "node_id"
+F_SAMPLED = "sampled"
+F_ANSWERED = "answered"
+F_CHECKPOINT = "checkpoint"
+F_UPLINK_BYTES = "uplink_bytes"
+F_DOWNLINK_BYTES = "downlink_bytes"
+F_UPLINK_FP32_BYTES = "uplink_fp32_bytes"
+F_DOWNLINK_FP32_BYTES = "downlink_fp32_bytes"
+F_TRAIN_LOSS = "train_loss"
+F_EXAMPLES = "examples"
+F_TOKENS_PER_SECOND = "tokens_per_second"
+F_TRAIN_SECONDS = "train_seconds"
+F_LORA_RANK = "lora_rank"
+F_REPLY_SECONDS = "reply_seconds"
+# What the SILOTUNE-ROUND line holds (superlink/ops/submit.py reads it): round_end's summary.
+PROGRESS_FIELDS: tuple[str, ...] = (
+    F_ROUND, F_NUM_ROUNDS, F_SAMPLED, F_ANSWERED, F_TRAIN_LOSS, F_UPLINK_BYTES, F_DOWNLINK_BYTES,
+    F_CHECKPOINT,
+)  # fmt: skip
+
 # --- run_end statuses -------------------------------------------------------------------------------
 RUN_COMPLETED = "completed"  # every round ran
 RUN_BUDGET_EXCEEDED = "budget_exceeded"  # comm-budget-mb reached
 RUN_STALLED = "stalled"  # rounds in a row made no progress (superlink/app/watchdog.py)
 RUN_FAILED = "failed"  # an error ended the ServerApp
 RUN_STOPPED = "stopped"  # interrupted (flwr stop, a signal)
-RUN_STATUSES = (RUN_COMPLETED, RUN_BUDGET_EXCEEDED, RUN_STALLED, RUN_FAILED, RUN_STOPPED)
+# central-dp.max-epsilon reached: the next round's release would have passed it (central DP)
+RUN_DP_BUDGET_EXHAUSTED = "dp_budget_exhausted"
+RUN_STATUSES = (
+    RUN_COMPLETED, RUN_BUDGET_EXCEEDED, RUN_STALLED, RUN_FAILED, RUN_STOPPED, RUN_DP_BUDGET_EXHAUSTED,
+)  # fmt: skip
 # The statuses that end a run for good: a failed or stopped run may be resumed (run journal).
-CLOSING_STATUSES = (RUN_COMPLETED, RUN_BUDGET_EXCEEDED, RUN_STALLED)
+CLOSING_STATUSES = (RUN_COMPLETED, RUN_BUDGET_EXCEEDED, RUN_STALLED, RUN_DP_BUDGET_EXHAUSTED)
 
 # --- the ServerApp's log lines that `silotune run` (superlink/ops/submit.py) follows ------------------
 # `flwr run --stream` relays the ServerApp's log from wherever the SuperLink runs, so progress
@@ -149,6 +178,30 @@ DP_DELTA = "dp_delta"
 DP_FIELDS: tuple[str, ...] = (
     DP_EPSILON_SPENT, DP_EPSILON_BUDGET, DP_EPSILON_RUN, DP_NOISE_MULTIPLIER, DP_DELTA,
 )  # fmt: skip
+
+# --- central DP on the aggregate (superlink/app/defences/central_dp.py; docs/privacy.md) ---------------
+# The central mechanism's figures of one round (central-dp.enabled): the report of
+# central_dp_aggregate carries them under these names, for the round's events.
+CDP_NOISE_MULTIPLIER = "central_dp_noise_multiplier"  # z of the round's release
+CDP_CLIPPING_NORM = "central_dp_clipping_norm"  # C, the bound on one silo's whole adapter delta
+CDP_NOISE_STD = "central_dp_noise_std"  # z x C / num_sampled, per coordinate of the mean delta
+CDP_NUM_SAMPLED = "central_dp_num_sampled"  # the mean's fixed denominator: silos the round asked
+CDP_NUM_UPDATES = "central_dp_num_updates"  # clipped updates summed (answered and valid)
+CDP_NUM_CLIPPED = "central_dp_num_clipped"  # of those, how many were over C
+CDP_SAMPLE_RATE = "central_dp_sample_rate"  # q the accountant charged (1: no amplification)
+CDP_EPSILON = "central_dp_epsilon"  # the run's central epsilon, this round's release included
+CDP_DELTA = "central_dp_delta"  # the delta that epsilon is at (central-dp.target-delta)
+CDP_FIELDS: tuple[str, ...] = (
+    CDP_NOISE_MULTIPLIER, CDP_CLIPPING_NORM, CDP_NOISE_STD, CDP_NUM_SAMPLED, CDP_NUM_UPDATES,
+    CDP_NUM_CLIPPED, CDP_SAMPLE_RATE, CDP_EPSILON, CDP_DELTA,
+)  # fmt: skip
+# Per silo, in the order of the updates passed in (the central site's own view, not noised:
+# never publish them beside the adapter).
+CDP_UPDATE_NORM = "central_dp_update_norm"  # L2 norm of the silo's delta before clipping
+CDP_CLIP_FACTOR = "central_dp_clip_factor"  # min(1, C / norm)
+CDP_SILO_FIELDS: tuple[str, ...] = (CDP_UPDATE_NORM, CDP_CLIP_FACTOR)
+# The checkpoint manifest's key for the central accountant's state (CentralAccountant.to_dict).
+CDP_MANIFEST_KEY = "central_dp_accountant"
 
 
 def metric_key(field: str) -> str:

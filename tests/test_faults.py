@@ -236,7 +236,7 @@ def test_node_listing_survives_database_is_locked(tmp_path: Path) -> None:
 def test_grid_calls_back_off_until_the_deadline_and_raise_permanent_errors_at_once() -> None:
     import httpx
 
-    from superlink.app.grid_calls import GridCalls, GridUnavailable, is_transient
+    from superlink.app.exchange import GridCalls, GridUnavailable, is_transient
 
     clock = Clock()
     calls = GridCalls(clock.sleep, clock, first_delay=0.5, max_delay=4.0)
@@ -269,7 +269,7 @@ def test_grid_calls_back_off_until_the_deadline_and_raise_permanent_errors_at_on
 
 
 def test_a_run_that_fails_mid_run_reports_its_true_round_count(tmp_path: Path) -> None:
-    from superlink.app.grid_calls import GridUnavailable
+    from superlink.app.exchange import GridUnavailable
 
     clock = Clock()
 
@@ -339,7 +339,7 @@ def test_a_silo_that_keeps_failing_its_handshake_is_asked_less_and_less(tmp_path
 
 
 def test_backoff_is_capped() -> None:
-    from superlink.app.handshake_backoff import HandshakeBackoff
+    from superlink.app.silo_registry import HandshakeBackoff
 
     b = HandshakeBackoff(cap_rounds=4)
     rnd = 0

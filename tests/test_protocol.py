@@ -18,6 +18,8 @@ ROUND_FILES = [
     "silo_node/app/client_app.py",
     "superlink/app/rounds.py",
     "superlink/app/round_core.py",
+    "superlink/app/exchange.py",
+    "superlink/app/silo_registry.py",
     "superlink/app/reply_checks.py",
     "evaluation/inprocess.py",
     *[str(f.relative_to(REPO)) for f in sorted((REPO / "superlink" / "app" / "strategies").glob("*.py"))],
@@ -27,7 +29,7 @@ MESSAGE_KEYS = {
     value: name
     for name, value in vars(p).items()
     if name.isupper() and isinstance(value, str) and name not in NOT_KEYS
-    and not name.startswith(("R_", "EV_"))
+    and not name.startswith(("R_", "EV_", "F_"))
     and "_" not in value  # the snake_case memory fields are event fields, not message keys
 }  # fmt: skip
 # A run-config key that happens to equal a message key: the resume check compares config keys.
@@ -106,3 +108,46 @@ def test_run_end_statuses_are_written_and_read_through_their_constants(rel: str)
     spelled = [f"{rel}:{line}: {value!r}" for line, value in string_literals(REPO / rel) if value in statuses]
     assert not spelled, "\n".join(spelled)
     assert set(p.CLOSING_STATUSES) < statuses
+
+
+EVENT_FIELDS = {v: name for name, v in vars(p).items() if name.startswith("F_") and isinstance(v, str)}
+
+
+def dict_keys_and_set_members(path: Path) -> list[tuple[int, str]]:
+    """String constants used as a dict literal's key, a subscript (``e["round"]``), a ``.get()``
+    key, or a set/tuple-of-names member: where an event field is written or read by name."""
+    tree = ast.parse(path.read_text())
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        consts: list[ast.expr | None] = []
+        if isinstance(node, ast.Dict):
+            consts = list(node.keys)
+        elif isinstance(node, ast.Set):
+            consts = list(node.elts)
+        elif isinstance(node, ast.Subscript):
+            consts = [node.slice]
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
+            consts = node.args[:1]
+        strings = [c for c in consts if isinstance(c, ast.Constant) and isinstance(c.value, str)]
+        found += [(c.lineno, c.value) for c in strings]
+    return found
+
+
+@pytest.mark.parametrize(
+    "rel", ["superlink/app/rounds.py", "superlink/app/exchange.py", "superlink/app/silo_registry.py",
+            "superlink/ops/submit.py"],
+)  # fmt: skip
+def test_event_fields_are_written_and_read_through_their_constants(rel: str) -> None:
+    """The round summary and each silo_result row are built as dicts: their keys are protocol.F_*,
+    so the round_end event, the SILOTUNE-ROUND line and their readers cannot spell them apart."""
+    spelled = [
+        f"{rel}:{line}: {value!r} (use protocol.{EVENT_FIELDS[value]})"
+        for line, value in dict_keys_and_set_members(REPO / rel)
+        if value in EVENT_FIELDS
+    ]
+    assert not spelled, "\n".join(spelled)
+
+
+def test_the_progress_line_carries_the_round_end_summary() -> None:
+    """`silotune run` follows SILOTUNE-ROUND lines: each field it reads is one round_end carries too."""
+    assert set(p.PROGRESS_FIELDS) <= set(EVENT_FIELDS)

@@ -62,8 +62,8 @@ def test_malformed_update_is_rejected_and_the_round_goes_on(tmp_path: Path) -> N
 def test_silent_silo_is_dropped_after_the_round_timeout(tmp_path: Path) -> None:
     grid = FakeGrid({1: FakeSilo("a"), 2: FakeSilo("b")})
     fed = _fed(tmp_path, grid, **{"num-rounds": 1, "strategy.round-timeout": 0.5})
-    fed.handshake([1, 2])
-    fed._initial_adapter()
+    fed.registry.handshake([1, 2], server_round=0)
+    fed.global_state = fed.registry.agree_initial_adapter().state
     grid.drop = lambda nid: nid == 2  # silo b goes silent after its handshake
     outcome = fed.run_round(1)
     assert outcome.answered == 1 and outcome.failed == 1

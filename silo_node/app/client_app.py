@@ -37,7 +37,7 @@ from silo_node.app.policy import (
     load_policy,
     pinned_hash,
 )
-from silo_node.app.privacy import round_budget
+from silo_node.app.privacy import round_budget, train_round_dp
 from silo_node.app.runtime_auth import silo_settings
 from silo_node.app.training import evaluate_loss, round_seed, train_round
 from silotune import protocol as p
@@ -382,7 +382,8 @@ def train(msg: Message, context: Context) -> Message:
     # [privacy] in the silo's policy (never the run config): DP-SGD, refused past its epsilon budget.
     privacy = _load_policy(silo).privacy
     with round_budget(privacy, run, silo, str(context.run_id), server_round, len(examples)) as dp:
-        result = train_round(
+        train = train_round if dp is None else functools.partial(train_round_dp, plan=dp)
+        result = train(
             peft_model,
             loaded.tokenizer,
             examples,
@@ -391,7 +392,6 @@ def train(msg: Message, context: Context) -> Message:
             seed=round_seed(run.train.seed, silo.name, server_round),
             proximal_mu=float(cfg.get(p.PROXIMAL_MU, 0.0)),
             optimizer_state=optimizer.load() if optimizer is not None else None,
-            dp=dp,
         )
         if dp is not None:
             dp.commit()  # spent before the adapter leaves; the ledger stays locked until here

@@ -47,8 +47,9 @@ from pathlib import Path
 from typing import Any
 
 from silo_node.app.audit import append_audit
-from silo_node.app.optimizer_state import OptimizerState, apply_state, export_state
+from silo_node.app.optimizer_state import OptimizerState
 from silo_node.app.policy import PrivacyPolicy
+from silo_node.app.training import IGNORE_INDEX, Encoded, TrainResult, collate, make_optimizer, run_steps
 from silotune.atomic_files import atomic_write_json
 from silotune.config import RunConfig, SiloConfig, TrainSettings
 from silotune.errors import PolicyRefused, PrivacyBudgetExhausted
@@ -342,8 +343,6 @@ def per_sample_loss(model: Any, batch: dict[str, Any]) -> Any:
     """Each record's mean cross-entropy over its response tokens (labels != -100), shape (B,)."""
     import torch
 
-    from silo_node.app.training import IGNORE_INDEX
-
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     logits = out.logits[:, :-1, :].float()
     labels = batch["labels"][:, 1:]
@@ -398,8 +397,6 @@ def dp_step(
     Returns (mean per-record loss, tokens, records); leaves the private gradient in ``p.grad``."""
     import torch
 
-    from silo_node.app.training import collate
-
     params = list(dp_opt.params)
     dp_opt.zero_grad(set_to_none=True)
     chunks = [indices[i : i + micro] for i in range(0, len(indices), micro)]
@@ -425,7 +422,7 @@ def dp_step(
 def train_round_dp(
     model: Any,
     tokenizer: Any,
-    examples: list[Any],
+    examples: list[Encoded],
     settings: TrainSettings,
     lr: float,
     seed: int,
@@ -433,68 +430,42 @@ def train_round_dp(
     proximal_mu: float = 0.0,
     progress: Any = None,
     optimizer_state: OptimizerState | None = None,
-) -> Any:
+) -> TrainResult:
     """``training.train_round`` under DP-SGD: ``plan.steps`` steps, each on a Poisson batch.
 
-    FedProx's term is data-independent: it is added to the private gradient after the noise.
-    ``train.max-grad-norm`` (the global clip) does not apply: the per-sample clip replaces it."""
+    The steps are training's own (``run_steps``); only the gradient differs. FedProx's term is
+    data-independent: it is added to the private gradient after the noise. ``train.max-grad-norm``
+    (the global clip) does not apply: the per-sample clip replaces it."""
     import torch
-
-    from silo_node.app.training import TrainResult, check_round_learned
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
     if not examples:
         raise ValueError("no training examples")
-    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-
     device = next(p.device for p in model.parameters())
-    torch.manual_seed(seed)  # dropout; the privacy-relevant draws below use secret generators
-    model.train()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
-    if optimizer_state:
-        apply_state(opt, named, optimizer_state, lr)
     anchor = {n: p.detach().float().clone() for n, p in named}
+    # Dropout is seeded by the run's seed; the privacy-relevant draws use secret generators.
+    opt = make_optimizer(named, settings, lr, optimizer_state, seed)
     draw = torch.Generator()
     draw.manual_seed(secrets.randbits(63))
     sampler = UniformWithReplacementSampler(
         num_samples=len(examples), sample_rate=plan.sample_rate, generator=draw, steps=plan.steps
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    losses: list[float] = []
-    tokens = records = 0
-    zero_grad_steps = nonfinite_grad_steps = 0
-    start = time.perf_counter()
     with dp_wrapped(model) as gsm:
         dp_opt = make_dp_optimizer(opt, plan, device)
-        for step, indices in enumerate(sampler):
-            loss, n_tok, n_rec = dp_step(gsm, dp_opt, examples, indices, settings.batch_size, pad_id, device)
-            tokens, records = tokens + n_tok, records + n_rec
+
+        def backward(indices: list[int]) -> tuple[float | None, int]:
+            loss, tokens, drawn = dp_step(gsm, dp_opt, examples, indices, settings.batch_size, pad_id, device)
             if proximal_mu > 0:
                 for n, p in named:
                     p.grad = p.grad + proximal_mu * (p.detach().float() - anchor[n]).to(p.dtype)
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
-            if not math.isfinite(grad_norm):
-                nonfinite_grad_steps += 1
-            else:
-                zero_grad_steps += grad_norm == 0.0
-                opt.step()
-            if n_rec:
-                losses.append(loss)
-            if progress is not None:
-                progress(step + 1, plan.steps, loss)
-        dp_opt.zero_grad(set_to_none=True)
-    wall = time.perf_counter() - start
-    mean_loss = float(sum(losses) / len(losses)) if losses else float("nan")
-    if losses and not math.isfinite(mean_loss):
-        raise FloatingPointError(f"training loss is {mean_loss}; lower train.lr-max")
-    check_round_learned(model, anchor, plan.steps, zero_grad_steps, nonfinite_grad_steps, lr)
-    return TrainResult(
-        train_loss=mean_loss if losses else 0.0,
-        examples=len(examples),
-        tokens=tokens,
-        tokens_per_second=tokens / wall if wall > 0 else 0.0,
-        train_seconds=wall,
-        steps=plan.steps,
-        optimizer_state=export_state(opt, named) if settings.keep_optimizer_state else None,
-    )
+            return (loss if drawn else None), tokens
+
+        try:
+            return run_steps(
+                model, named, opt, anchor, sampler, backward, settings, lr, len(examples), progress,
+                max_grad_norm=math.inf,
+            )  # fmt: skip
+        finally:
+            dp_opt.zero_grad(set_to_none=True)

@@ -14,6 +14,7 @@ import math
 import random
 import time
 import zlib
+from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,6 +133,10 @@ def proximal_term(model: Any, anchor: dict[str, Any]) -> Any:
     return total
 
 
+# One optimizer step's gradients: (the step's loss, or None when no record was drawn; its tokens).
+Backward = Callable[[int], tuple[float | None, int]]
+
+
 def train_round(
     model: Any,
     tokenizer: Any,
@@ -142,43 +147,24 @@ def train_round(
     proximal_mu: float = 0.0,
     progress: Any = None,
     optimizer_state: OptimizerState | None = None,
-    dp: Any = None,
 ) -> TrainResult:
     """Run ``settings.local_steps`` optimizer steps on ``examples``; return what happened.
 
     ``optimizer_state`` (a previous round's ``TrainResult.optimizer_state``) starts AdamW from
     that state, at this round's ``lr``; one that does not fit this adapter is ignored with a
     warning. With ``settings.keep_optimizer_state`` the result carries the state after the round.
-    ``dp`` (a ``silo_node.app.privacy.DPRound``, from the silo's policy) trains with DP-SGD instead.
+    DP-SGD (``silo_node.app.privacy.train_round_dp``) runs the same steps with private gradients.
     """
-    if dp is not None:
-        from silo_node.app.privacy import train_round_dp
-
-        return train_round_dp(
-            model, tokenizer, examples, settings, lr, seed, dp, proximal_mu, progress, optimizer_state
-        )
-    import torch
-
     if not examples:
         raise ValueError("no training examples")
     device = next(p.device for p in model.parameters())
-    torch.manual_seed(seed)
-    model.train()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
-    if optimizer_state:
-        apply_state(opt, named, optimizer_state, lr)
-    anchor = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    anchor = {n: p.detach().float().clone() for n, p in named}
     sampler = _Sampler(len(examples), seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    losses: list[float] = []
-    tokens = 0
-    zero_grad_steps = nonfinite_grad_steps = 0
-    start = time.perf_counter()
-    for step in range(settings.local_steps):
-        opt.zero_grad(set_to_none=True)
-        step_loss = 0.0
+
+    def backward(step: int) -> tuple[float | None, int]:
+        step_loss, tokens = 0.0, 0
         for _ in range(settings.grad_accum):
             batch = collate([examples[i] for i in sampler.take(settings.batch_size)], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -189,28 +175,83 @@ def train_round(
                 loss = loss + (proximal_mu / 2.0) * proximal_term(model, anchor) / settings.grad_accum
             loss.backward()
             step_loss += float(out.loss.detach()) / settings.grad_accum
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm))
+        return step_loss, tokens
+
+    opt = make_optimizer(named, settings, lr, optimizer_state, seed)
+    steps = range(settings.local_steps)
+    return run_steps(model, named, opt, anchor, steps, backward, settings, lr, len(examples), progress)
+
+
+def make_optimizer(
+    named: list[tuple[str, Any]],
+    settings: TrainSettings,
+    lr: float,
+    optimizer_state: OptimizerState | None,
+    seed: int,
+) -> Any:
+    """AdamW on the trainable parameters, from a kept state when there is one (seeds dropout)."""
+    import torch
+
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=settings.weight_decay)
+    if optimizer_state:
+        apply_state(opt, named, optimizer_state, lr)
+    return opt
+
+
+def run_steps(
+    model: Any,
+    named: list[tuple[str, Any]],
+    opt: Any,
+    anchor: dict[str, Any],
+    steps: Iterable[Any],
+    backward: Callable[[Any], tuple[float | None, int]],
+    settings: TrainSettings,
+    lr: float,
+    num_examples: int,
+    progress: Any = None,
+    max_grad_norm: float | None = None,
+) -> TrainResult:
+    """The local steps: ``backward(step)`` leaves each step's gradient in ``p.grad``; here it is
+    clipped to ``max_grad_norm`` (default train.max-grad-norm; inf: measured only), checked and
+    applied. A step on inf/NaN gradients would write NaN into the adapter: it is skipped and counted.
+    Ends with the guard that refuses a round that changed nothing (``check_round_learned``)."""
+    import torch
+
+    model.train()
+    params = [p for _, p in named]
+    clip = settings.max_grad_norm if max_grad_norm is None else max_grad_norm
+    losses: list[float] = []
+    tokens = taken = zero_grad_steps = nonfinite_grad_steps = 0
+    planned = len(steps) if isinstance(steps, Sized) else None
+    start = time.perf_counter()
+    for step in steps:
+        opt.zero_grad(set_to_none=True)
+        loss, n_tokens = backward(step)
+        tokens += n_tokens
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
         if not math.isfinite(grad_norm):
-            # A step on inf/NaN gradients would write NaN into the adapter: skip it, count it.
             nonfinite_grad_steps += 1
         else:
             zero_grad_steps += grad_norm == 0.0
             opt.step()
-        losses.append(step_loss)
+        taken += 1
+        if loss is not None:
+            losses.append(loss)
         if progress is not None:
-            progress(step + 1, settings.local_steps, step_loss)
+            progress(taken, planned or taken, loss if loss is not None else 0.0)
     wall = time.perf_counter() - start
-    mean_loss = float(sum(losses) / len(losses))
+    mean_loss = float(sum(losses) / len(losses)) if losses else 0.0
     if not math.isfinite(mean_loss):
         raise FloatingPointError(f"training loss is {mean_loss}; lower train.lr-max")
-    check_round_learned(model, anchor, settings.local_steps, zero_grad_steps, nonfinite_grad_steps, lr)
+    check_round_learned(model, anchor, taken, zero_grad_steps, nonfinite_grad_steps, lr)
     return TrainResult(
         train_loss=mean_loss,
-        examples=len(examples),
+        examples=num_examples,
         tokens=tokens,
         tokens_per_second=tokens / wall if wall > 0 else 0.0,
         train_seconds=wall,
-        steps=settings.local_steps,
+        steps=taken,
         optimizer_state=export_state(opt, named) if settings.keep_optimizer_state else None,
     )
 

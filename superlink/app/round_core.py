@@ -1,6 +1,7 @@
 """The round itself, with no Flower in it: sample, build each silo's payload, aggregate with defences.
 
-Two callers run exactly this code, so they cannot drift apart:
+A round is ``plan_round`` (who trains, at what learning rate, and what each silo receives), the
+transport, then ``aggregate_round``. Two callers run exactly this code, so they cannot drift apart:
 - the deployed ServerApp (``superlink/app/rounds.py``), which moves payloads and replies over Flower's
   Grid and adds what only a deployment has (handshakes, timeouts, reply checks, events, resume);
 - ``silotune compare``'s in-process federation (``evaluation/inprocess.py``), which calls the silos'
@@ -16,12 +17,13 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from silotune import protocol as p
 from silotune.config import RunConfig, lr_for_round
-from silotune.wire_codec import Encoding, decode, encode, encoding_for
+from silotune.wire_codec import Encoding, decode, encode, encoding_for, float32_nbytes
 from superlink.app.defences import Defence, DefenceReport
 from superlink.app.strategies import SiloUpdate, Strategy
 
@@ -77,6 +79,47 @@ def encode_downlink(
     if not enc.quantized:
         return arrays, payload
     return arrays, decode(arrays, enc, {k: tuple(v.shape) for k, v in payload.items()})
+
+
+@dataclass
+class Downlink:
+    """One sampled silo's share of a round: what travels, and what the silo holds once decoded."""
+
+    wire: dict[str, np.ndarray]  # the arrays in the run's transport.dtype
+    held: dict[str, np.ndarray]  # the reference the silo's update is rebuilt on and measured against
+    fp32_bytes: int  # the same adapter as float32: what transport.dtype=fp32 would have moved
+
+
+@dataclass
+class RoundPlan:
+    """Round ``server_round``: the sampled silos, what each is told and what each receives."""
+
+    server_round: int
+    sampled: list[int]
+    config: dict[str, Any]
+    downlinks: dict[int, Downlink]
+
+    def held(self) -> dict[int, dict[str, np.ndarray]]:
+        return {nid: d.held for nid, d in self.downlinks.items()}
+
+
+def plan_round(
+    cfg: RunConfig,
+    strategy: Strategy,
+    enc: Encoding,
+    global_state: dict[str, np.ndarray],
+    usable: list[int],
+    ranks: dict[int, int | None],
+    server_round: int,
+) -> RoundPlan:
+    """Sample among ``usable`` (``ranks``: each silo's LoRA rank), build and encode every payload."""
+    sampled = sample_round(cfg, usable, server_round)
+    payloads = build_payloads(strategy, global_state, {n: ranks[n] for n in sampled}, server_round)
+    downlinks = {}
+    for nid, payload in payloads.items():
+        wire, held = encode_downlink(payload, enc)
+        downlinks[nid] = Downlink(wire, held, float32_nbytes(payload))
+    return RoundPlan(server_round, sampled, train_config(cfg, strategy, server_round), downlinks)
 
 
 @dataclass

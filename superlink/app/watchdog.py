@@ -10,7 +10,7 @@ round, or ends cleanly after MAX_CONSECUTIVE_STALLS stalled rounds in a row; an 
 some replies stops waiting and drops the silent silos with the watchdog's reason.
 
 Handshakes are not watched: a silent new silo costs at most one round-timeout there, and failed
-handshakes back off (handshake_backoff.py).
+handshakes back off (silo_registry.py).
 
 The exporter gets ``progress_timeout_seconds`` in run_start and round_start events: the longest
 silence a healthy run has in its event log. A ServerApp that cannot run its own watchdog (killed,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from silotune import protocol as p
 from silotune.errors import UserError
 from silotune.protocol import DONE_PREFIX, FAILED_MARK, PROGRESS_PREFIX
 from superlink.ops.flwr_app import app_dir, format_run_config
@@ -149,14 +150,13 @@ def round_progress(num_rounds: int) -> Iterator[Callable[[dict[str, Any]], None]
         )
 
         def on_round(info: dict[str, Any]) -> None:
-            loss = info.get("train_loss")
-            text = f"round {info['round']}: {info['answered']}/{info['sampled']} silos answered, loss " + (
+            loss = info.get(p.F_TRAIN_LOSS)
+            done, answered, sampled = info[p.F_ROUND], info[p.F_ANSWERED], info[p.F_SAMPLED]
+            text = f"round {done}: {answered}/{sampled} silos answered, loss " + (
                 f"{loss:.4f}" if loss is not None else "- (no valid update)"
             )
             if not sys.stdout.isatty():
                 print(text, flush=True)
-            bar.update(
-                task, total=info.get("num_rounds", num_rounds), completed=info["round"], description=text
-            )
+            bar.update(task, total=info.get(p.F_NUM_ROUNDS, num_rounds), completed=done, description=text)
 
         yield on_round
