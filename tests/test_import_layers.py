@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import shutil
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -105,3 +106,72 @@ def test_test_helpers_live_in_support_and_benchmarks_import_only_that() -> None:
             elif isinstance(node, ast.Import):
                 reached |= {(f.name, a.name) for a in node.names if a.name.split(".")[0] == "tests"}
     assert reached and all(m.startswith("tests.support.") for _, m in reached), sorted(reached)
+
+
+FIRST_PARTY = ("silotune", "superlink", "silo_node", "monitoring", "certs", "deploy", "evaluation", "demo",
+               "command_line")  # fmt: skip
+
+
+def import_cycles(packages: tuple[str, ...]) -> list[list[str]]:
+    """Strongly connected groups of first-party modules (imports inside functions included, as
+    grimp reads every import statement): each is a cycle, dodged or not."""
+    import grimp
+
+    graph = grimp.build_graph(*packages, cache_dir=None)
+    modules = graph.modules
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's algorithm; the graph is a few hundred modules deep at most
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.find_modules_directly_imported_by(v):
+            if w not in modules:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for m in sorted(modules):
+        if m not in index:
+            visit(m)
+    return groups
+
+
+def test_no_module_dodges_an_import_cycle() -> None:
+    """docs/architecture.md: no two modules import each other, not even through a function-local
+    import (the usual way to dodge a cycle that the layers contract cannot see inside one room)."""
+    assert import_cycles(FIRST_PARTY) == []
+
+
+def test_the_cycle_check_sees_an_import_inside_a_function(
+    tree_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tree_copy / "silo_node" / "app" / "training.py"
+    original = target.read_text()
+    target.write_text(
+        original + "\n\ndef _dodge() -> None:\n    import silo_node.app.privacy  # noqa: F401\n"
+    )
+    monkeypatch.syspath_prepend(str(tree_copy))
+    for name in [m for m in sys.modules if m.split(".")[0] in FIRST_PARTY]:
+        monkeypatch.delitem(sys.modules, name)
+    try:
+        assert ["silo_node.app.privacy", "silo_node.app.training"] in import_cycles(("silo_node",))
+    finally:
+        target.write_text(original)
