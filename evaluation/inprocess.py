@@ -36,6 +36,7 @@ from silotune.adapters import adapter_state, attach_adapter, load_adapter_state
 from silotune.config import PeftSettings, RunConfig, TrainSettings, lr_for_round
 from silotune.wire_codec import ErrorFeedback, decode_uplink, encode_uplink, float32_nbytes, payload_nbytes
 from superlink.app.defences import Defence
+from superlink.app.defences.central_dp import CentralDP
 from superlink.app.round_core import aggregate_round, plan_round, run_encoding
 from superlink.app.strategies import SiloUpdate, get_strategy
 
@@ -233,6 +234,7 @@ def train_federated(
     run = run.model_copy(update={"num_rounds": rounds})
     strategy = get_strategy(run.strategy, run.peft)
     defence = Defence(run.strategy, run.peft.alpha)
+    central = CentralDP.for_run(run.central_dp)  # central-dp.enabled: as the deployed round does it
     global_state: dict[str, np.ndarray] = bank.initial_state(silos[0].rank)
     enc = run_encoding(run)
     # Each silo's quantization residual, as a resident silo keeps it (transport.error-feedback).
@@ -258,7 +260,9 @@ def train_federated(
             fp32 += downlink.fp32_bytes + float32_nbytes(state)
             state = decode_uplink(reply, downlink.held, enc)
             updates.append(SiloUpdate(i, state, len(silo.examples), silo.rank, {p.TRAIN_LOSS: loss}))
-        agg = aggregate_round(run, strategy, defence, global_state, updates, plan.held())
+        agg = aggregate_round(
+            run, strategy, defence, global_state, updates, plan.held(), central, len(plan.sampled)
+        )
         global_state = agg.global_state
         if agg.train_loss is not None:
             losses.append(agg.train_loss)

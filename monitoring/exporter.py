@@ -125,20 +125,20 @@ class EventTail:
 
 # Gauge fields of silo_result / local_train events -> metric (exported only when present).
 _SILO_GAUGES: dict[str, m.MetricDef] = {
-    "round": m.SILO_LAST_ROUND,
-    "train_seconds": m.SILO_TRAIN_SECONDS,
-    "tokens_per_second": m.SILO_TOKENS_PER_SECOND,
-    "train_loss": m.SILO_TRAIN_LOSS,
-    "examples": m.SILO_EXAMPLES_LAST,
+    protocol.F_ROUND: m.SILO_LAST_ROUND,
+    protocol.F_TRAIN_SECONDS: m.SILO_TRAIN_SECONDS,
+    protocol.F_TOKENS_PER_SECOND: m.SILO_TOKENS_PER_SECOND,
+    protocol.F_TRAIN_LOSS: m.SILO_TRAIN_LOSS,
+    protocol.F_EXAMPLES: m.SILO_EXAMPLES_LAST,
     protocol.PEAK_GPU_ALLOCATED: m.SILO_GPU_ALLOCATED,
     protocol.PEAK_GPU_RESERVED: m.SILO_GPU_RESERVED,
     protocol.NVML_USED: m.SILO_NVML_USED,
     protocol.GPU_TOTAL: m.SILO_GPU_CAPACITY,
     protocol.PEAK_RSS: m.SILO_PEAK_RSS,
-    "lora_rank": m.SILO_LORA_RANK,
+    protocol.F_LORA_RANK: m.SILO_LORA_RANK,
     protocol.THREADS: m.SILO_THREADS,  # the allotment (silo_node/app/allotment.py), from local_train events
     protocol.GPUS: m.SILO_GPUS,
-    "reply_seconds": m.SILO_REPLY_SECONDS,
+    protocol.F_REPLY_SECONDS: m.SILO_REPLY_SECONDS,
     protocol.DP_EPSILON_SPENT: m.SILO_DP_EPSILON_SPENT,  # only silos with [privacy]
     protocol.DP_EPSILON_BUDGET: m.SILO_DP_EPSILON_BUDGET,
 }
@@ -146,20 +146,20 @@ _GPU_FIELDS = frozenset(protocol.GPU_FIELDS)
 # Server events that mean the run moved; their time is silotune_last_progress_timestamp_seconds,
 # so a ServerApp that is killed or hangs stops moving it and SiloTuneNoProgress fires.
 _PROGRESS_KINDS = frozenset(
-    {"run_start", "round_start", "silo_reply", "silo_result", "silo_failed", "update_rejected",
-     "round_end", "evaluation",
+    {protocol.EV_RUN_START, protocol.EV_ROUND_START, protocol.EV_SILO_REPLY, protocol.EV_SILO_RESULT,
+     protocol.EV_SILO_FAILED, protocol.EV_UPDATE_REJECTED, protocol.EV_ROUND_END, protocol.EV_EVALUATION,
      # A silo waiting for its operator's approval is asked again every round: the run is waiting
      # on purpose, not stalled.
-     "silo_pending"}
+     protocol.EV_SILO_PENDING}
 )  # fmt: skip
 _SILO_COUNTERS: dict[str, m.MetricDef] = {
-    "uplink_bytes": m.UPLINK_BYTES,
-    "downlink_bytes": m.DOWNLINK_BYTES,
-    "uplink_fp32_bytes": m.UPLINK_FP32_BYTES,
-    "downlink_fp32_bytes": m.DOWNLINK_FP32_BYTES,
-    "examples": m.SILO_EXAMPLES,
-    "tokens": m.SILO_TOKENS,
-    "train_seconds": m.SILO_TRAIN_SECONDS_TOTAL,
+    protocol.F_UPLINK_BYTES: m.UPLINK_BYTES,
+    protocol.F_DOWNLINK_BYTES: m.DOWNLINK_BYTES,
+    protocol.F_UPLINK_FP32_BYTES: m.UPLINK_FP32_BYTES,
+    protocol.F_DOWNLINK_FP32_BYTES: m.DOWNLINK_FP32_BYTES,
+    protocol.F_EXAMPLES: m.SILO_EXAMPLES,
+    protocol.TOKENS: m.SILO_TOKENS,
+    protocol.F_TRAIN_SECONDS: m.SILO_TRAIN_SECONDS_TOTAL,
 }
 
 
@@ -185,7 +185,7 @@ class FederationState:
             self.gauges.setdefault(d.name, {})[labels] = value
 
     def _silo(self, event: dict[str, Any]) -> str:
-        node = str(event.get("node_id", ""))
+        node = str(event.get(protocol.F_NODE_ID, ""))
         name = event.get("silo")
         if isinstance(name, str) and name:
             if node:
@@ -204,9 +204,9 @@ class FederationState:
                 prev = self.gauges.get(m.LAST_PROGRESS_TS.name, {}).get((), 0.0)
                 self._set(m.LAST_PROGRESS_TS, max(prev, ts))
         self._set(m.PROGRESS_TIMEOUT, finite_number(event.get("progress_timeout_seconds")))
-        handler = getattr(self, f"_on_{kind}", None)
+        handler = EVENT_HANDLERS.get(kind)
         if handler is not None:
-            handler(event)
+            handler(self, event)
 
     def _on_run_start(self, e: dict[str, Any]) -> None:
         self._inc(m.RUNS_STARTED, 1)
@@ -215,7 +215,7 @@ class FederationState:
             self._set(d, 0.0)
         self.gauges.pop(m.EVALUATION.name, None)
         self._set(m.RUN_ACTIVE, 1.0)
-        self._set(m.ROUNDS_PLANNED, finite_number(e.get("num_rounds")))
+        self._set(m.ROUNDS_PLANNED, finite_number(e.get(protocol.F_NUM_ROUNDS)))
         self._set(m.ADAPTER_PARAMETERS, finite_number(e.get("adapter_parameters")))
         budget = finite_number(e.get("comm_budget_bytes"))
         self._set(m.COMM_BUDGET, self.default_budget_bytes if budget is None else budget)
@@ -223,26 +223,31 @@ class FederationState:
         self.gauges[m.RUN_INFO.name] = {labels: 1.0}
 
     def _on_round_start(self, e: dict[str, Any]) -> None:
-        self._set(m.ROUND, finite_number(e.get("round")))
+        self._set(m.ROUND, finite_number(e.get(protocol.F_ROUND)))
         self._set(m.ROUND_IN_PROGRESS, 1.0)
         self._set(m.ROUND_STARTED_TS, finite_number(e.get("ts")))
         self._set(m.SILOS_CONNECTED, _count(e.get("connected")))
-        self._set(m.SILOS_SAMPLED, _count(e.get("sampled")))
+        self._set(m.SILOS_SAMPLED, _count(e.get(protocol.F_SAMPLED)))
 
     def _on_round_end(self, e: dict[str, Any]) -> None:
-        self._set(m.ROUND, finite_number(e.get("round")))
+        self._set(m.ROUND, finite_number(e.get(protocol.F_ROUND)))
         self._set(m.ROUND_IN_PROGRESS, 0.0)
-        self._set(m.ROUNDS_COMPLETED, finite_number(e.get("round")))
+        self._set(m.ROUNDS_COMPLETED, finite_number(e.get(protocol.F_ROUND)))
         self._inc(m.ROUNDS_COMPLETED_TOTAL, 1)
-        self._set(m.SILOS_SAMPLED, _count(e.get("sampled")))
-        self._set(m.SILOS_ANSWERED, _count(e.get("answered")))
+        self._set(m.SILOS_SAMPLED, _count(e.get(protocol.F_SAMPLED)))
+        self._set(m.SILOS_ANSWERED, _count(e.get(protocol.F_ANSWERED)))
         self._set(m.SILOS_FAILED, _count(e.get("failed")))
         self._set(m.ROUND_DURATION, finite_number(e.get("duration_seconds")))
         self._set(m.AGGREGATION_DURATION, finite_number(e.get("aggregation_seconds")))
-        up, down = finite_number(e.get("uplink_bytes")), finite_number(e.get("downlink_bytes"))
+        up, down = (
+            finite_number(e.get(protocol.F_UPLINK_BYTES)),
+            finite_number(e.get(protocol.F_DOWNLINK_BYTES)),
+        )
         self._set(m.ROUND_UPLINK, up)
         self._set(m.ROUND_DOWNLINK, down)
-        self._set(m.ROUND_TRAIN_LOSS, finite_number(e.get("train_loss")))
+        self._set(m.ROUND_TRAIN_LOSS, finite_number(e.get(protocol.F_TRAIN_LOSS)))
+        # Central DP (central-dp.enabled): the run's epsilon so far, from this round's release.
+        self._set(m.CENTRAL_DP_EPSILON, finite_number(e.get(protocol.CDP_EPSILON)))
         cumulative = finite_number(e.get("cumulative_bytes"))
         if cumulative is None:  # older writers: add this round's traffic ourselves
             prev = self.gauges.get(m.COMM_BYTES.name, {}).get((), 0.0)
@@ -257,7 +262,7 @@ class FederationState:
         values = e.get("metrics")
         if not isinstance(values, dict):
             return
-        self._set(m.EVALUATION_ROUND, finite_number(e.get("round")))
+        self._set(m.EVALUATION_ROUND, finite_number(e.get(protocol.F_ROUND)))
         for name, value in values.items():
             self._set(m.EVALUATION, finite_number(value), (str(name),))
 
@@ -282,8 +287,6 @@ class FederationState:
         for key, d in _SILO_GAUGES.items():
             if not (no_gpu and key in _GPU_FIELDS):
                 self._set(d, finite_number(e.get(key)), labels)
-
-    _on_local_train = _on_silo_result
 
     def _on_silo_failed(self, e: dict[str, Any]) -> None:
         self._inc(m.SILO_FAILURES, 1, (self._silo(e),))
@@ -312,6 +315,25 @@ class FederationState:
 
     def _on_quorum_missed(self, e: dict[str, Any]) -> None:
         self._inc(m.QUORUM_MISSED, 1)
+
+
+# The event kinds the exporter counts, by their protocol names: one table to read, not handler
+# names built from strings (tests/test_protocol.py checks every key is a kind the protocol names).
+EVENT_HANDLERS: dict[str, Callable[[FederationState, dict[str, Any]], None]] = {
+    protocol.EV_RUN_START: FederationState._on_run_start,
+    protocol.EV_ROUND_START: FederationState._on_round_start,
+    protocol.EV_ROUND_END: FederationState._on_round_end,
+    protocol.EV_ROUND_STALLED: FederationState._on_round_stalled,
+    protocol.EV_EVALUATION: FederationState._on_evaluation,
+    protocol.EV_RUN_END: FederationState._on_run_end,
+    protocol.EV_SILO_RESULT: FederationState._on_silo_result,
+    protocol.EV_LOCAL_TRAIN: FederationState._on_silo_result,  # the silo's own record of its round
+    protocol.EV_SILO_FAILED: FederationState._on_silo_failed,
+    protocol.EV_UPDATE_REJECTED: FederationState._on_update_rejected,
+    protocol.EV_ANOMALY: FederationState._on_anomaly_score,
+    protocol.EV_SILO_EXCLUDED: FederationState._on_silo_excluded,
+    protocol.EV_QUORUM_MISSED: FederationState._on_quorum_missed,
+}
 
 
 def _count(value: Any) -> float | None:

@@ -34,10 +34,12 @@ Event kinds and fields (all carry ``ts`` (unix seconds), ``kind`` and ``role``):
   quorum_missed  round, valid_updates, min_answers (the global adapter stayed unchanged)
   round_end      round, duration_seconds, aggregation_seconds, sampled, answered, failed,
                  uplink_bytes, downlink_bytes, cumulative_bytes, train_loss, checkpoint,
-                 quorum_met, adapter_updated
+                 quorum_met, adapter_updated; under central DP also protocol.CDP_FIELDS
+                 (central_dp_noise_std, central_dp_epsilon, ...)
   evaluation     round, metrics (dict name -> value)
   round_stalled  round, reason: the watchdog failed the round (no progress); no round_end follows
-  run_end        status ("completed" | "budget_exceeded" | "stalled" | "failed" | "stopped"),
+  run_end        status ("completed" | "budget_exceeded" | "stalled" | "failed" | "stopped" |
+                 "dp_budget_exhausted": central-dp.max-epsilon reached),
                  rounds_completed (the last round that produced a new adapter, whatever the
                  status), adapter_dir, reason (when not completed normally)
   local_train    (silo side) round, silo, train_loss, examples, tokens, tokens_per_second,

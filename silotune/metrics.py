@@ -253,6 +253,11 @@ SILO_EXCLUSIONS = MetricDef(
     "Times a silo was excluded from a run for anomalous updates in consecutive rounds.",
     _S,
 )
+CENTRAL_DP_EPSILON = MetricDef(
+    "silotune_central_dp_epsilon",
+    "gauge",
+    "Epsilon the run's central DP has spent (central-dp.enabled; superlink/app/defences/central_dp.py).",
+)
 QUORUM_MISSED = MetricDef(
     "silotune_rounds_quorum_missed_total",
     "counter",

@@ -50,3 +50,19 @@ def test_the_benchmark_measures_every_key_of_the_recipe() -> None:
     elsewhere = {"domain", "strategy.name", "train.keep-optimizer-state", "transport.dtype", "peft.alpha"}
     assert set(recipe_values("finance")) - elsewhere == set(bench.RECIPE_OPTIONS)
     assert parse_run_config({}).peft.alpha == recipe_values("finance")["peft.alpha"]
+
+
+def test_every_run_config_key_has_the_apps_default_so_flower_accepts_it_as_an_override() -> None:
+    """Flower refuses a --run-config key that the FAB's [tool.flwr.app.config] lacks (flwr's
+    fuse_dicts with check_keys): every key of the schema, hence of every recipe, must be there, with
+    the schema's default, or `silotune run --recipe finance` would fail at the SuperLink."""
+    import tomllib
+
+    from silotune.config import flatten_run_config
+
+    app = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    schema = flatten_run_config(parse_run_config({}))
+    assert sorted(set(schema) - set(app)) == [] and sorted(set(app) - set(schema)) == []
+    assert {k: v for k, v in app.items() if schema[k] != v} == {}
+    for name in available():
+        assert set(recipe_values(name)) <= set(app), name

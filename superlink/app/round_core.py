@@ -7,8 +7,9 @@ transport, then ``aggregate_round``. Two callers run exactly this code, so they 
 - ``silotune compare``'s in-process federation (``evaluation/inprocess.py``), which calls the silos'
   training directly.
 
-Pure numpy; the silo side of a round (``silo_node.app.training.train_round`` with
-``silo_node.app.training.round_seed``) is likewise one function that both call.
+No Flower messaging in it (numpy; central DP uses two of Flower's DP helpers). The silo side of a
+round (``silo_node.app.training.train_round`` with ``round_seed``) is likewise one function that
+both call.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from silotune import protocol as p
 from silotune.config import RunConfig, lr_for_round
 from silotune.wire_codec import Encoding, decode, encode, encoding_for, float32_nbytes
 from superlink.app.defences import Defence, DefenceReport
+from superlink.app.defences.central_dp import CentralDP, release_as_update
 from superlink.app.strategies import SiloUpdate, Strategy
 
 
@@ -129,8 +131,10 @@ class Aggregation:
     global_state: dict[str, np.ndarray]  # unchanged when the quorum was missed
     updated: bool  # False: fewer valid updates than strategy.min-answers, nothing aggregated
     train_loss: float | None  # example-weighted mean of the silos' local losses
-    report: DefenceReport | None
+    report: DefenceReport | None  # None under central DP, which bypasses the defences
     seconds: float
+    # Central DP's figures of the round (protocol.CDP_FIELDS; per-silo CDP_SILO_FIELDS lists), or {}.
+    central_dp: dict[str, Any] = field(default_factory=dict)
 
 
 def aggregate_round(
@@ -140,14 +144,26 @@ def aggregate_round(
     global_state: dict[str, np.ndarray],
     updates: list[SiloUpdate],
     sent: dict[int, dict[str, np.ndarray]],
+    central: CentralDP | None = None,
+    num_sampled: int = 0,
 ) -> Aggregation:
     """Quorum, then caps, scores, robust selection and clipping (``Defence.apply``), then the
-    strategy's own average. ``sent[node_id]`` is what that silo received this round."""
+    strategy's own average. ``sent[node_id]`` is what that silo received this round.
+
+    Under central DP (``central``, from ``central-dp.enabled``) the defences are bypassed: every
+    delta is clipped to central-dp.clipping-norm, the clipped deltas are averaged with equal weights
+    over the ``num_sampled`` silos asked, and noised; the strategy takes that release as its one
+    update (FedAvg keeps it, FedAvgM/FedAdam step on it: post-processing). Why the weights and the
+    robust aggregators cannot stay: superlink/app/defences/central_dp.py."""
     if not updates or len(updates) < cfg.strategy.min_answers:
         return Aggregation(global_state, False, None, None, 0.0)
     t0 = time.monotonic()
+    total = sum(u.num_examples for u in updates)
+    loss = float(sum(u.metrics[p.TRAIN_LOSS] * u.num_examples for u in updates) / total)
+    if central is not None:
+        released, figures = central.release(global_state, updates, sent, max(num_sampled, len(updates)))
+        new_state = dict(strategy.aggregate(global_state, [release_as_update(released)]))
+        return Aggregation(new_state, True, loss, None, time.monotonic() - t0, figures)
     report = defence.apply(updates, [sent[u.node_id] for u in updates])
     new_state = dict(strategy.aggregate(global_state, updates))
-    total = sum(u.num_examples for u in updates)
-    loss = sum(u.metrics[p.TRAIN_LOSS] * u.num_examples for u in updates) / total
-    return Aggregation(new_state, True, float(loss), report, time.monotonic() - t0)
+    return Aggregation(new_state, True, loss, report, time.monotonic() - t0)

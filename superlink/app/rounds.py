@@ -34,6 +34,7 @@ from silotune.metrics import BYTES_PER_MB
 from silotune.wire_codec import encode
 from superlink.app.checkpoints import CheckpointStore
 from superlink.app.defences import Defence, DefenceReport
+from superlink.app.defences.central_dp import CentralDP
 from superlink.app.exchange import Exchange
 from superlink.app.reply_checks import ReplyRejected, check_eval_reply, check_train_reply
 from superlink.app.round_core import (
@@ -58,6 +59,8 @@ RESUME_MUST_MATCH = (
     "peft.target-modules",
     "strategy.name",
     "domain",
+    # Rounds released without central DP were not private: a run cannot switch it on (or off) midway.
+    "central-dp.enabled",
 )
 
 
@@ -74,6 +77,7 @@ class RoundOutcome:
     aggregation_seconds: float
     checkpoint: str = ""
     per_silo: list[dict[str, Any]] = field(default_factory=list)
+    central_dp: dict[str, Any] = field(default_factory=dict)  # the round's CDP_FIELDS (central DP only)
 
 
 def _array_bytes(content: Any) -> int:
@@ -119,6 +123,8 @@ class Federation:
         self.cumulative_bytes = 0
         # Bounded influence (superlink/app/defences/) and each silo's run of flagged rounds.
         self.defence = Defence(cfg.strategy, cfg.peft.alpha)
+        # central-dp.enabled: clipping and noise on the aggregate, with the run's own accountant.
+        self.central = CentralDP.for_run(cfg.central_dp)
         self.encoding = run_encoding(cfg)  # transport.dtype, the same at every silo
         self.anomaly_streak: dict[int, int] = {}
         self.rounds_completed = 0  # last round that produced a new global adapter (run_end)
@@ -148,6 +154,7 @@ class Federation:
         self.strategy.load_state_dict(ckpt.strategy_state)
         self.registry.reference_sha = ckpt.manifest.get("base_model", {}).get("sha256", "")
         self.cumulative_bytes = int(ckpt.manifest.get("cumulative_bytes", 0))
+        self.central = CentralDP.for_run(self.cfg.central_dp, ckpt.manifest.get(p.CDP_MANIFEST_KEY))
         log(INFO, "resuming from %s (round %d)", ckpt.path, ckpt.round)
         return ckpt.round
 
@@ -196,6 +203,11 @@ class Federation:
         status, reason = p.RUN_COMPLETED, ""
         stalls = 0
         for server_round in range(start_round + 1, cfg.num_rounds + 1):
+            spent = self.central.refusal() if self.central is not None else None
+            if spent:
+                status, reason = p.RUN_DP_BUDGET_EXHAUSTED, spent
+                log(WARNING, "ending the run before round %d: %s", server_round, reason)
+                break
             try:
                 outcome = self.run_round(server_round)
             except RoundStalled as exc:
@@ -258,12 +270,16 @@ class Federation:
         self.registry.record_failures(server_round, errors)
         updates, per_silo, uplink = self._collect(plan, replies, down)
         self.cumulative_bytes += uplink + sum(down.values())
-        agg = aggregate_round(cfg, self.strategy, self.defence, self.global_state, updates, plan.held())
+        agg = aggregate_round(
+            cfg, self.strategy, self.defence, self.global_state, updates, plan.held(), self.central,
+            len(plan.sampled),
+        )  # fmt: skip
         checkpoint = self._adopt(server_round, agg, len(updates), per_silo)
         self._evaluate(server_round, plan.sampled)
         outcome = RoundOutcome(
             server_round, plan.sampled, len(updates), len(plan.sampled) - len(updates), agg.train_loss,
             uplink, sum(down.values()), self.clock() - t0, agg.seconds, checkpoint, per_silo,
+            {k: v for k, v in agg.central_dp.items() if k in p.CDP_FIELDS},
         )  # fmt: skip
         if outcome.answered:
             self.watchdog.round_completed(outcome.duration_seconds)
@@ -348,10 +364,11 @@ class Federation:
                 min_answers=self.cfg.strategy.min_answers,
             )
             return ""
-        if not agg.updated or agg.report is None or agg.train_loss is None:
+        if not agg.updated or agg.train_loss is None:
             log(WARNING, "round %d: no valid update; the global adapter is unchanged", server_round)
             return ""
-        self._report_anomalies(server_round, agg.report)
+        if agg.report is not None:  # None under central DP, which bypasses the defences
+            self._report_anomalies(server_round, agg.report)
         self.global_state = agg.global_state
         self.initial_sha256 = ""
         return str(self._checkpoint(server_round, agg.train_loss, per_silo))
@@ -378,6 +395,7 @@ class Federation:
             # The quorum (strategy.min-answers): when missed, the global adapter stayed as it was.
             quorum_met=quorum_met,
             adapter_updated=bool(outcome.checkpoint),
+            **outcome.central_dp,  # central DP: the noise, the clipped count and the run's epsilon
         )
         log(INFO, p.PROGRESS_PREFIX + json.dumps({**summary, p.F_NUM_ROUNDS: self.cfg.num_rounds}))
 
@@ -459,6 +477,8 @@ class Federation:
             p.REC_METRICS: {p.F_TRAIN_LOSS: loss, "silos": per_silo},
             "cumulative_bytes": self.cumulative_bytes,
             "saved_at": time.time(),
+            # The central accountant's history, so a resumed run keeps the epsilon it has spent.
+            **({p.CDP_MANIFEST_KEY: self.central.accountant.to_dict()} if self.central is not None else {}),
         }
         return self.store.save(server_round, adapter, peft_config, self.strategy.state_dict(), manifest)
 

@@ -85,6 +85,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -367,3 +368,44 @@ def round_refusal(
         f"{settings.target_delta:g} (spent so far {accountant.epsilon(settings.target_delta):.4g} in "
         f"{accountant.rounds} round(s)); central-dp.max-epsilon is {settings.max_epsilon:g}"
     )
+
+
+@dataclass
+class CentralDP:
+    """One run's central mechanism: its settings, its accountant (persisted in every checkpoint's
+    manifest under ``CDP_MANIFEST_KEY``) and its secret noise source."""
+
+    settings: CentralDPSettings
+    accountant: CentralAccountant = field(default_factory=CentralAccountant)
+    rng: np.random.Generator = field(default_factory=secret_rng)
+
+    @classmethod
+    def for_run(cls, settings: CentralDPSettings, saved: Mapping[str, Any] | None = None) -> CentralDP | None:
+        """None unless ``central-dp.enabled``; ``saved``: the accountant of a resumed run's checkpoint."""
+        if not settings.enabled:
+            return None
+        return cls(settings, CentralAccountant.from_dict(saved))
+
+    def refusal(self) -> str | None:
+        """Why the next round must not run (central-dp.max-epsilon), or None. Rounds are charged at
+        q = 1 (``accounting_sample_rate``: SiloTune's sampling is seeded, not secret)."""
+        return round_refusal(self.accountant, self.settings, 1.0)
+
+    def release(
+        self,
+        global_state: Mapping[str, np.ndarray],
+        updates: list[SiloUpdate],
+        sent: Mapping[int, Mapping[str, np.ndarray]],
+        num_sampled: int,
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """This round's noisy global adapter and its report (``central_dp_aggregate``), charged."""
+        return central_dp_aggregate(
+            global_state,
+            [u.state for u in updates],
+            [sent[u.node_id] for u in updates],
+            self.settings,
+            self.rng,
+            num_sampled=num_sampled,
+            accountant=self.accountant,
+            sample_rate=1.0,
+        )
