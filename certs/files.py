@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from silotune.atomic_files import atomic_write_bytes
 from silotune.errors import UserError
 
 PRIVATE_MODE = 0o600
@@ -63,11 +64,8 @@ def write_private(path: Path, data: bytes) -> None:
 
 
 def write_public(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.chmod(tmp, PUBLIC_MODE)
-    os.replace(tmp, path)
+    """A certificate or public key, replaced atomically (fsynced), readable by all."""
+    atomic_write_bytes(path, data, mode=PUBLIC_MODE)
 
 
 def replace_files(private: dict[Path, bytes], public: dict[Path, bytes], force: bool) -> list[Path]:

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from silotune.atomic_files import atomic_write_bytes
+
 if TYPE_CHECKING:
     from silotune.config import TransportSettings
 
@@ -315,22 +317,10 @@ class ErrorFeedback:
     def _save(self) -> None:
         if self.path is None:
             return
-        import os
-        import tempfile
+        from safetensors.numpy import save
 
-        from safetensors.numpy import save_file
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".residual-")
-        os.close(fd)
-        try:
-            save_file({k: np.ascontiguousarray(v) for k, v in self.residual.items()}, tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        data = save({k: np.ascontiguousarray(v) for k, v in self.residual.items()})
+        atomic_write_bytes(self.path, data, mode=0o600)  # the silo's own state: nobody else reads it
 
 
 def encode_uplink(
