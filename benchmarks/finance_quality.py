@@ -91,6 +91,13 @@ def _rows(recipe: dict[str, Any], quick: bool) -> list[tuple[str, list[str]]]:
         ("federated-int4", [*fed, "--transport-dtype", "int4"]),
         # Scored in fp32 too: the same items in both precisions say what bf16 scoring changes.
         ("base-fp32", ["--approaches", "base", "--eval-dtype", "fp32"]),
+        # The learning rate: the recipe's 3e-3 against the previous recipe's 1e-3 (central and
+        # federated, same budget) and 5e-3 (federated). A later --lr-max overrides the recipe's.
+        ("federated-lr1e-3", [*fed, "--lr-max", "1e-3"]),
+        ("centralized-lr1e-3", ["--approaches", "centralized", *kept, "--lr-max", "1e-3"]),
+        ("isolated-lr1e-3", ["--approaches", "isolated", *kept, "--lr-max", "1e-3"]),
+        ("flexlora-consensus-lr1e-3", [*flex, "--aggregator", "consensus", "--lr-max", "1e-3"]),
+        ("federated-lr5e-3", [*fed, "--lr-max", "5e-3"]),
     ]  # fmt: skip
     if quick:  # the smoke test keeps one row of each kind that the JSON line needs
         rows = [r for r in rows if r[0] in ("base", "isolated", "federated", "centralized")]
@@ -220,15 +227,18 @@ def summarize(
             f1 = r["macro_f1"]
             table.append({
                 "shares": prediction_shares(out / name, r["label"]) if out else {},
-                "row": name if r["approach"] != "isolated" else f"isolated {r['silo']}",
-                "label": r["label"] + _scoring(doc),
+                "row": name if r["approach"] != "isolated" else f"{name} {r['silo']}",
+                "of": name,
+                # Ablations of the learning rate carry their row name: their labels are the recipe's.
+                "label": r["label"] + _scoring(doc) + (f" [{name}]" if "-lr" in name else ""),
                 "scores": {k: _pct(v) for k, v in r["scores"].items()},
                 "average": _pct(r["average"]), "macro_f1": _pct(sum(f1.values()) / len(f1)) if f1 else None,
                 "steps_total": r["total_steps"], "mb": round(r["adapter_bytes"] / 1e6, 2),
                 "train_s": r["train_seconds"], "eval_s": r["eval_seconds"], "items": r["items"],
             })  # fmt: skip
     by = {t["row"]: t for t in table}
-    isolated = [t for t in table if t["row"].startswith("isolated ")]
+    # The recipe's isolated rows only: an ablation's isolated silos (another lr) are not the baseline.
+    isolated = [t for t in table if t["row"].startswith("isolated ") and t.get("of") == "isolated"]
     fed = by["federated"]
     js = {
         "federated_avg": fed["average"],
@@ -249,11 +259,12 @@ def summarize(
         "eval_items": fed["items"],
         "wall_seconds": round(wall, 1),
     }
-    extras = ("federated-consensus", "flexlora-consensus", "federated-int4", "flexlora", "fedavg-fresh-adamw")
+    extras = ("federated-consensus", "flexlora-consensus", "federated-int4", "flexlora", "fedavg-fresh-adamw",
+              "federated-lr1e-3", "centralized-lr1e-3", "federated-lr5e-3")  # fmt: skip
     for extra in extras:
         if extra in by:
             key = extra.replace("-", "_")
-            key = key if extra == "federated-consensus" else key.replace("federated_", "")
+            key = key.replace("federated_", "") if extra == "federated-int4" else key
             js[f"{key}_avg"], js[f"{key}_mb"] = by[extra]["average"], by[extra]["mb"]
     return {"table": table, "json": js}
 
