@@ -98,6 +98,10 @@ def _rows(recipe: dict[str, Any], quick: bool) -> list[tuple[str, list[str]]]:
         ("isolated-lr1e-3", ["--approaches", "isolated", *kept, "--lr-max", "1e-3"]),
         ("flexlora-consensus-lr1e-3", [*flex, "--aggregator", "consensus", "--lr-max", "1e-3"]),
         ("federated-lr5e-3", [*fed, "--lr-max", "5e-3"]),
+        ("flexlora-lr5e-3", [*flex, "--lr-max", "5e-3"]),
+        # Server momentum on top of the recipe (FedAvgM, beta 0.5, server step 1): depth across rounds.
+        ("fedavgm-m05", ["--approaches", "fedavgm", *kept, "--transport-dtype", "bf16",
+                          "--server-momentum", "0.5", "--server-lr", "1.0"]),
     ]  # fmt: skip
     if quick:  # the smoke test keeps one row of each kind that the JSON line needs
         rows = [r for r in rows if r[0] in ("base", "isolated", "federated", "centralized")]
@@ -230,7 +234,7 @@ def summarize(
                 "row": name if r["approach"] != "isolated" else f"{name} {r['silo']}",
                 "of": name,
                 # Ablations of the learning rate carry their row name: their labels are the recipe's.
-                "label": r["label"] + _scoring(doc) + (f" [{name}]" if "-lr" in name else ""),
+                "label": r["label"] + _scoring(doc) + (f" [{name}]" if "-lr" in name or "-m" in name else ""),
                 "scores": {k: _pct(v) for k, v in r["scores"].items()},
                 "average": _pct(r["average"]), "macro_f1": _pct(sum(f1.values()) / len(f1)) if f1 else None,
                 "steps_total": r["total_steps"], "mb": round(r["adapter_bytes"] / 1e6, 2),
@@ -260,7 +264,8 @@ def summarize(
         "wall_seconds": round(wall, 1),
     }
     extras = ("federated-consensus", "flexlora-consensus", "federated-int4", "flexlora", "fedavg-fresh-adamw",
-              "federated-lr1e-3", "centralized-lr1e-3", "federated-lr5e-3")  # fmt: skip
+              "federated-lr1e-3", "centralized-lr1e-3", "federated-lr5e-3", "flexlora-lr5e-3",
+              "fedavgm-m05")  # fmt: skip
     for extra in extras:
         if extra in by:
             key = extra.replace("-", "_")
