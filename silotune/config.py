@@ -204,7 +204,9 @@ class CentralDPSettings(StrictSection):
     target_delta: float = Field(1e-5, gt=0, lt=1, allow_inf_nan=False)
     # Stop before the round whose release would take epsilon past this; 0 = no limit (TOML and
     # Flower's run config have no null).
-    max_epsilon: float = Field(0.0, ge=0, allow_inf_nan=False)
+    # Default 8 (the epsilon the privacy benchmark's goals are set at): a run that turns central DP on
+    # gets a bounded budget without remembering to set one; 0 must be asked for by name.
+    max_epsilon: float = Field(8.0, ge=0, allow_inf_nan=False)
 
 
 class RunConfig(StrictSection):

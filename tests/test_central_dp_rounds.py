@@ -11,7 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from monitoring.exporter import FederationState
+from silotune import metrics as m
 from silotune import protocol as p
+from silotune.events import read_events
 from superlink.app.defences.central_dp import CentralAccountant
 from tests.support.scripted_grid import INIT, FakeGrid, FakeSilo, events_of, make_federation
 
@@ -23,6 +26,11 @@ def _dp(**extra: object) -> dict[str, object]:
     return {"central-dp.enabled": True, "central-dp.clipping-norm": 1.0, **extra}
 
 
+def _no_limit(**extra: object) -> dict[str, object]:
+    """Near-zero noise spends a huge epsilon at once: these tests lift the default max-epsilon (8)."""
+    return _dp(**{"central-dp.max-epsilon": 0.0}, **extra)
+
+
 def test_the_release_is_the_equal_weight_mean_of_clipped_deltas_whatever_a_silo_declares(
     tmp_path: Path,
 ) -> None:
@@ -30,7 +38,7 @@ def test_the_release_is_the_equal_weight_mean_of_clipped_deltas_whatever_a_silo_
     # delta is clipped to norm 1 and counts once: the liar pulls by at most C/n, like any one silo.
     silos = {1: FakeSilo("a"), 2: FakeSilo("b"), 3: FakeSilo("liar", n=10**9, delta=-1000.0)}
     fed = make_federation(
-        tmp_path, FakeGrid(silos), **{"num-rounds": 1, **_dp(**{"central-dp.noise-multiplier": 1e-9})}
+        tmp_path, FakeGrid(silos), **{"num-rounds": 1, **_no_limit(**{"central-dp.noise-multiplier": 1e-9})}
     )
     fed.run()
     unit = 1.0 / math.sqrt(D)  # each coordinate of a clipped +-1 delta
@@ -47,9 +55,7 @@ def test_the_noise_is_there_and_sized_by_the_silos_asked(tmp_path: Path) -> None
     fed = make_federation(
         tmp_path, FakeGrid(silos), **{"num-rounds": 1, **_dp(**{"central-dp.noise-multiplier": 2.0})}
     )
-    # Silos that send back exactly what they got: whatever moved the global is the noise alone.
-    silos[1].delta = silos[2].delta = 0.0
-    fed.run()
+    fed.run()  # silos that send back exactly what they got: whatever moved the global is the noise alone
     moved = np.concatenate([(fed.global_state[k] - v).ravel() for k, v in INIT.items()])
     assert np.abs(moved).max() > 0  # a release without noise would have left the adapter where it was
     (end,) = events_of(tmp_path, p.EV_ROUND_END)
@@ -68,6 +74,11 @@ def test_epsilon_is_reported_every_round_and_kept_across_a_resume(tmp_path: Path
         acc.step(1.5, 1.0)
         expected.append(acc.epsilon(1e-5))
     assert eps == pytest.approx(expected)  # round 3 counts the two rounds before the restart
+    # Prometheus: the exporter's gauge holds the run's epsilon after its last release.
+    state = FederationState()
+    for e in read_events(tmp_path / "run" / "events.jsonl"):
+        state.apply(e)
+    assert state.gauges[m.CENTRAL_DP_EPSILON.name] == {(): pytest.approx(expected[-1])}
     manifest = json.loads(next((tmp_path / "run").rglob("manifest.json")).read_text())
     assert p.CDP_MANIFEST_KEY in manifest
 
@@ -89,7 +100,7 @@ def test_the_run_stops_before_the_round_that_would_pass_max_epsilon(tmp_path: Pa
 
 def test_a_server_optimizer_steps_on_the_release(tmp_path: Path) -> None:
     silos = {1: FakeSilo("a"), 2: FakeSilo("b")}
-    cfg = {"strategy.name": "fedadam", "num-rounds": 2, **_dp(**{"central-dp.noise-multiplier": 1e-9})}
+    cfg = {"strategy.name": "fedadam", "num-rounds": 2, **_no_limit(**{"central-dp.noise-multiplier": 1e-9})}
     fed = make_federation(tmp_path, FakeGrid(silos), **cfg)
     fed.run()
     moved = fed.global_state["m.lora_A.weight"] - INIT["m.lora_A.weight"]
@@ -101,3 +112,16 @@ def test_a_run_cannot_switch_central_dp_on_midway(tmp_path: Path) -> None:
     make_federation(tmp_path, FakeGrid(silos), **{"num-rounds": 1}).run()
     with pytest.raises(RuntimeError, match="central-dp.enabled"):
         make_federation(tmp_path, FakeGrid(silos), **{"num-rounds": 2, **_dp()}).run()
+
+
+def test_the_raw_delta_norms_go_to_the_central_log_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Operators choose clipping-norm from them; they are not noised, so no event carries them."""
+    silos = {1: FakeSilo("a"), 2: FakeSilo("b")}
+    with caplog.at_level("INFO", logger="flwr"):
+        make_federation(tmp_path, FakeGrid(silos), **{"num-rounds": 1, **_dp()}).run()
+    line = next(r.getMessage() for r in caplog.records if "central DP delta norms" in r.getMessage())
+    assert f"a {math.sqrt(D):.4g}" in line and f"b {math.sqrt(D):.4g}" in line
+    events = (tmp_path / "run" / "events.jsonl").read_text()
+    assert p.CDP_UPDATE_NORM not in events and p.CDP_CLIP_FACTOR not in events

@@ -369,6 +369,18 @@ class Federation:
             return ""
         if agg.report is not None:  # None under central DP, which bypasses the defences
             self._report_anomalies(server_round, agg.report)
+        if agg.central_dp:
+            # Raw, not noised: for the central site's own log only (never an event or a metric), so
+            # that an operator can choose central-dp.clipping-norm from real delta norms.
+            norms = zip(
+                per_silo, agg.central_dp[p.CDP_UPDATE_NORM], agg.central_dp[p.CDP_CLIP_FACTOR], strict=True
+            )
+            log(
+                INFO,
+                "round %d: central DP delta norms before clipping: %s",
+                server_round,
+                ", ".join(f"{row[p.SILO]} {norm:.4g} (x{factor:.3g})" for row, norm, factor in norms),
+            )
         self.global_state = agg.global_state
         self.initial_sha256 = ""
         return str(self._checkpoint(server_round, agg.train_loss, per_silo))

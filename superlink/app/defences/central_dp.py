@@ -55,8 +55,7 @@ for their DP-SGD (silo_node/app/privacy.py). Opacus's analysis assumes Poisson s
 secret coin per silo. The q-subsampled bound (q = sampled silos / connected silos) therefore
 applies only when silos are sampled that way. SiloTune's ``round_core.sample_round`` draws a
 fixed-size sample seeded from ``train.seed``, which every silo knows, so it gives no amplification.
-:func:`accounting_sample_rate` returns q = 1 (no amplification) unless the caller states that the
-sampling is secret and Poisson. With every silo in every round, q = 1 anyway.
+``SAMPLE_RATE`` is therefore q = 1 (no amplification). With every silo in every round, q = 1 anyway.
 
 Randomness: the noise must be secret from everyone who sees the adapter, above all the silos.
 Those silos know ``train.seed``, so never seed it from the seed. :func:`secret_rng` draws a
@@ -97,7 +96,6 @@ from superlink.app.strategies.base import SiloUpdate
 
 __all__ = [
     "CentralAccountant",
-    "accounting_sample_rate",
     "add_noise",
     "central_dp_aggregate",
     "clip_update",
@@ -174,8 +172,8 @@ def central_dp_aggregate(
     the dequantized payload, as the defences use). ``num_sampled`` is ``n``, the number of silos the
     round ASKED (default: the number of updates). Pass it whenever some did not answer or were
     rejected, so that the denominator and the noise do not depend on who answered. With
-    ``accountant``, the release is charged to it at ``sample_rate`` (see
-    :func:`accounting_sample_rate`) after the noise is drawn, and the report gives the epsilon.
+    ``accountant``, the release is charged to it at ``sample_rate`` (``SAMPLE_RATE`` in a run) after
+    the noise is drawn, and the report gives the epsilon.
 
     Returns the new global state (each tensor in the global's dtype, float32 on the wire), and a
     report keyed by ``silotune.protocol``'s names: the round's ``CDP_FIELDS``
@@ -241,14 +239,10 @@ def release_as_update(state: Mapping[str, np.ndarray]) -> SiloUpdate:
 
 
 # -- accounting -------------------------------------------------------------------------------------
-def accounting_sample_rate(num_sampled: int, num_connected: int, *, secret_poisson: bool = False) -> float:
-    """q to charge a round at: ``num_sampled / num_connected`` only when silos are sampled by
-    Poisson sampling with coins nobody else sees (the assumption of Opacus's subsampled
-    analysis); otherwise 1.0, no amplification. SiloTune's ``round_core.sample_round`` is fixed-size
-    and seeded from ``train.seed``, so today the answer is 1.0."""
-    if not secret_poisson or num_connected <= 0:
-        return 1.0
-    return min(1.0, max(num_sampled, 0) / num_connected)
+# q every round is charged at. Opacus's subsampled bound (q = sampled / connected) assumes Poisson
+# sampling with coins nobody else sees; SiloTune's ``round_core.sample_round`` is fixed-size and
+# seeded from ``train.seed``, which the silos know, so it earns no amplification: q = 1.
+SAMPLE_RATE = 1.0
 
 
 def _check_step(noise_multiplier: float, sample_rate: float) -> tuple[float, float]:
@@ -388,8 +382,8 @@ class CentralDP:
 
     def refusal(self) -> str | None:
         """Why the next round must not run (central-dp.max-epsilon), or None. Rounds are charged at
-        q = 1 (``accounting_sample_rate``: SiloTune's sampling is seeded, not secret)."""
-        return round_refusal(self.accountant, self.settings, 1.0)
+        q = 1 (``SAMPLE_RATE``: SiloTune's sampling is seeded, not secret)."""
+        return round_refusal(self.accountant, self.settings, SAMPLE_RATE)
 
     def release(
         self,
@@ -407,5 +401,5 @@ class CentralDP:
             self.rng,
             num_sampled=num_sampled,
             accountant=self.accountant,
-            sample_rate=1.0,
+            sample_rate=SAMPLE_RATE,
         )
