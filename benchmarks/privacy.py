@@ -24,7 +24,13 @@ with the noise calibrated (``target-epsilon``) so that the whole run spends exac
 epsilon; sampling is Poisson at q = batch / rows, which is what that accountant assumes.
 
     python benchmarks/privacy.py --quick   # no DP and epsilon 8; 2 rounds x 4 steps, small sets
-    python benchmarks/privacy.py           # no DP, epsilon 8, 3, 1; 3 rounds x 10 steps
+    python benchmarks/privacy.py           # no DP, epsilon 8, 3, 1 at the finance recipe's budget
+
+The full mode trains at the finance recipe's budget (silotune/recipes/finance.toml: 10 rounds x
+10 local steps of batch 8, rank 16 on all linear layers, lr 3e-3 -> 1e-4, kept AdamW state
+off: DP-SGD's optimizer is rebuilt each round) on 400 TFNS rows per silo. Each finished row is
+written to ``--out`` (default benchmarks/results/privacy/rows.jsonl) as it ends; a rerun with the
+same settings skips the rows already there, so a stopped run resumes.
 
 Prints a table, then one JSON line: per row ``epsilon``, ``exposure_mean``, ``exposure_max``,
 ``mia_auc``, ``accuracy``, ``macro_f1``, ``noise_multiplier``; and ``exposure_chance``.
@@ -94,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mia-rows", type=int)
     ap.add_argument("--eval-limit", type=int)
     ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "privacy" / "rows.jsonl")
     args = ap.parse_args(argv)
     quick = {"epsilons": "0,8", "rounds": 2, "local_steps": 4, "rows_per_silo": 48, "canaries": 2,
              "repeats": 4, "candidates": 50, "mia_rows": 32, "eval_limit": 24}  # fmt: skip
-    full = {"epsilons": "0,8,3,1", "rounds": 3, "local_steps": 10, "rows_per_silo": 300, "canaries": 5,
+    full = {"epsilons": "0,8,3,1", "rounds": 10, "local_steps": 10, "rows_per_silo": 400, "canaries": 5,
             "repeats": 8, "candidates": 500, "mia_rows": 200, "eval_limit": 300}  # fmt: skip
     for k, v in (quick if args.quick else full).items():
         if getattr(args, k) is None:
@@ -117,26 +124,24 @@ def main(argv: list[str] | None = None) -> int:
     from silotune.adapters import adapter_state
     from silotune.config import EMBEDDED_MODEL, lr_for_round, parse_run_config
     from silotune.modeling import load_model
+    from silotune.recipes import recipe_values
     from superlink.app.strategies import SiloUpdate, get_strategy
 
     torch.manual_seed(args.seed)
     t_start = time.monotonic()
     root = _data_root()
     rng = random.Random(args.seed)
+    # The finance recipe's model, rank, batch and lr schedule; the round budget from the mode.
+    recipe = recipe_values("finance")
     run = parse_run_config(
         {
             "model.name": EMBEDDED_MODEL,
             "num-rounds": args.rounds,
-            "peft.rank": 16,
-            "peft.alpha": 16,
-            "peft.target-modules": "all-linear",
+            **{k: recipe[k] for k in ("peft.rank", "peft.alpha", "peft.target-modules", "train.batch-size")},
+            **{k: recipe[k] for k in ("train.lr-max", "train.lr-min", "train.prompt-style")},
             "train.local-steps": args.local_steps,
-            "train.batch-size": 8,
-            "train.seq-length": 96,
-            "train.lr-max": 2e-3,
-            "train.lr-min": 2e-4,
+            "train.seq-length": 96,  # TFNS posts and the canaries fit; shorter is faster on CPU
             "train.seed": args.seed,
-            "train.prompt-style": "eval",
             "strategy.weighting": "equal",
         }
     )
@@ -218,18 +223,33 @@ def main(argv: list[str] | None = None) -> int:
             glob = dict(strategy.aggregate(glob, updates))
         return glob, sigma
 
+    # Every row ranks each canary against the same candidates (drawn once: a resumed run too).
+    c_range = range(args.candidates)
+    candidates = [
+        [canary(c["input"].removeprefix("client "), f"{rng.randrange(10**6):06d}") for _ in c_range]
+        for c in canaries
+    ]
+    keys = ("quick", "rounds", "local_steps", "rows_per_silo", "canaries", "repeats", "candidates")
+    settings_key = {k: getattr(args, k) for k in (*keys, "mia_rows", "eval_limit", "seed")}
+    done: dict[float, dict[str, Any]] = {}
+    if args.out.exists():  # resume: rows already measured with these exact settings
+        for line in args.out.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("settings") == settings_key:
+                done[float(rec["row"]["epsilon"] or 0)] = rec["row"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     for epsilon in epsilons:
+        if epsilon in done:
+            _log(f"  epsilon {epsilon:g}: already in {args.out}, skipped")
+            results.append(done[epsilon])
+            continue
         t0 = time.monotonic()
         final, sigma = federate(epsilon)
         model = bank.with_state(final, rank)
         model.eval()
         exposures = []
-        for c in canaries:
-            cands = [
-                canary(c["input"].removeprefix("client "), f"{rng.randrange(10**6):06d}")
-                for _ in range(args.candidates)
-            ]
+        for c, cands in zip(canaries, candidates, strict=True):
             scored = losses(model, encode([c, *cands]))
             exposures.append(exposure(float(scored[0]), scored[1:]))
         auc = auc_lower_is_member(losses(model, members), losses(model, nonmembers))
@@ -250,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         results.append(row)
         _log(f"  {json.dumps(row)}")
+        with args.out.open("a") as f:  # one line per finished row, so a stopped run resumes
+            f.write(json.dumps({"settings": settings_key, "row": row}) + "\n")
 
     chance = math.log2(args.candidates + 1) - math.log2((args.candidates + 2) / 2)
     print(
@@ -272,21 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": results,
         "exposure_chance": round(chance, 3),
         "exposure_max_possible": round(math.log2(args.candidates + 1), 3),
-        "settings": {
-            k: getattr(args, k)
-            for k in (
-                "quick",
-                "rounds",
-                "local_steps",
-                "rows_per_silo",
-                "canaries",
-                "repeats",
-                "candidates",
-                "mia_rows",
-                "eval_limit",
-                "seed",
-            )
-        },
+        "settings": settings_key,
     }
     print(json.dumps(summary))
     return 0

@@ -265,8 +265,9 @@ def to_markdown(meta: dict[str, Any], rows: list[Row], titles: dict[str, str]) -
         + ", ".join(f"{titles[b]} n={meta['eval_items'].get(b, '?')}" for b in names)
         + f" (--eval-limit {meta['eval_limit']}, {meta['eval_sample']} sample"
         + (f", seed {meta['eval_seed']})" if meta["eval_sample"] == "random" else ")"),
-        "- bytes: adapter tensors (float32) down + up over all rounds and silos, as the federation "
-        "sends them; raw data: the silos' training files moved to a central site (centralized only)",
+        f"- bytes: adapter tensors ({meta.get('transport_dtype', 'fp32')} transport) down + up over all "
+        "rounds and silos, as the federation sends them; raw data: the silos' training files moved "
+        "to a central site (centralized only)",
     ]
     floor = meta.get("majority_baseline") or {}
     if floor:
@@ -607,6 +608,7 @@ def run_compare(args: argparse.Namespace) -> int:
         "keep_optimizer_state": args.keep_optimizer_state,
         "weighting": args.weighting,
         "aggregator": args.aggregator,
+        "transport_dtype": args.transport_dtype,
         "silos": silo_meta,
         "silos_desc": "; ".join(f"{m['name']} {m['rows']} rows {m['labels']}" for m in silo_meta),
         "step_rule": step_rule(n, rounds, steps, args.batch_size, args.keep_optimizer_state),

@@ -72,6 +72,11 @@ def test_summary_takes_each_figure_from_its_row(tmp_path: Path) -> None:
             "rows": [*isolated, _row("isolated", "isolated (mean of 2)", 0.55)],
             "eval_dtype": "bf16",
         },
+        # An ablation: its label is the headline row's, so the table names it; the JSON keys it.
+        "federated-20x5-int8": {
+            "rows": [_row("fedavg", "federated FedAvg", 0.7396, mb=599.3)],
+            "eval_dtype": "bf16",
+        },
     }
     summary = fq.summarize(results, fq.recipe_options(False), 12.0, tmp_path)
     js = summary["json"]
@@ -79,3 +84,5 @@ def test_summary_takes_each_figure_from_its_row(tmp_path: Path) -> None:
     assert js["best_isolated_avg"] == 60.0 and js["communicated_mb"] == 588.1 and js["rounds"] == 10
     text = fq.render(summary)
     assert "base (no training) (fp32 scoring)" in text and "federated FedAvgM |" in text
+    assert js["federated_20x5_int8_avg"] == 73.96 and js["federated_20x5_int8_mb"] == 599.3
+    assert "federated FedAvg [federated-20x5-int8] |" in text and "isolated_avg" not in js
