@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--candidates", type=int, help="M: random secrets each canary is ranked against")
     ap.add_argument("--mia-rows", type=int)
     ap.add_argument("--eval-limit", type=int)
+    ap.add_argument("--batch-size", type=int, help="expected (Poisson) batch; default the recipe's 8")
+    ap.add_argument("--rank", type=int, help="LoRA rank; default the recipe's 16")
+    ap.add_argument("--target-modules", help="LoRA targets; default the recipe's all-linear")
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "privacy" / "rows.jsonl")
     args = ap.parse_args(argv)
@@ -137,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         {
             "model.name": EMBEDDED_MODEL,
             "num-rounds": args.rounds,
-            **{k: recipe[k] for k in ("peft.rank", "peft.alpha", "peft.target-modules", "train.batch-size")},
+            "peft.rank": args.rank or recipe["peft.rank"],
+            "peft.alpha": args.rank or recipe["peft.alpha"],
+            "peft.target-modules": args.target_modules or recipe["peft.target-modules"],
+            "train.batch-size": args.batch_size or recipe["train.batch-size"],
             **{k: recipe[k] for k in ("train.lr-max", "train.lr-min", "train.prompt-style")},
             "train.local-steps": args.local_steps,
             "train.seq-length": 96,  # TFNS posts and the canaries fit; shorter is faster on CPU
@@ -231,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     keys = ("quick", "rounds", "local_steps", "rows_per_silo", "canaries", "repeats", "candidates")
     settings_key = {k: getattr(args, k) for k in (*keys, "mia_rows", "eval_limit", "seed")}
+    # The shape of the training, kept only where it differs from the recipe (older rows lack it).
+    settings_key.update({k: v for k in ("batch_size", "rank", "target_modules") if (v := getattr(args, k))})
     done: dict[float, dict[str, Any]] = {}
     if args.out.exists():  # resume: rows already measured with these exact settings
         for line in args.out.read_text().splitlines():
@@ -275,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
 
     chance = math.log2(args.candidates + 1) - math.log2((args.candidates + 2) / 2)
     print(
-        f"\nDP at every silo (3 silos, {args.rounds} rounds x {args.local_steps} steps, batch 8); "
+        f"\nDP at every silo (3 silos, {args.rounds} rounds x {args.local_steps} steps, batch "
+        f"{run.train.batch_size}, LoRA r{run.peft.rank} on {run.peft.target_modules}); "
         f"{args.canaries} canaries x {args.repeats} in silo 0, ranked among {args.candidates} candidates "
         f"(exposure: chance about {chance:.2f} bits, max {math.log2(args.candidates + 1):.2f}); membership "
         f"AUC on {args.mia_rows}+{args.mia_rows} rows; utility on {len(items)} TFNS items"
