@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mia-rows", type=int)
     ap.add_argument("--eval-limit", type=int)
     ap.add_argument("--batch-size", type=int, help="expected (Poisson) batch; default the recipe's 8")
+    ap.add_argument("--grad-accum", type=int, help="physical batches per step (logical batch = batch x this)")
     ap.add_argument("--rank", type=int, help="LoRA rank; default the recipe's 16")
     ap.add_argument("--target-modules", help="LoRA targets; default the recipe's all-linear")
     ap.add_argument("--seed", type=int, default=11)
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             "peft.alpha": args.rank or recipe["peft.alpha"],
             "peft.target-modules": args.target_modules or recipe["peft.target-modules"],
             "train.batch-size": args.batch_size or recipe["train.batch-size"],
+            "train.grad-accum": args.grad_accum or 1,
             **{k: recipe[k] for k in ("train.lr-max", "train.lr-min", "train.prompt-style")},
             "train.local-steps": args.local_steps,
             "train.seq-length": 96,  # TFNS posts and the canaries fit; shorter is faster on CPU
@@ -238,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     keys = ("quick", "rounds", "local_steps", "rows_per_silo", "canaries", "repeats", "candidates")
     settings_key = {k: getattr(args, k) for k in (*keys, "mia_rows", "eval_limit", "seed")}
     # The shape of the training, kept only where it differs from the recipe (older rows lack it).
-    settings_key.update({k: v for k in ("batch_size", "rank", "target_modules") if (v := getattr(args, k))})
+    shape = ("batch_size", "grad_accum", "rank", "target_modules")
+    settings_key.update({k: v for k in shape if (v := getattr(args, k))})
     done: dict[float, dict[str, Any]] = {}
     if args.out.exists():  # resume: rows already measured with these exact settings
         for line in args.out.read_text().splitlines():
@@ -284,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     chance = math.log2(args.candidates + 1) - math.log2((args.candidates + 2) / 2)
     print(
         f"\nDP at every silo (3 silos, {args.rounds} rounds x {args.local_steps} steps, batch "
-        f"{run.train.batch_size}, LoRA r{run.peft.rank} on {run.peft.target_modules}); "
+        f"{run.train.batch_size} x {run.train.grad_accum}, LoRA r{run.peft.rank} on "
+        f"{run.peft.target_modules}); "
         f"{args.canaries} canaries x {args.repeats} in silo 0, ranked among {args.candidates} candidates "
         f"(exposure: chance about {chance:.2f} bits, max {math.log2(args.candidates + 1):.2f}); membership "
         f"AUC on {args.mia_rows}+{args.mia_rows} rows; utility on {len(items)} TFNS items"
