@@ -171,7 +171,8 @@ def main() -> int:
     ap.add_argument("--ablations", action="store_true", help="also measure every ablation row")
     ap.add_argument(
         "--rows",
-        help="comma-separated row names to measure now (e.g. federated,isolated; default: every row); "
+        help="comma-separated row names to measure now (e.g. federated,isolated; 'none' summarises only; "
+        "default: the headline rows and int4, with --ablations every row); "
         "the summary covers every row measured so far",
     )
     args = ap.parse_args()
@@ -192,10 +193,11 @@ def main() -> int:
           f"{sum(r.leaked for r in data.reports)} rows dropped as evaluation text", flush=True)  # fmt: skip
     results: dict[str, dict[str, Any]] = {}
     only = set(args.rows.split(",")) if args.rows else None
-    unknown = sorted((only or set()) - {name for name, _ in _rows(recipe, args.quick)} - {"none"})
+    rows = _rows(recipe, args.quick)
+    unknown = sorted((only or set()) - {name for name, _ in rows} - {"none"})
     if unknown:
         raise SystemExit(f"--rows: no row named {', '.join(unknown)} (see _rows in {Path(__file__).name})")
-    for name, extra in _rows(recipe, args.quick):
+    for name, extra in rows:
         row_out = out / name
         doc = None if args.fresh else _done(row_out)
         wanted = name in only if only is not None else (args.ablations or name in DEFAULT_ROWS)
@@ -289,11 +291,10 @@ def summarize(
     # Every other row measured so far (FlexLoRA and the ablations) by its row name; an isolated
     # row's silos are named "<row> <silo>" and stay out.
     summarised = ("base", "base-fp32", "federated", "centralized")
-    for extra in [t["row"] for t in table if t["row"] == t["of"] and t["row"] not in summarised]:
-        if extra in by:
-            key = extra.replace("-", "_")
-            key = key.replace("federated_", "") if extra == "federated-int4" else key
-            js[f"{key}_avg"], js[f"{key}_mb"] = by[extra]["average"], by[extra]["mb"]
+    for extra in [t for t in table if t["row"] == t["of"] and t["row"] not in summarised]:
+        key = extra["row"].replace("-", "_")
+        key = "int4" if key == "federated_int4" else key  # the JSON key earlier runs reported
+        js[f"{key}_avg"], js[f"{key}_mb"] = extra["average"], extra["mb"]
     return {"table": table, "json": js}
 
 
