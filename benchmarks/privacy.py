@@ -103,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grad-accum", type=int, help="physical batches per step (logical batch = batch x this)")
     ap.add_argument("--rank", type=int, help="LoRA rank; default the recipe's 16")
     ap.add_argument("--target-modules", help="LoRA targets; default the recipe's all-linear")
+    ap.add_argument("--lr-max", type=float, help="peak of the cosine schedule; default the recipe's 3e-3")
+    ap.add_argument("--lr-min", type=float, help="end of the cosine schedule; default the recipe's 1e-4")
+    ap.add_argument("--max-grad-norm", type=float, help="the DP rows' per-sample clip (policy); default 1.0")
+    ap.add_argument(
+        "--keep-optimizer-state", action="store_true",
+        help="each silo keeps its AdamW state across rounds, as the recipe does (default: fresh each round)",
+    )  # fmt: skip
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "privacy" / "rows.jsonl")
     args = ap.parse_args(argv)
@@ -146,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
             "peft.target-modules": args.target_modules or recipe["peft.target-modules"],
             "train.batch-size": args.batch_size or recipe["train.batch-size"],
             "train.grad-accum": args.grad_accum or 1,
-            **{k: recipe[k] for k in ("train.lr-max", "train.lr-min", "train.prompt-style")},
+            "train.lr-max": args.lr_max or recipe["train.lr-max"],
+            "train.lr-min": args.lr_min or recipe["train.lr-min"],
+            "train.prompt-style": recipe["train.prompt-style"],
+            "train.keep-optimizer-state": args.keep_optimizer_state,
             "train.local-steps": args.local_steps,
             "train.seq-length": 96,  # TFNS posts and the canaries fit; shorter is faster on CPU
             "train.seed": args.seed,
@@ -209,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         strategy = get_strategy(run.strategy, run.peft)
         glob: dict[str, np.ndarray] = copy.deepcopy(bank.initial_state(rank))
         sigma = None
+        kept: dict[int, Any] = {}  # each silo's AdamW state (with --keep-optimizer-state)
         for rnd in range(1, args.rounds + 1):
             lr = lr_for_round(run.train, rnd - 1, args.rounds)
             updates = []
@@ -217,13 +228,22 @@ def main(argv: list[str] | None = None) -> int:
                 seed = silo_seed(args.seed, f"silo-{i}", rnd)
                 if epsilon > 0:
                     policy = PrivacyPolicy(
-                        target_epsilon=epsilon, epsilon_budget=epsilon, delta=1e-5, max_grad_norm=1.0
+                        target_epsilon=epsilon,
+                        epsilon_budget=epsilon,
+                        delta=1e-5,
+                        max_grad_norm=args.max_grad_norm or 1.0,
                     )
                     plan = plan_round(policy, run, len(ex))
                     sigma = plan.noise_multiplier
-                    res = train_round_dp(model, tok, ex, run.train, lr=lr, seed=seed, plan=plan)
+                    res = train_round_dp(
+                        model, tok, ex, run.train, lr=lr, seed=seed, plan=plan, optimizer_state=kept.get(i)
+                    )
                 else:
-                    res = train_round(model, tok, ex, run.train, lr=lr, seed=seed)
+                    res = train_round(
+                        model, tok, ex, run.train, lr=lr, seed=seed, optimizer_state=kept.get(i)
+                    )
+                if run.train.keep_optimizer_state and res.optimizer_state is not None:
+                    kept[i] = res.optimizer_state
                 updates.append(SiloUpdate(i, adapter_state(model), len(ex), rank))
                 _log(f"    eps {epsilon:g} round {rnd} silo-{i}: loss {res.train_loss:.4f}")
             for u in updates:
@@ -240,7 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     keys = ("quick", "rounds", "local_steps", "rows_per_silo", "canaries", "repeats", "candidates")
     settings_key = {k: getattr(args, k) for k in (*keys, "mia_rows", "eval_limit", "seed")}
     # The shape of the training, kept only where it differs from the recipe (older rows lack it).
-    shape = ("batch_size", "grad_accum", "rank", "target_modules")
+    shape = (
+        "batch_size", "grad_accum", "rank", "target_modules", "lr_max", "lr_min", "max_grad_norm",
+        "keep_optimizer_state",
+    )  # fmt: skip
     settings_key.update({k: v for k in shape if (v := getattr(args, k))})
     done: dict[float, dict[str, Any]] = {}
     if args.out.exists():  # resume: rows already measured with these exact settings

@@ -57,6 +57,14 @@ def _policy(**kw: object) -> PrivacyPolicy:
     return PrivacyPolicy(**base)
 
 
+def load_policy_text(tmp_path: Path, extra: str) -> PrivacyPolicy:
+    path = tmp_path / "policy.toml"
+    path.write_text("[privacy]\nnoise-multiplier = 1\nepsilon-budget = 8\n" + extra)
+    policy = load_policy(path).privacy
+    assert policy is not None
+    return policy
+
+
 def _silo(tmp_path: Path, data: str = "rows.jsonl") -> SiloConfig:
     return SiloConfig(data_path=str(tmp_path / data), name="hospital-a", state_dir=str(tmp_path / "state"))
 
@@ -74,6 +82,7 @@ def test_policy_privacy_section_is_strict(tmp_path: Path) -> None:
         ("[privacy]\nnoise-multiplier = 1\n", "epsilon-budget"),
         ("[privacy]\nnoise-multiplier = 1\nepsilon-budget = 8\nclip = 3\n", "clip"),
         ("[privacy]\nnoise-multiplier = 1\nepsilon-budget = 8\ndelta = 1.5\n", "delta"),
+        ("[privacy]\nnoise-multiplier = 1\nepsilon-budget = 8\nmin-logical-batch = -1\n", "logical-batch"),
     ]:
         bad = tmp_path / "bad.toml"
         bad.write_text(text)
@@ -98,6 +107,58 @@ def test_the_run_config_cannot_loosen_the_silos_privacy(tmp_path: Path) -> None:
     with pytest.raises(PrivacyBudgetExhausted, match="epsilon-budget is 8"):
         with round_budget(policy, loose, _silo(tmp_path), "1", 1, 100):
             raise AssertionError("trained past the budget")
+
+
+def test_the_silo_owns_a_minimum_logical_batch(tmp_path: Path) -> None:
+    # DP's noise on the averaged gradient is sigma x C / logical batch: the policy raises a small
+    # run batch to its minimum (and the noise is calibrated at that sampling rate) ...
+    policy = _policy(noise_multiplier=None, target_epsilon=8.0, min_logical_batch=64)
+    small = parse_run_config({"train.batch-size": 8, "train.local-steps": 10, "num-rounds": 4})
+    plan = plan_round(policy, small, n_examples=3000)
+    assert plan.expected_batch_size == 64 and plan.sample_rate == pytest.approx(64 / 3000)
+    whole_run = [(plan.noise_multiplier, plan.sample_rate, plan.steps)] * 4
+    assert epsilon_of(whole_run, 1e-5) == pytest.approx(8.0, abs=0.05)
+    # ... a run's own larger logical batch stands, and a dataset smaller than the minimum is all of it.
+    big = parse_run_config({"train.batch-size": 32, "train.grad-accum": 4, "train.local-steps": 10})
+    assert plan_round(policy, big, n_examples=3000).expected_batch_size == 128
+    tiny = plan_round(policy, small, n_examples=50)
+    assert (tiny.sample_rate, tiny.expected_batch_size) == (1.0, 50)
+    # Without the key the run's batch is what is sampled; and no run key can lower the policy's.
+    assert plan_round(_policy(), small, n_examples=3000).expected_batch_size == 8
+    with pytest.raises(ConfigError):
+        parse_run_config({"privacy.min-logical-batch": 1})
+    assert load_policy_text(tmp_path, "min-logical-batch = 64\n").min_logical_batch == 64
+
+
+def test_a_raised_logical_batch_runs_in_the_runs_micro_batches(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Memory stays as the run set it: the policy's larger Poisson batch is processed in micro-batches
+    # of train.batch-size, and the step's noise is scaled by the policy's logical batch.
+    from silo_node.app import privacy
+    from silo_node.app.templates import get_template
+    from silo_node.app.training import encode_example
+    from silotune.adapters import attach_adapter
+    from silotune.config import ModelConfig, PeftSettings
+    from silotune.modeling import load_model
+
+    loaded = load_model(ModelConfig(name=str(tiny_model)))
+    model = attach_adapter(loaded.model, PeftSettings(rank=2, dropout=0.0), seed=0)
+    rows = [{"instruction": "", "input": f"item {i}", "output": ["up", "down"][i % 2]} for i in range(6)]
+    examples = [encode_example(loaded.tokenizer, get_template("finance"), r, 32, True) for r in rows]
+    run = parse_run_config({"train.batch-size": 2, "train.local-steps": 2, "train.seq-length": 32})
+    plan = plan_round(_policy(min_logical_batch=6), run, n_examples=len(examples))  # q = 1: every record
+    assert plan.expected_batch_size == 6
+    sizes: list[int] = []
+    real_collate = privacy.collate
+
+    def counting(batch: list[object], pad: int) -> dict[str, object]:
+        sizes.append(len(batch))
+        return real_collate(batch, pad)
+
+    monkeypatch.setattr(privacy, "collate", counting)
+    privacy.train_round_dp(model, loaded.tokenizer, examples, run.train, lr=1e-3, seed=0, plan=plan)
+    assert sizes == [2, 2, 2] * 2  # 2 steps x all 6 records, never more than 2 at once
 
 
 # -- accounting --------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ The file (TOML, ``silotune silo start --policy FILE``; all keys optional)::
     noise-multiplier = 1.0                 # or target-epsilon = 3.0 (what each run may spend)
     delta = 1e-5
     max-grad-norm = 1.0                    # per-sample clipping norm
+    min-logical-batch = 0                  # e.g. 64: records per noisy step at least (0: the run's)
     epsilon-budget = 8.0                   # all runs together, on this dataset; then refuse
     accountant = "rdp"                     # or "prv" (Opacus's accountants)
     dataset-id = ""                        # the budget's key; default: the data file's path
@@ -81,6 +82,11 @@ class PrivacyPolicy(StrictSection):
     target_epsilon: float | None = Field(None, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
+    # The expected records per noisy step, at least. Noise per coordinate of the averaged gradient
+    # is noise-multiplier x max-grad-norm / logical batch, so DP's utility turns on this number; the
+    # run's batch-size x grad-accum is raised to it (more micro-batches of the run's batch-size, so
+    # memory stays as the run set it). 0: the run's own.
+    min_logical_batch: int = Field(0, ge=0)
     epsilon_budget: float = Field(..., gt=0)
     accountant: Literal["rdp", "prv"] = "rdp"
     dataset_id: str = ""

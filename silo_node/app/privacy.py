@@ -10,7 +10,8 @@ The mechanism (docs/privacy.md says the same for a privacy officer):
 
 * Sampling: every optimizer step draws its batch by **Poisson sampling** (Opacus's
   ``UniformWithReplacementSampler``): each training record joins independently with probability
-  ``q = batch-size x grad-accum / n``. That is the sampled Gaussian mechanism Opacus's accountants
+  ``q = logical batch / n``, the logical batch being ``batch-size x grad-accum`` raised to the
+  policy's ``min-logical-batch``. That is the sampled Gaussian mechanism Opacus's accountants
   assume. The draw uses a generator seeded from the OS's entropy, never from the run's seed,
   which the central site knows; so does the noise.
 * Per-sample gradients and clipping: Opacus's ``GradSampleModule`` (hooks on the adapter's
@@ -62,6 +63,7 @@ __all__ = [
     "Ledger",
     "dataset_id",
     "epsilon_of",
+    "logical_batch",
     "plan_round",
     "privacy_summary",
     "round_budget",
@@ -212,14 +214,21 @@ class DPRound:
                 delta=self.delta,
                 noise_multiplier=round(self.noise_multiplier, 6),
                 sample_rate=self.sample_rate,
+                logical_batch=self.expected_batch_size,
                 steps=self.steps,
             )
 
 
-def _sampling(train: TrainSettings, n_examples: int) -> tuple[float, int]:
+def logical_batch(policy: PrivacyPolicy, train: TrainSettings) -> int:
+    """Expected records per noisy step: the run's batch-size x grad-accum, raised to the policy's
+    min-logical-batch (the silo's call: it pays the compute, and DP's utility turns on it)."""
+    return max(train.batch_size * train.grad_accum, policy.min_logical_batch)
+
+
+def _sampling(policy: PrivacyPolicy, train: TrainSettings, n_examples: int) -> tuple[float, int]:
     if n_examples <= 0:
         raise PolicyRefused("differential privacy needs at least one training record")
-    logical = train.batch_size * train.grad_accum
+    logical = logical_batch(policy, train)
     return min(1.0, logical / n_examples), min(logical, n_examples)
 
 
@@ -227,7 +236,7 @@ def plan_round(
     policy: PrivacyPolicy, run: RunConfig, n_examples: int, ledger: Ledger | None = None, run_id: str = ""
 ) -> DPRound:
     """The round's noise, sampling rate and steps, and the epsilon it would leave spent."""
-    q, expected = _sampling(run.train, n_examples)
+    q, expected = _sampling(policy, run.train, n_examples)
     steps = run.train.local_steps
     if policy.noise_multiplier is not None:
         sigma = float(policy.noise_multiplier)
