@@ -25,10 +25,15 @@ epsilon; sampling is Poisson at q = batch / rows, which is what that accountant 
 
     python benchmarks/privacy.py --quick   # no DP and epsilon 8; 2 rounds x 4 steps, small sets
     python benchmarks/privacy.py           # no DP, epsilon 8, 3, 1 at the finance recipe's budget
+    python benchmarks/privacy.py --rows-per-silo 3000 --rounds 4 --local-steps 10 --batch-size 16 \
+        --grad-accum 4 --rank 4 --target-modules q_proj,v_proj --lr-max 1e-2 --lr-min 1e-3 \
+        --max-grad-norm 0.5 --keep-optimizer-state   # DP's own shape (BENCHMARKS.md)
 
 The full mode trains at the finance recipe's budget (silotune/recipes/finance.toml: 10 rounds x
-10 local steps of batch 8, rank 16 on all linear layers, lr 3e-3 -> 1e-4, kept AdamW state
-off: DP-SGD's optimizer is rebuilt each round) on 400 TFNS rows per silo. Each finished row is
+10 local steps of batch 8, rank 16 on all linear layers, lr 3e-3 -> 1e-4; AdamW is rebuilt each
+round unless ``--keep-optimizer-state``) on 400 TFNS rows per silo. The options change the
+training's shape; a logical batch of 16 x 4 is what a silo's policy ``min-logical-batch = 64``
+gives a run of batch 16 (tests/test_privacy.py checks that the plans agree). Each finished row is
 written to ``--out`` (default benchmarks/results/privacy/rows.jsonl) as it ends; a rerun with the
 same settings skips the rows already there, so a stopped run resumes.
 

@@ -123,6 +123,12 @@ def test_the_silo_owns_a_minimum_logical_batch(tmp_path: Path) -> None:
     assert plan_round(policy, big, n_examples=3000).expected_batch_size == 128
     tiny = plan_round(policy, small, n_examples=50)
     assert (tiny.sample_rate, tiny.expected_batch_size) == (1.0, 50)
+    # The same plan as a run that accumulated to that batch itself (benchmarks/privacy.py's DP rows).
+    accumulated = parse_run_config({"train.batch-size": 16, "train.grad-accum": 4, "train.local-steps": 10,
+                                    "num-rounds": 4})  # fmt: skip
+    by_run = plan_round(_policy(noise_multiplier=None, target_epsilon=8.0), accumulated, n_examples=3000)
+    assert (by_run.noise_multiplier, by_run.sample_rate, by_run.expected_batch_size) == (
+        plan.noise_multiplier, plan.sample_rate, plan.expected_batch_size)  # fmt: skip
     # Without the key the run's batch is what is sampled; and no run key can lower the policy's.
     assert plan_round(_policy(), small, n_examples=3000).expected_batch_size == 8
     with pytest.raises(ConfigError):
