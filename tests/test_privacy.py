@@ -140,7 +140,7 @@ def test_a_raised_logical_batch_runs_in_the_runs_micro_batches(
     tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Memory stays as the run set it: the policy's larger Poisson batch is processed in micro-batches
-    # of train.batch-size, and the step's noise is scaled by the policy's logical batch.
+    # of train.batch-size (at q = 1 every record is drawn, so the count is exact).
     from silo_node.app import privacy
     from silo_node.app.templates import get_template
     from silo_node.app.training import encode_example
