@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target-modules", help="LoRA targets; default the recipe's all-linear")
     ap.add_argument("--lr-max", type=float, help="peak of the cosine schedule; default the recipe's 3e-3")
     ap.add_argument("--lr-min", type=float, help="end of the cosine schedule; default the recipe's 1e-4")
-    ap.add_argument("--max-grad-norm", type=float, help="the DP rows' per-sample clip (policy); default 1.0")
+    ap.add_argument("--max-grad-norm", type=float, help="the DP rows' per-sample clip; default the policy's")
     ap.add_argument(
         "--keep-optimizer-state", action="store_true",
         help="each silo keeps its AdamW state across rounds, as the recipe does (default: fresh each round)",
@@ -232,12 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                 model = bank.with_state(strategy.payload_for(glob, rank, rnd), rank)
                 seed = silo_seed(args.seed, f"silo-{i}", rnd)
                 if epsilon > 0:
-                    policy = PrivacyPolicy(
-                        target_epsilon=epsilon,
-                        epsilon_budget=epsilon,
-                        delta=1e-5,
-                        max_grad_norm=args.max_grad_norm or 1.0,
-                    )
+                    clip = {"max_grad_norm": args.max_grad_norm} if args.max_grad_norm else {}
+                    policy = PrivacyPolicy(target_epsilon=epsilon, epsilon_budget=epsilon, delta=1e-5, **clip)
                     plan = plan_round(policy, run, len(ex))
                     sigma = plan.noise_multiplier
                     res = train_round_dp(

@@ -63,7 +63,6 @@ __all__ = [
     "Ledger",
     "dataset_id",
     "epsilon_of",
-    "logical_batch",
     "plan_round",
     "privacy_summary",
     "round_budget",
@@ -219,16 +218,12 @@ class DPRound:
             )
 
 
-def logical_batch(policy: PrivacyPolicy, train: TrainSettings) -> int:
-    """Expected records per noisy step: the run's batch-size x grad-accum, raised to the policy's
-    min-logical-batch (the silo's call: it pays the compute, and DP's utility turns on it)."""
-    return max(train.batch_size * train.grad_accum, policy.min_logical_batch)
-
-
 def _sampling(policy: PrivacyPolicy, train: TrainSettings, n_examples: int) -> tuple[float, int]:
+    """(q, expected records per noisy step): the run's batch-size x grad-accum raised to the policy's
+    min-logical-batch (the silo's call: it pays the compute, and DP's utility turns on it)."""
     if n_examples <= 0:
         raise PolicyRefused("differential privacy needs at least one training record")
-    logical = logical_batch(policy, train)
+    logical = max(train.batch_size * train.grad_accum, policy.min_logical_batch)
     return min(1.0, logical / n_examples), min(logical, n_examples)
 
 
