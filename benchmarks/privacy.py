@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import hashlib
 import json
 import math
 import random
@@ -61,6 +62,7 @@ sys.path.insert(0, str(ROOT))
 
 LABELS = {"0": "negative", "1": "positive", "2": "neutral"}
 CANARY_INSTRUCTION = "Give the account code of this client."
+START = -1.0  # the --epsilons token "start": the public starting adapter, no private training
 NAMES = ("Avery Quill", "Bram Okafor", "Cleo Vantorre", "Dario Mensk", "Esme Rundqvist", "Femi Ostrander")
 
 
@@ -71,6 +73,20 @@ from poisoned_silo import _data_root, _log  # noqa: E402  (benchmarks/ is the sc
 def _tfns(path: Path) -> list[dict[str, str]]:
     with open(path, newline="", encoding="utf-8") as fh:
         return [{"input": r["text"], "output": LABELS[r["label"]]} for r in csv.DictReader(fh)]
+
+
+def _fpb(root: Path) -> list[dict[str, str]]:
+    """Financial PhraseBank (50Agree) sentences, less FlowerTune's FPB test split: the public data
+    of ``--public-start fpb`` (news sentences, not TFNS's tweets; none of it is a silo's)."""
+    test = root / "fpb" / "derived" / "fpb_sentences50agree_test_seed42.jsonl"
+    held = {json.loads(line)["sentence"] for line in test.open(encoding="utf-8")}
+    rows = []
+    phrases = root / "fpb" / "FinancialPhraseBank-v1.0" / "Sentences_50Agree.txt"
+    for line in phrases.open(encoding="latin-1"):
+        sentence, _, label = line.strip().rpartition("@")
+        if sentence and label in ("negative", "neutral", "positive") and sentence not in held:
+            rows.append({"input": sentence, "output": label})
+    return rows
 
 
 def canary(name: str, secret: str) -> dict[str, str]:
@@ -115,6 +131,14 @@ def main(argv: list[str] | None = None) -> int:
         "--keep-optimizer-state", action="store_true",
         help="each silo keeps its AdamW state across rounds, as the recipe does (default: fresh each round)",
     )  # fmt: skip
+    ap.add_argument(
+        "--public-start", choices=["fpb"],
+        help="every row starts from an adapter trained without DP on public data (Financial "
+        "PhraseBank) instead of the seeded one; the epsilon 'start' row scores that adapter alone",
+    )  # fmt: skip
+    ap.add_argument("--public-steps", type=int, default=40, help="steps of the public training")
+    ap.add_argument("--public-lr-max", type=float, default=1e-2, help="the public training's cosine peak")
+    ap.add_argument("--public-lr-min", type=float, default=1e-3, help="the public training's cosine end")
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "privacy" / "rows.jsonl")
     args = ap.parse_args(argv)
@@ -125,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in (quick if args.quick else full).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    epsilons = [float(x) for x in args.epsilons.split(",") if x.strip()]
+    # "start" = score the starting adapter itself, no private training (key -1 in the results).
+    epsilons = [START if x.strip() == "start" else float(x) for x in args.epsilons.split(",") if x.strip()]
+    if START in epsilons and not args.public_start:
+        ap.error("the 'start' row needs --public-start")
 
     import torch
 
@@ -220,9 +247,44 @@ def main(argv: list[str] | None = None) -> int:
             out += ((ce * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
         return np.array(out)
 
+    def public_start() -> dict[str, np.ndarray]:
+        """The adapter every row starts from with --public-start: trained centrally, without DP,
+        for --public-steps steps of the run's batch on public data, on its own lr schedule.
+        Cached beside the results (same settings, same file), so the rows' processes share it."""
+        from safetensors.numpy import load_file, save_file
+
+        tag = json.dumps({k: settings_key[k] for k in sorted(settings_key) if k not in ("quick",)})
+        path = args.out.parent / f"public-start-{hashlib.sha256(tag.encode()).hexdigest()[:16]}.safetensors"
+        if path.exists():
+            _log(f"  public start: {path.name} (cached)")
+            return dict(load_file(str(path)))
+        public = encode(_fpb(root))
+        rounds = max(1, math.ceil(args.public_steps / run.train.local_steps))
+        public_train = run.train.model_copy(
+            update={"keep_optimizer_state": True, "lr_max": args.public_lr_max, "lr_min": args.public_lr_min}
+        )
+        model = bank.with_state(bank.initial_state(rank), rank)
+        state = None
+        for r in range(rounds):
+            res = train_round(
+                model, tok, public, public_train, lr=lr_for_round(public_train, r, rounds),
+                seed=silo_seed(args.seed, "public", r + 1),
+                optimizer_state=state,
+            )  # fmt: skip
+            state = res.optimizer_state
+            _log(f"    public start ({len(public)} FPB rows) round {r + 1}/{rounds}: {res.train_loss:.4f}")
+        out = {k: np.ascontiguousarray(v) for k, v in adapter_state(model).items()}
+        tmp = path.with_suffix(".tmp")
+        save_file(out, str(tmp))
+        tmp.replace(path)
+        return out
+
     def federate(epsilon: float) -> tuple[dict[str, np.ndarray], float | None]:
         strategy = get_strategy(run.strategy, run.peft)
-        glob: dict[str, np.ndarray] = copy.deepcopy(bank.initial_state(rank))
+        start = public_start() if args.public_start else bank.initial_state(rank)
+        glob: dict[str, np.ndarray] = copy.deepcopy(start)
+        if epsilon == START:
+            return glob, None
         sigma = None
         kept: dict[int, Any] = {}  # each silo's AdamW state (with --keep-optimizer-state)
         for rnd in range(1, args.rounds + 1):
@@ -266,17 +328,22 @@ def main(argv: list[str] | None = None) -> int:
         "keep_optimizer_state",
     )  # fmt: skip
     settings_key.update({k: v for k in shape if (v := getattr(args, k))})
+    if args.public_start:
+        settings_key.update(
+            {k: getattr(args, k) for k in ("public_start", "public_steps", "public_lr_max", "public_lr_min")}
+        )
     done: dict[float, dict[str, Any]] = {}
     if args.out.exists():  # resume: rows already measured with these exact settings
         for line in args.out.read_text().splitlines():
             rec = json.loads(line)
             if rec.get("settings") == settings_key:
-                done[float(rec["row"]["epsilon"] or 0)] = rec["row"]
+                row = rec["row"]
+                done[START if row.get("private_training") is False else float(row["epsilon"] or 0)] = row
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     for epsilon in epsilons:
         if epsilon in done:
-            _log(f"  epsilon {epsilon:g}: already in {args.out}, skipped")
+            _log(f"  row {'start' if epsilon == START else f'{epsilon:g}'}: already in {args.out}, skipped")
             results.append(done[epsilon])
             continue
         t0 = time.monotonic()
@@ -291,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         res = run_choice(bench, items, model, tok, settings)
         row = {
             "epsilon": epsilon if epsilon > 0 else None,
+            **({"private_training": False} if epsilon == START else {}),
             "noise_multiplier": round(sigma, 4) if sigma else None,
             "exposure_mean": round(float(np.mean(exposures)), 3),
             "exposure_max": round(float(np.max(exposures)), 3),
@@ -321,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     for r in results:
         eps = "no DP" if r["epsilon"] is None else f"{r['epsilon']:g}"
+        eps = "public start only" if r.get("private_training") is False else eps
         print(
             f"| {eps} | {r['noise_multiplier'] or '-'} | "
             f"{r['exposure_mean']:.2f} / {r['exposure_max']:.2f} | "

@@ -9,6 +9,7 @@ key in the same spelling the user wrote (``peft.rank``, ``data-path``).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -70,6 +71,16 @@ class PeftSettings(StrictSection):
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     # Comma-separated in flat config; "all-linear" is PEFT's shorthand.
     target_modules: str = "q_proj,v_proj"
+    # The digest (silotune.adapters.state_digest) of a published adapter to start from instead of
+    # the one derived from train.seed; every silo must list it in its policy (silo_node/app/start_adapter.py).
+    start_adapter: str = ""
+
+    @field_validator("start_adapter")
+    @classmethod
+    def _digest(cls, v: str) -> str:
+        if v and not re.fullmatch(r"[0-9a-fA-F]{64}", v):
+            raise ValueError("must be an adapter's 64-hex-digit digest (`silotune silo start-adapter DIR`)")
+        return v.lower()
 
     @property
     def target_module_list(self) -> list[str] | str:

@@ -10,17 +10,15 @@ reports epsilon, and its ledger records exactly the rounds it trained.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message, RecordDict
 
-from silo_node.app import client_app
 from silo_node.app.privacy import privacy_summary
 from silotune import protocol as p
+from tests.support.clientapp_silo import ClientAppSilo
 from tests.support.scripted_grid import FakeGrid, events_of, make_federation
 
 pytestmark = [pytest.mark.usefixtures("flower_task_identity"), pytest.mark.slow]  # real training, 3 silos
@@ -29,32 +27,6 @@ DP_POLICY = (
     "allow-local-paths = true\n[privacy]\nnoise-multiplier = 1.0\nmax-grad-norm = 1.0\nepsilon-budget = 50\n"
 )
 PLAIN_POLICY = "allow-local-paths = true\n"
-
-
-class ClientAppSilo:
-    """A scripted-grid silo that answers with SiloTune's real ClientApp handlers."""
-
-    def __init__(
-        self, tmp: Path, name: str, run: dict[str, Any], policy: str, rank: int | None = None
-    ) -> None:
-        home = tmp / name
-        home.mkdir()
-        (home / "policy.toml").write_text(policy)
-        rows = [{"text": f"{name} item {i}: shares {'rose' if i % 2 else 'fell'}",
-                 "label": "positive" if i % 2 else "negative"} for i in range(12)]  # fmt: skip
-        (home / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        node = {"name": name, "data-path": str(home / "data.jsonl"), "columns": "input=text,output=label",
-                "state-dir": str(home / "state"), "policy-file": str(home / "policy.toml")}  # fmt: skip
-        if rank is not None:
-            node["lora-rank"] = rank
-        self.state_dir = home / "state"
-        self.context = Context(1, 0, node, RecordDict(), run)
-
-    def reply(self, msg: Message) -> RecordDict:
-        handler = {"query": client_app.handshake, "train": client_app.train, "evaluate": client_app.evaluate}
-        out = handler[msg.metadata.message_type](msg, self.context)
-        assert not out.has_error(), out.error
-        return out.content
 
 
 def _run(

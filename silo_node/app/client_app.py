@@ -39,6 +39,7 @@ from silo_node.app.policy import (
 )
 from silo_node.app.privacy import round_budget, train_round_dp
 from silo_node.app.runtime_auth import silo_settings
+from silo_node.app.start_adapter import start_state
 from silo_node.app.training import evaluate_loss, round_seed, train_round
 from silotune import protocol as p
 from silotune.adapters import (
@@ -285,9 +286,11 @@ def handshake(msg: Message, context: Context) -> Message:
     if want_init:
         # The adapter's seeded initial state, kept aside when it was attached: a resident
         # worker's live adapter may hold an earlier round's weights.
-        slot = resident.model_with_adapter(run.model, run.peft, silo_rank(run, silo), run.train.seed)
+        rank = silo_rank(run, silo)
+        slot = resident.model_with_adapter(run.model, run.peft, rank, run.train.seed)
+        start = _start(run, silo, context, rank, slot.init_state)
         # Full precision whatever transport.dtype says, packed unless transport.pack is off.
-        init_wire = encode(slot.init_state, Encoding("fp32", pack=run.transport.pack))
+        init_wire = encode(start, Encoding("fp32", pack=run.transport.pack))
         content[p.REC_ARRAYS] = init_arrays = to_array_record(init_wire)
         info[p.PEFT_CONFIG] = json.dumps(peft_config_dict(slot.peft_model))
         _audit_payload(silo, context, 0, "init", init_arrays)
@@ -330,19 +333,35 @@ def _optimizer_store(run: RunConfig, silo: SiloConfig, context: Context) -> Opti
     return OptimizerStore(memory=resident.optimizer_slot(context.run_id, silo))
 
 
+def _start(run: RunConfig, silo: SiloConfig, context: Context, rank: int, seeded: dict[str, Any]) -> dict:
+    """The adapter this silo would start the run from: its own from train.seed, or the start adapter
+    its policy pins (silo_node/app/start_adapter.py); a refusal is audited like the gate's."""
+    try:
+        return start_state(_load_policy(silo), run, rank, seeded)
+    except UserError as exc:
+        _audit(silo, "refused", reason=str(exc), run_id=str(context.run_id), phase="start-adapter")
+        raise
+
+
 def _check_start(msg_cfg: ConfigRecord, run: RunConfig, rank: int, init_state: dict[str, Any]) -> None:
     """While the run is at its start, the central site sends the agreed initial adapter's hash:
-    this silo trains from it only if it is the adapter this silo derives from train.seed itself
-    (a silo at another FlexLoRA rank derives another one and cannot compare)."""
+    this silo trains from it only if it is the adapter this silo would start from itself, derived
+    from train.seed or its policy's pinned start adapter (a silo at another FlexLoRA rank holds
+    another one and cannot compare)."""
     claimed = str(msg_cfg.get(p.INITIAL_SHA256, ""))
     if not claimed or rank != run.peft.rank:
         return
     mine = state_digest(init_state)
     if claimed != mine:
+        source = (
+            f"the start adapter its policy pins for peft.start-adapter={run.peft.start_adapter[:12]}..."
+            if run.peft.start_adapter
+            else f"{mine[:12]} from train.seed={run.train.seed}"
+        )
         raise InitRefused(
             f"the run starts from an initial adapter with sha256 {claimed[:12]}, but this silo derives "
-            f"{mine[:12]} from train.seed={run.train.seed}: another silo chose it, or this silo's "
-            "base model, torch or peft differs from the others'"
+            f"{source}: another silo chose it, or this silo's base model, torch or peft differs from "
+            "the others'"
         )
 
 
@@ -373,7 +392,8 @@ def train(msg: Message, context: Context) -> Message:
     # Loaded once per base model in a resident worker; the received adapter is swapped in.
     slot = resident.model_with_adapter(run.model, run.peft, rank, run.train.seed)
     loaded, peft_model = slot.loaded, slot.peft_model
-    _check_start(cfg, run, rank, slot.init_state)
+    if cfg.get(p.INITIAL_SHA256):  # only while the global adapter is still the start
+        _check_start(cfg, run, rank, _start(run, silo, context, rank, slot.init_state))
     enc = encoding_for(run.transport)
     received = _received_adapter(msg, peft_model, enc)
     load_adapter_state(peft_model, received)

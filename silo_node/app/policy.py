@@ -27,6 +27,10 @@ The file (TOML, ``silotune silo start --policy FILE``; all keys optional)::
     name = "HuggingFaceTB/SmolLM2-135M-Instruct"
     sha256 = "..."                         # optional: the weight files' hash (silotune model id)
 
+    [[start-adapters]]                     # adapters a run may start from (peft.start-adapter)
+    sha256 = "..."                         # `silotune silo start-adapter DIR` prints it
+    path = "/srv/silotune/adapters/public" # a PEFT adapter directory (silo_node/app/start_adapter.py)
+
     [privacy]                              # DP-SGD on this silo's records (docs/privacy.md)
     noise-multiplier = 1.0                 # or target-epsilon = 3.0 (what each run may spend)
     delta = 1e-5
@@ -71,6 +75,20 @@ class AllowedModel(StrictSection):
     def _hex(cls, v: str) -> str:
         if v and not re.fullmatch(r"[0-9a-fA-F]{64}", v):
             raise ValueError("must be 64 hex digits (the weight files' SHA-256), or absent")
+        return v.lower()
+
+
+class StartAdapter(StrictSection):
+    """``[[start-adapters]]``: an adapter this silo installed and lets a run start from."""
+
+    sha256: str  # silotune.adapters.state_digest of its values, names and shapes
+    path: str  # the PEFT adapter directory on this machine
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: str) -> str:
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", v):
+            raise ValueError("must be 64 hex digits (`silotune silo start-adapter DIR` prints it)")
         return v.lower()
 
 
@@ -120,6 +138,8 @@ class SiloPolicy(StrictSection):
     # Flower FAB hashes (sha256 of the .fab) of apps other than the installed SiloTune that the
     # resident worker may run (silo_node/ops/worker.py); `silotune silo app-hash APP_DIR` prints one.
     allowed_apps: tuple[str, ...] = ()
+    # Adapters a run may start from instead of the one derived from train.seed (absent: none).
+    start_adapters: tuple[StartAdapter, ...] = ()
     # Differential privacy at this silo (absent: none); see PrivacyPolicy.
     privacy: PrivacyPolicy | None = None
 
@@ -235,6 +255,22 @@ def check_run(policy: SiloPolicy, run: RunConfig) -> None:
                 f"the run asks for {key}={asked}; this silo's policy allows at most {policy_key}={limit}"
             )
     check_target_modules(policy, run.peft.target_modules)
+    start_entry(policy, run)
+
+
+def start_entry(policy: SiloPolicy, run: RunConfig) -> StartAdapter | None:
+    """The policy's entry for the run's start adapter (None: the run starts from train.seed).
+    Nothing is loaded here; silo_node/app/start_adapter.py loads and verifies the files."""
+    digest = run.peft.start_adapter
+    if not digest:
+        return None
+    for entry in policy.start_adapters:
+        if entry.sha256 == digest:
+            return entry
+    raise PolicyRefused(
+        f"the run starts from adapter {digest[:12]}... (peft.start-adapter); this silo's policy lists "
+        "no such start adapter ([[start-adapters]] sha256 = ..., path = ...)"
+    )
 
 
 def check_target_modules(policy: SiloPolicy, target_modules: str) -> None:

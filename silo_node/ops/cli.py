@@ -143,6 +143,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ah = sub.add_parser("app-hash", help="print an app's FAB hash, for the policy's allowed-apps")
     ah.add_argument("app_dir", help="the Flower app's directory (with its pyproject.toml)")
     ah.set_defaults(func=_app_hash)
+    sa = sub.add_parser(
+        "start-adapter", help="print a PEFT adapter directory's digest, for peft.start-adapter and the policy"
+    )
+    sa.add_argument("adapter_dir", help="its directory (adapter_model.safetensors, adapter_config.json)")
+    sa.set_defaults(func=_start_adapter)
     ap = sub.add_parser("approve", help="approve a run that waits at this silo (policy require-approval)")
     ap.add_argument("run_id", help="Flower's run id, as shown in the silo's log and `silotune silo audit`")
     ap.add_argument("--note", default="", help="a note kept in the audit log")
@@ -174,6 +179,22 @@ def _app_hash(args: argparse.Namespace) -> int:
     if not (app / "pyproject.toml").is_file():
         raise UserError(f"{app} has no pyproject.toml: give the Flower app's directory")
     print(flower_fab_hash(app))
+    return 0
+
+
+def _start_adapter(args: argparse.Namespace) -> int:
+    """The digest a run names in peft.start-adapter and the policy entry that lets it start here."""
+    from silotune.adapters import load_adapter_dir, state_digest
+
+    directory = Path(args.adapter_dir).expanduser().resolve()
+    try:
+        state, _ = load_adapter_dir(directory)
+    except Exception as exc:  # missing files, unreadable safetensors or JSON
+        raise UserError(f"{directory} is not a readable PEFT adapter directory: {exc}") from exc
+    digest = state_digest(state)
+    print(digest)
+    print(f'# this silo\'s policy:\n[[start-adapters]]\nsha256 = "{digest}"\npath = "{directory}"')
+    print(f'# the run config:\npeft.start-adapter = "{digest}"')
     return 0
 
 

@@ -197,6 +197,8 @@ class Federation:
             run_id=self.run_id,
             base_model={"name": cfg.model.name, "sha256": self.registry.reference_sha},
             adapter_parameters=int(sum(v.size for v in self.global_state.values())),
+            # The start the silos check (from train.seed, or peft.start-adapter); absent on resume.
+            **({"initial_sha256": self.initial_sha256} if self.initial_sha256 else {}),
             progress_timeout_seconds=self._progress_timeout(),
         )
         last_ckpt: Path | None = None

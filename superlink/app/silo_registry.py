@@ -309,6 +309,10 @@ class SiloRegistry:
         defences. No majority (two silos that disagree, or all different) stops the run before round
         1: any pick would be one silo's. While the global adapter is still that start, each silo is
         told its hash and refuses to train from anything it would not have made itself.
+
+        A run that names its start (``peft.start-adapter``, a published adapter's digest) takes no
+        vote: the silos that hold it, each from the files its own policy pins, send it; the others
+        are recorded, and no silo that trains starts from anything else (_check_start at the silo).
         """
         live = [n for n, s in sorted(self.silos.items()) if not s.refused]
         # FlexLoRA: a silo at another rank derives another adapter; those at the run's rank vote.
@@ -333,8 +337,18 @@ class SiloRegistry:
             failures = self.handshake_failures()
             raise RuntimeError(f"no silo could provide the initial adapter{failures}; check the silos' logs")
         ranked = sorted(made.items(), key=lambda kv: len(kv[1]), reverse=True)
+        named = self.cfg.peft.start_adapter
+        if named:
+            # The run names its start (peft.start-adapter): no vote; every silo that trains has
+            # pinned that digest in its policy, and one that sends anything else is recorded.
+            if named not in made:
+                raise RuntimeError(
+                    f"no silo provided the run's start adapter {named[:12]}... (peft.start-adapter): "
+                    "each silo must list it under [[start-adapters]] in its policy, with its files"
+                )
+            ranked = [(named, made[named])] + [kv for kv in ranked if kv[0] != named]
         digest, agreed = ranked[0]
-        if len(ranked) > 1 and len(ranked[1][1]) == len(agreed):
+        if not named and len(ranked) > 1 and len(ranked[1][1]) == len(agreed):
             groups = "; ".join(", ".join(self.silos[n].name for n in nids) for _, nids in ranked)
             raise RuntimeError(
                 "the silos' initial adapters disagree and no majority made the same one (groups: "
@@ -343,14 +357,16 @@ class SiloRegistry:
             )
         for other, nids in ranked[1:]:
             for nid in nids:
+                source = "the run's start adapter" if named else "derived from train.seed"
                 exc = ReplyRejected(
                     p.R_INIT_MISMATCH,
                     f"its initial adapter (sha256 {other[:12]}) is not the one {len(agreed)} other "
-                    f"silo(s) derived from train.seed ({digest[:12]})",
+                    f"silo(s) hold, {source} ({digest[:12]})",
                 )
                 self.reject(0, nid, exc, "init")
         state, peft_config = states[digest]
         peft_config["base_model_name_or_path"] = self.cfg.model.name
         total = sum(map(len, made.values()))
-        log(INFO, "initial adapter %s: derived alike by %d of %d silos", digest[:12], len(agreed), total)
+        how = "the run's start adapter, sent" if named else "derived alike"
+        log(INFO, "initial adapter %s: %s by %d of %d silos", digest[:12], how, len(agreed), total)
         return InitialAdapter(state, peft_config, digest)

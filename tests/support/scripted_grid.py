@@ -78,7 +78,8 @@ class FakeGrid:
             m.metadata.__dict__["_message_id"] = mid
             nid = m.metadata.dst_node_id
             if not self.drop(nid):
-                reply = Message(self.silos[nid].reply(m), reply_to=m)
+                out = self.silos[nid].reply(m)  # content, or a whole reply (an error reply)
+                reply = out if isinstance(out, Message) else Message(out, reply_to=m)
                 reply.metadata.__dict__["_src_node_id"] = nid
                 reply.metadata.__dict__["_reply_to_message_id"] = mid
                 self.outbox[mid] = reply
