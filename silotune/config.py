@@ -39,6 +39,13 @@ def _dash(name: str) -> str:
     return name.replace("_", "-")
 
 
+def sha256_hex(value: str, what: str) -> str:
+    """A SHA-256 written as 64 hex digits, lower-cased ("" stays ""); ``what`` says whose, in the error."""
+    if value and not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        raise ValueError(f"must be 64 hex digits ({what})")
+    return value.lower()
+
+
 class StrictSection(BaseModel):
     """The one strict base of every settings file SiloTune reads (run config, silo policy, kit):
     users write dashed keys ("lr-max"), Python uses underscores, unknown keys are errors."""
@@ -78,9 +85,7 @@ class PeftSettings(StrictSection):
     @field_validator("start_adapter")
     @classmethod
     def _digest(cls, v: str) -> str:
-        if v and not re.fullmatch(r"[0-9a-fA-F]{64}", v):
-            raise ValueError("must be an adapter's 64-hex-digit digest (`silotune silo start-adapter DIR`)")
-        return v.lower()
+        return sha256_hex(v, "an adapter's digest: `silotune silo start-adapter DIR` prints it")
 
     @property
     def target_module_list(self) -> list[str] | str:

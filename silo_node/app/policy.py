@@ -54,7 +54,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from silotune.config import RunConfig, StrictSection, _format_error
+from silotune.config import RunConfig, StrictSection, _format_error, sha256_hex
 from silotune.errors import ApprovalPending, PolicyRefused, UserError
 
 POLICY_ENV = "SILOTUNE_SILO_POLICY"  # alternative to node config's policy-file
@@ -73,23 +73,19 @@ class AllowedModel(StrictSection):
     @field_validator("sha256")
     @classmethod
     def _hex(cls, v: str) -> str:
-        if v and not re.fullmatch(r"[0-9a-fA-F]{64}", v):
-            raise ValueError("must be 64 hex digits (the weight files' SHA-256), or absent")
-        return v.lower()
+        return sha256_hex(v, "the weight files' SHA-256, or absent")
 
 
 class StartAdapter(StrictSection):
     """``[[start-adapters]]``: an adapter this silo installed and lets a run start from."""
 
-    sha256: str  # silotune.adapters.state_digest of its values, names and shapes
+    sha256: str = Field(..., min_length=64)  # silotune.adapters.state_digest of its values and shapes
     path: str  # the PEFT adapter directory on this machine
 
     @field_validator("sha256")
     @classmethod
     def _hex(cls, v: str) -> str:
-        if not re.fullmatch(r"[0-9a-fA-F]{64}", v):
-            raise ValueError("must be 64 hex digits (`silotune silo start-adapter DIR` prints it)")
-        return v.lower()
+        return sha256_hex(v, "the adapter's digest: `silotune silo start-adapter DIR` prints it")
 
 
 class PrivacyPolicy(StrictSection):
