@@ -29,6 +29,13 @@ epsilon; sampling is Poisson at q = batch / rows, which is what that accountant 
         --grad-accum 4 --rank 4 --target-modules q_proj,v_proj --lr-max 1e-2 --lr-min 1e-3 \
         --max-grad-norm 0.5 --keep-optimizer-state   # DP's own shape (BENCHMARKS.md)
 
+``--public-start fpb`` is the usual DP recipe: every row, the no-DP one too, starts from an adapter
+trained centrally without DP on public data (Financial PhraseBank's news sentences, less its FlowerTune
+test split; never TFNS), for ``--public-steps`` steps of the run's batch, and the ``start`` row
+(``--epsilons start,0,8``) scores that adapter alone, so the table shows what the silos' private rows
+add with and without DP. A federation does the same with ``peft.start-adapter`` (each silo pins the
+published adapter, silo_node/app/start_adapter.py). The adapter is cached beside ``--out``.
+
 The full mode trains at the finance recipe's budget (silotune/recipes/finance.toml: 10 rounds x
 10 local steps of batch 8, rank 16 on all linear layers, lr 3e-3 -> 1e-4; AdamW is rebuilt each
 round unless ``--keep-optimizer-state``) on 400 TFNS rows per silo. The options change the
