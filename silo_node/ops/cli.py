@@ -194,7 +194,7 @@ def _start_adapter(args: argparse.Namespace) -> int:
     digest = state_digest(state)
     print(digest)
     print(f'# this silo\'s policy:\n[[start-adapters]]\nsha256 = "{digest}"\npath = "{directory}"')
-    print(f'# the run config:\npeft.start-adapter = "{digest}"')
+    print(f'# the run config:\n"peft.start-adapter" = "{digest}"')
     return 0
 
 
