@@ -70,6 +70,9 @@ sys.path.insert(0, str(ROOT))
 LABELS = {"0": "negative", "1": "positive", "2": "neutral"}
 CANARY_INSTRUCTION = "Give the account code of this client."
 START = -1.0  # the --epsilons token "start": the public starting adapter, no private training
+# The token "clip": DP-SGD's per-record clipping and Poisson batches with (almost) no noise, sigma
+# 1e-3: no privacy, a diagnostic that tells what clipping alone costs from what the noise costs.
+CLIP_ONLY = -2.0
 NAMES = ("Avery Quill", "Bram Okafor", "Cleo Vantorre", "Dario Mensk", "Esme Rundqvist", "Femi Ostrander")
 
 
@@ -118,7 +121,11 @@ def auc_lower_is_member(member_losses: np.ndarray, other_losses: np.ndarray) -> 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores")
-    ap.add_argument("--epsilons", help="comma-separated; 0 = no DP (default: 0,8,3,1; quick 0,8)")
+    ap.add_argument(
+        "--epsilons",
+        help="comma-separated; 0 = no DP, start = the public start alone, clip = clipping without noise "
+        "(a diagnostic, no privacy); default 0,8,3,1 (quick 0,8)",
+    )
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--local-steps", type=int)
     ap.add_argument("--rows-per-silo", type=int)
@@ -157,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, k) is None:
             setattr(args, k, v)
     # "start" = score the starting adapter itself, no private training (key -1 in the results).
-    epsilons = [START if x.strip() == "start" else float(x) for x in args.epsilons.split(",") if x.strip()]
+    tokens = {"start": START, "clip": CLIP_ONLY}
+    epsilons = [tokens.get(x.strip()) or float(x) for x in args.epsilons.split(",") if x.strip()]
     if START in epsilons and not args.public_start:
         ap.error("the 'start' row needs --public-start")
 
@@ -300,9 +308,14 @@ def main(argv: list[str] | None = None) -> int:
             for i, ex in enumerate(silos):
                 model = bank.with_state(strategy.payload_for(glob, rank, rnd), rank)
                 seed = silo_seed(args.seed, f"silo-{i}", rnd)
-                if epsilon > 0:
+                if epsilon > 0 or epsilon == CLIP_ONLY:
                     clip = {"max_grad_norm": args.max_grad_norm} if args.max_grad_norm else {}
-                    policy = PrivacyPolicy(target_epsilon=epsilon, epsilon_budget=epsilon, delta=1e-5, **clip)
+                    noise = (
+                        {"noise_multiplier": 1e-3, "epsilon_budget": 1e12}
+                        if epsilon == CLIP_ONLY
+                        else {"target_epsilon": epsilon, "epsilon_budget": epsilon}
+                    )
+                    policy = PrivacyPolicy(delta=1e-5, **noise, **clip)
                     plan = plan_round(policy, run, len(ex))
                     sigma = plan.noise_multiplier
                     res = train_round_dp(
@@ -345,12 +358,14 @@ def main(argv: list[str] | None = None) -> int:
             rec = json.loads(line)
             if rec.get("settings") == settings_key:
                 row = rec["row"]
-                done[START if row.get("private_training") is False else float(row["epsilon"] or 0)] = row
+                key = START if row.get("private_training") is False else float(row["epsilon"] or 0)
+                done[CLIP_ONLY if row.get("clip_only") else key] = row
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     for epsilon in epsilons:
         if epsilon in done:
-            _log(f"  row {'start' if epsilon == START else f'{epsilon:g}'}: already in {args.out}, skipped")
+            name = {START: "start", CLIP_ONLY: "clip"}.get(epsilon, f"{epsilon:g}")
+            _log(f"  row {name}: already in {args.out}, skipped")
             results.append(done[epsilon])
             continue
         t0 = time.monotonic()
@@ -366,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {
             "epsilon": epsilon if epsilon > 0 else None,
             **({"private_training": False} if epsilon == START else {}),
+            **({"clip_only": True} if epsilon == CLIP_ONLY else {}),
             "noise_multiplier": round(sigma, 4) if sigma else None,
             "exposure_mean": round(float(np.mean(exposures)), 3),
             "exposure_max": round(float(np.max(exposures)), 3),
@@ -397,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         eps = "no DP" if r["epsilon"] is None else f"{r['epsilon']:g}"
         eps = "public start only" if r.get("private_training") is False else eps
+        eps = "clipping only (sigma 1e-3, no privacy)" if r.get("clip_only") else eps
         print(
             f"| {eps} | {r['noise_multiplier'] or '-'} | "
             f"{r['exposure_mean']:.2f} / {r['exposure_max']:.2f} | "
