@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             # sigma as a silo's planner sets it for epsilon 8 over the run's steps on 3,000 rows.
             shaped = run.train.model_copy(update={"batch_size": batch, "local_steps": args.steps})
             policy = PrivacyPolicy(target_epsilon=8.0, epsilon_budget=8.0, delta=1e-5, max_grad_norm=clip)
-            sigma = plan_round(policy, run.model_copy(update={"train": shaped, "num_rounds": 1}), 3000)
-            noise = sigma.noise_multiplier * clip / batch * np.sqrt(dims)
+            plan = plan_round(policy, run.model_copy(update={"train": shaped, "num_rounds": 1}), 3000)
+            noise = plan.noise_multiplier * clip / batch * np.sqrt(dims)
             out_rows.append(
                 {
                     "clip": clip,
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                     "label_weight": {
                         c: round(float(weight[labels == c].sum() / weight.sum()), 3) for c in per_label
                     },
-                    "noise_multiplier": round(sigma.noise_multiplier, 4),
+                    "noise_multiplier": round(plan.noise_multiplier, 4),
                     "signal_to_noise": round(float(np.linalg.norm(clipped) / noise), 4),
                 }
             )
