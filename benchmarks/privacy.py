@@ -31,7 +31,7 @@ epsilon; sampling is Poisson at q = batch / rows, which is what that accountant 
 
 ``--public-start fpb`` is the usual DP recipe: every row, the no-DP one too, starts from an adapter
 trained centrally without DP on public data (Financial PhraseBank's news sentences, less its FlowerTune
-test split; never TFNS), for ``--public-steps`` steps of the run's batch, and the ``start`` row
+test split; never TFNS), for ``--public-steps`` steps of 16 x 4 records, and the ``start`` row
 (``--epsilons start,0,8``) scores that adapter alone, so the table shows what the silos' private rows
 add with and without DP. A federation does the same with ``peft.start-adapter`` (each silo pins the
 published adapter, silo_node/app/start_adapter.py). The adapter is cached beside ``--out``.
@@ -73,6 +73,10 @@ START = -1.0  # the --epsilons token "start": the public starting adapter, no pr
 # The token "clip": DP-SGD's per-record clipping and Poisson batches with (almost) no noise, sigma
 # 1e-3: no privacy, a diagnostic that tells what clipping alone costs from what the noise costs.
 CLIP_ONLY = -2.0
+# The public start's own shape, whatever the rows' shape: steps of 16 x 4 records, its cosine lr
+# schedule stepped every 10 steps (the shape BENCHMARKS' public-start rows were first measured at).
+PUBLIC_BATCH = (16, 4)
+PUBLIC_ROUND_STEPS = 10
 NAMES = ("Avery Quill", "Bram Okafor", "Cleo Vantorre", "Dario Mensk", "Esme Rundqvist", "Femi Ostrander")
 
 
@@ -148,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--public-start", choices=["fpb"],
         help="every row starts from an adapter trained without DP on public data (Financial "
-        "PhraseBank) instead of the seeded one; the epsilon 'start' row scores that adapter alone",
+        "PhraseBank; 16 x 4 records a step) instead of the seeded one; the epsilon 'start' row scores "
+        "that adapter alone",
     )  # fmt: skip
     ap.add_argument("--public-steps", type=int, default=40, help="steps of the public training")
     ap.add_argument("--public-lr-max", type=float, default=1e-2, help="the public training's cosine peak")
@@ -264,20 +269,33 @@ def main(argv: list[str] | None = None) -> int:
 
     def public_start() -> dict[str, np.ndarray]:
         """The adapter every row starts from with --public-start: trained centrally, without DP,
-        for --public-steps steps of the run's batch on public data, on its own lr schedule.
+        for --public-steps steps of PUBLIC_BATCH on public data, on its own lr schedule.
         Cached beside the results (same settings, same file), so the rows' processes share it."""
         from safetensors.numpy import load_file, save_file
 
-        tag = json.dumps({k: settings_key[k] for k in sorted(settings_key) if k not in ("quick",)})
+        # Keyed by what shapes the public training only, so rows of other private shapes (batch,
+        # steps, rounds) share one start and differ only in what the silos do from it.
+        tag = json.dumps(
+            {
+                "public_start": args.public_start, "steps": args.public_steps, "batch": PUBLIC_BATCH,
+                "lr": [args.public_lr_max, args.public_lr_min], "rank": rank,
+                "targets": run.peft.target_modules, "seq": run.train.seq_length, "seed": args.seed,
+            },
+            sort_keys=True,
+        )  # fmt: skip
         path = args.out.parent / f"public-start-{hashlib.sha256(tag.encode()).hexdigest()[:16]}.safetensors"
         if path.exists():
             _log(f"  public start: {path.name} (cached)")
             return dict(load_file(str(path)))
         public = encode(_fpb(root))
-        rounds = max(1, math.ceil(args.public_steps / run.train.local_steps))
+        rounds = max(1, math.ceil(args.public_steps / PUBLIC_ROUND_STEPS))
         public_train = run.train.model_copy(
-            update={"keep_optimizer_state": True, "lr_max": args.public_lr_max, "lr_min": args.public_lr_min}
-        )
+            update={
+                "keep_optimizer_state": True, "lr_max": args.public_lr_max, "lr_min": args.public_lr_min,
+                "batch_size": PUBLIC_BATCH[0], "grad_accum": PUBLIC_BATCH[1],
+                "local_steps": PUBLIC_ROUND_STEPS,
+            }
+        )  # fmt: skip
         model = bank.with_state(bank.initial_state(rank), rank)
         state = None
         for r in range(rounds):

@@ -148,6 +148,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     sa.add_argument("adapter_dir", help="its directory (adapter_model.safetensors, adapter_config.json)")
     sa.set_defaults(func=_start_adapter)
+    pp = sub.add_parser(
+        "privacy-plan",
+        help="what this silo's [privacy] policy does to a run's shape: noise, epsilon, and the same "
+        "records in fewer, larger noisy steps (docs/privacy.md)",
+    )
+    pp.add_argument("--policy", required=True, help="this silo's policy file (with [privacy])")
+    pp.add_argument("--records", type=int, required=True, help="training records in this silo's dataset")
+    pp.add_argument("--rounds", type=int, required=True, help="the run's num-rounds")
+    pp.add_argument("--local-steps", type=int, required=True, help="the run's train.local-steps")
+    pp.add_argument("--batch-size", type=int, required=True, help="the run's train.batch-size")
+    pp.add_argument("--grad-accum", type=int, default=1, help="the run's train.grad-accum (default 1)")
+    pp.add_argument("--json", action="store_true", help="one JSON object a shape")
+    pp.set_defaults(func=_privacy_plan)
     ap = sub.add_parser("approve", help="approve a run that waits at this silo (policy require-approval)")
     ap.add_argument("run_id", help="Flower's run id, as shown in the silo's log and `silotune silo audit`")
     ap.add_argument("--note", default="", help="a note kept in the audit log")
@@ -195,6 +208,55 @@ def _start_adapter(args: argparse.Namespace) -> int:
     print(digest)
     print(f'# this silo\'s policy:\n[[start-adapters]]\nsha256 = "{digest}"\npath = "{directory}"')
     print(f'# the run config:\n"peft.start-adapter" = "{digest}"')
+    return 0
+
+
+def _privacy_plan(args: argparse.Namespace) -> int:
+    """The noise and epsilon this silo's policy gives a run's shape, and larger-batch alternatives."""
+    import json
+
+    from silo_node.app.policy import load_policy
+    from silo_node.ops.privacy_plan import plan_shapes
+
+    policy = load_policy(args.policy).privacy
+    if policy is None:
+        raise UserError(f"{args.policy} has no [privacy] section: this silo trains without DP")
+    try:
+        rows = plan_shapes(
+            policy, args.records, args.rounds, args.local_steps, args.batch_size, args.grad_accum
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if args.json:
+        for r in rows:
+            print(json.dumps(r.__dict__, sort_keys=True))
+        return 0
+    source = (
+        f"target-epsilon {policy.target_epsilon:g}"
+        if policy.target_epsilon
+        else f"noise-multiplier {policy.noise_multiplier:g}"
+    )
+    print(
+        f"policy: {source}, delta {policy.delta:g}, max-grad-norm {policy.max_grad_norm:g}, "
+        f"min-logical-batch {policy.min_logical_batch}, epsilon-budget {policy.epsilon_budget:g} "
+        f"({policy.accountant} accountant)"
+    )
+    print(f"run: {args.records} records, {args.rounds} rounds; the first row is the run's shape")
+    print(
+        "logical batch  steps/round  records/round  q        sigma   epsilon(run)  noise/coord  signal/noise"
+    )
+    for r in rows:
+        print(
+            f"{r.logical_batch:>13}  {r.steps_per_round:>11}  {r.logical_batch * r.steps_per_round:>13}  "
+            f"{r.sample_rate:<7.4f}  {r.noise_multiplier:<6.3f}  {r.epsilon_run:>12.3f}  "
+            f"{r.noise_per_coordinate:>11.2e}  {r.signal_to_noise:>11.2f}x"
+        )
+    print(
+        "epsilon(run): what this run alone spends (`silotune silo audit` shows what is spent already); "
+        "signal/noise: sqrt(steps) x batch / sigma against the run's shape, if records' clipped "
+        "gradients point alike (docs/privacy.md). A larger min-logical-batch in the policy raises "
+        "the run's batch; the run's submitter sets its steps."
+    )
     return 0
 
 
