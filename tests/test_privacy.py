@@ -5,6 +5,7 @@ HTML report). Tiny random models; the central side runs on the scripted Grid."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 import subprocess
@@ -17,7 +18,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordD
 
 from silo_node.app import client_app
 from silo_node.app.audit import read_audit
-from silo_node.app.policy import PolicyError, PrivacyPolicy, load_policy
+from silo_node.app.policy import PolicyError, PrivacyPolicy, SiloPolicy, check_run, load_policy
 from silo_node.app.privacy import (
     DPRound,
     Ledger,
@@ -30,10 +31,11 @@ from silo_node.app.privacy import (
     plan_round,
     privacy_summary,
     round_budget,
+    train_round_dp,
 )
 from silotune import protocol as p
 from silotune.config import ConfigError, SiloConfig, parse_run_config
-from silotune.errors import PrivacyBudgetExhausted
+from silotune.errors import PolicyRefused, PrivacyBudgetExhausted
 from silotune.events import read_events
 from silotune.silo_failures import SiloFailure, classify, describe_error, reason_for
 from tests.support.scripted_grid import FakeGrid, FakeSilo, events_of, make_federation
@@ -476,3 +478,42 @@ def test_report_and_exporter_without_dp_show_nothing_about_it(tmp_path: Path) ->
     assert "epsilon" not in html
     assert m.SILO_DP_EPSILON_SPENT.name.startswith("silotune_silo_dp_")
     assert np.isfinite(1.0)
+
+
+# -- what DP-SGD can train: LoRA and QLoRA, at fp32 and bf16; DoRA and IA3 refused when the run starts --
+@pytest.mark.parametrize("cfg", [{"model.dtype": "bf16"}, {"peft.method": "qlora"}], ids=["bf16", "qlora"])
+def test_a_dp_round_trains_a_bf16_model_and_qlora(tiny_model: Path, cfg: dict[str, object]) -> None:
+    from silo_node.app.templates import get_template
+    from silo_node.app.training import encode_example
+    from silotune.adapters import adapter_state, attach_adapter
+    from silotune.modeling import load_model
+
+    run = parse_run_config({"model.name": str(tiny_model), "train.batch-size": 2, "train.local-steps": 2,
+                            "train.seq-length": 32, **cfg})  # fmt: skip
+    loaded = load_model(run.model)
+    model = attach_adapter(loaded.model, run.peft, seed=0)
+    rows = [{"instruction": "", "input": f"item {i}", "output": ["up", "down"][i % 2]} for i in range(6)]
+    examples = [encode_example(loaded.tokenizer, get_template("finance"), r, 32, True) for r in rows]
+    plan = plan_round(_policy(min_logical_batch=6), run, n_examples=len(examples))  # q = 1: a full batch
+    before = adapter_state(model)
+    res = train_round_dp(model, loaded.tokenizer, examples, run.train, lr=1e-2, seed=0, plan=plan)
+    after = adapter_state(model)
+    assert math.isfinite(res.train_loss)
+    assert all(np.isfinite(v).all() for v in after.values())
+    assert any(not np.array_equal(before[k], after[k]) for k in after)  # the noisy steps moved it
+
+
+@pytest.mark.parametrize(
+    ("cfg", "why"),
+    [({"peft.method": "dora"}, "'dora'"), ({"peft.method": "ia3"}, "'ia3'"),
+     ({"model.gradient-checkpointing": True}, "gradient checkpointing")],
+)  # fmt: skip
+def test_a_dp_silo_refuses_what_opacus_cannot_train_when_the_run_starts(
+    cfg: dict[str, object], why: str
+) -> None:
+    run = parse_run_config(cfg)
+    dp = SiloPolicy.model_validate({"privacy": {"noise-multiplier": 1.0, "epsilon-budget": 8}})
+    with pytest.raises(PolicyRefused, match=why):
+        check_run(dp, run)  # the handshake's gate, before any model loads
+    check_run(SiloPolicy(), run)  # a silo without [privacy] trains it
+    check_run(dp, parse_run_config({"peft.method": "qlora"}))

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from silo_node.app.audit import read_audit
 from silo_node.app.privacy import privacy_summary
 from silotune import protocol as p
 from tests.support.clientapp_silo import ClientAppSilo
@@ -85,3 +86,27 @@ def test_dp_at_a_flexlora_silo_of_another_rank(tmp_path: Path, tiny_model: Path)
     _check(tmp_path, fed, silos)
     ranks = {e["silo"]: e.get("lora_rank") for e in events_of(tmp_path, "silo_result")}
     assert ranks["dp-silo"] == 2 and ranks["plain-a"] == 4
+
+
+def test_a_dp_silo_refuses_a_dora_run_at_its_handshake_and_the_others_train_it(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    # Opacus takes no per-sample gradients of DoRA's magnitude vectors (or IA3's scaling vectors):
+    # the DP silo says so once, when the run starts, instead of failing every round.
+    run = {"model.name": str(tiny_model), "num-rounds": 2, "peft.method": "dora", "peft.rank": 4,
+           "train.batch-size": 4, "train.local-steps": 1, "train.seq-length": 48,
+           "strategy.min-nodes": 2, "strategy.round-timeout": 600.0}  # fmt: skip
+    silos = {
+        1: ClientAppSilo(tmp_path, "dp-silo", run, DP_POLICY, strict=False),
+        2: ClientAppSilo(tmp_path, "plain-a", run, PLAIN_POLICY),
+        3: ClientAppSilo(tmp_path, "plain-b", run, PLAIN_POLICY),
+    }
+    server_cfg = {k: v for k, v in run.items() if k != "model.name"}
+    fed = make_federation(tmp_path, FakeGrid(silos), **{"model.name": str(tiny_model), **server_cfg})
+    fed.run()
+    assert events_of(tmp_path, "run_end")[-1]["status"] == "completed"
+    trained = sorted((e["round"], e["silo"]) for e in events_of(tmp_path, "silo_result"))
+    assert trained == [(1, "plain-a"), (1, "plain-b"), (2, "plain-a"), (2, "plain-b")]
+    reasons = {e["reason"] for e in read_audit(silos[1].state_dir) if e["kind"] == "refused"}
+    assert reasons and all("supports peft.method lora or qlora" in r and "'dora'" in r for r in reasons)
+    assert privacy_summary(silos[1].state_dir) == []  # refused before any round: nothing spent

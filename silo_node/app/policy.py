@@ -252,6 +252,32 @@ def check_run(policy: SiloPolicy, run: RunConfig) -> None:
             )
     check_target_modules(policy, run.peft.target_modules)
     start_entry(policy, run)
+    if policy.privacy is not None:
+        check_private_run(run)
+
+
+# PEFT methods whose trainable layers Opacus takes per-sample gradients of: LoRA's lora_A/lora_B are
+# nn.Linear (QLoRA's too, over the 4-bit base). DoRA's magnitude vector and IA3's scaling vectors
+# live in PEFT modules Opacus has no grad sampler for (DoRA's is called with keyword arguments its
+# functorch fallback cannot pass; IA3's sits in a ParameterDict that is never called), so a DP
+# round of either would fail at every step: the silo refuses the run at its handshake instead.
+DP_PEFT_METHODS = ("lora", "qlora")
+
+
+def check_private_run(run: RunConfig) -> None:
+    """Refuse (PolicyRefused) what this silo's DP-SGD cannot train: checked when a run starts
+    (``check_run``) and again before every DP round (silo_node/app/privacy.py ``round_budget``)."""
+    if run.peft.method not in DP_PEFT_METHODS:
+        raise PolicyRefused(
+            f"this silo trains with differential privacy ([privacy]), which supports peft.method "
+            f"{' or '.join(DP_PEFT_METHODS)}; the run asks for {run.peft.method!r}, whose trainable "
+            "vectors Opacus takes no per-sample gradients of"
+        )
+    if run.model.gradient_checkpointing:
+        raise PolicyRefused(
+            "[privacy] needs per-sample gradients, which Opacus cannot take through gradient "
+            "checkpointing (model.gradient-checkpointing=true)"
+        )
 
 
 def start_entry(policy: SiloPolicy, run: RunConfig) -> StartAdapter | None:

@@ -49,7 +49,7 @@ from typing import Any
 
 from silo_node.app.audit import append_audit
 from silo_node.app.optimizer_state import OptimizerState
-from silo_node.app.policy import PrivacyPolicy
+from silo_node.app.policy import PrivacyPolicy, check_private_run
 from silo_node.app.training import IGNORE_INDEX, Encoded, TrainResult, collate, make_optimizer, run_steps
 from silotune.atomic_files import atomic_write_json
 from silotune.config import RunConfig, SiloConfig, TrainSettings
@@ -286,11 +286,7 @@ def round_budget(
         raise PolicyRefused(
             "the policy has [privacy] but the silo has no state-dir to keep its privacy ledger in"
         )
-    if run.model.gradient_checkpointing:
-        raise PolicyRefused(
-            "[privacy] needs per-sample gradients, which Opacus cannot take through gradient "
-            "checkpointing (model.gradient-checkpointing=true)"
-        )
+    check_private_run(run)
     ledger = Ledger(silo.state_dir, dataset_id(policy, silo))
     with ledger.locked():
         plan = plan_round(policy, run, n_examples, ledger, run_id)
