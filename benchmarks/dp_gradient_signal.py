@@ -25,7 +25,6 @@ C and B: ``clipped_share``, ``cosine``, ``label_weight``, ``noise_multiplier``, 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import random
 import sys
@@ -38,8 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from poisoned_silo import _data_root  # noqa: E402  (benchmarks/ is the script's own folder)
-
-LABELS = {"0": "negative", "1": "positive", "2": "neutral"}
+from privacy import _tfns  # noqa: E402  (the TFNS reader of benchmarks/privacy.py)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors.numpy import load_file
 
     from silo_node.app.policy import PrivacyPolicy
-    from silo_node.app.privacy import plan_round
+    from silo_node.app.privacy import per_sample_loss, plan_round
     from silo_node.app.templates import get_template
-    from silo_node.app.training import IGNORE_INDEX, collate, encode_records
+    from silo_node.app.training import collate, encode_records
     from silotune.adapters import attach_adapter, load_adapter_state
     from silotune.config import EMBEDDED_MODEL, parse_run_config
     from silotune.modeling import load_model
@@ -83,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     model = attach_adapter(loaded.model, run.peft, 4, run.train.seed)
     if args.adapter:
         load_adapter_state(model, load_file(str(args.adapter)))
-    with open(_data_root() / "tfns" / "sent_train.csv", newline="", encoding="utf-8") as fh:
-        rows = [{"input": r["text"], "output": LABELS[r["label"]]} for r in csv.DictReader(fh)]
+    rows = _tfns(_data_root() / "tfns" / "sent_train.csv")
     random.Random(args.seed).shuffle(rows)
     rows = rows[:n_records]
     examples = encode_records(tok, get_template("finance"), rows, 96, run.model.use_chat_template, "eval")
@@ -94,11 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     grads, losses = [], []
     for ex in examples:  # one record at a time: its exact gradient, as DP-SGD clips it
-        b = collate([ex], pad)
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), b["labels"][:, 1:], ignore_index=IGNORE_INDEX
-        )
+        loss = per_sample_loss(model, collate([ex], pad)).sum()  # the silo's DP loss, one record
         g = torch.autograd.grad(loss, params)
         grads.append(torch.cat([x.flatten() for x in g]).numpy().copy())
         losses.append(float(loss.detach()))

@@ -181,9 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     from evaluation.inprocess import AdapterBank, silo_seed
     from evaluation.runner import EvalSettings, run_choice
     from silo_node.app.policy import PrivacyPolicy
-    from silo_node.app.privacy import plan_round, train_round_dp
+    from silo_node.app.privacy import per_sample_loss, plan_round, train_round_dp
     from silo_node.app.templates import get_template
-    from silo_node.app.training import IGNORE_INDEX, collate, encode_records, train_round
+    from silo_node.app.training import collate, encode_records, train_round
     from silotune.adapters import adapter_state
     from silotune.config import EMBEDDED_MODEL, lr_for_round, parse_run_config
     from silotune.modeling import load_model
@@ -252,19 +252,10 @@ def main(argv: list[str] | None = None) -> int:
 
     @torch.no_grad()
     def losses(model: Any, examples: list[Any], batch: int = 32) -> np.ndarray:
-        """Each example's mean loss over its answer tokens."""
+        """Each example's mean loss over its answer tokens (the silo's own per-record loss)."""
         out: list[float] = []
         for i in range(0, len(examples), batch):
-            b = collate(examples[i : i + batch], pad)
-            logits = (
-                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
-            )
-            labels = b["labels"][:, 1:]
-            ce = torch.nn.functional.cross_entropy(
-                logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
-            )
-            mask = (labels != IGNORE_INDEX).float()
-            out += ((ce * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
+            out += per_sample_loss(model, collate(examples[i : i + batch], pad)).tolist()
         return np.array(out)
 
     def public_start() -> dict[str, np.ndarray]:

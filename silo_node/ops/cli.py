@@ -213,6 +213,7 @@ def _start_adapter(args: argparse.Namespace) -> int:
 
 def _privacy_plan(args: argparse.Namespace) -> int:
     """The noise and epsilon this silo's policy gives a run's shape, and larger-batch alternatives."""
+    import dataclasses
     import json
 
     from silo_node.app.policy import load_policy
@@ -229,7 +230,7 @@ def _privacy_plan(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     if args.json:
         for r in rows:
-            print(json.dumps(r.__dict__, sort_keys=True))
+            print(json.dumps(dataclasses.asdict(r), sort_keys=True))
         return 0
     source = (
         f"target-epsilon {policy.target_epsilon:g}"

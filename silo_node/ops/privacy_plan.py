@@ -52,6 +52,7 @@ def plan_shapes(
         raise ValueError("records, rounds, local steps, batch size and grad accum must be at least 1")
     logical0 = max(batch_size * grad_accum, policy.min_logical_batch)  # the policy's floor applies
     rows: list[PlanRow] = []
+    base_snr = 0.0  # the run's own shape's sqrt(steps) x batch / sigma: the column's unit
     for d in (d for d in range(1, local_steps + 1) if local_steps % d == 0):
         accum = grad_accum if d == 1 else math.ceil(logical0 * d / batch_size)
         if d > 1 and batch_size * accum > records:
@@ -65,6 +66,7 @@ def plan_shapes(
         plan = plan_round(policy, run, records)
         logical = plan.expected_batch_size
         snr = math.sqrt(steps * rounds) * logical / plan.noise_multiplier
+        base_snr = base_snr or snr
         rows.append(
             PlanRow(
                 logical_batch=logical,
@@ -77,9 +79,7 @@ def plan_shapes(
                     policy.accountant,
                 ),
                 noise_per_coordinate=plan.noise_multiplier * policy.max_grad_norm / logical,
-                signal_to_noise=snr / rows[0].signal_to_noise if rows else snr,
+                signal_to_noise=snr / base_snr,
             )
         )
-    if rows:  # the first row held its absolute figure until the others were scaled by it
-        rows[0] = PlanRow(**{**rows[0].__dict__, "signal_to_noise": 1.0})
     return rows
