@@ -146,6 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr-min", type=float, help="end of the cosine schedule; default the recipe's 1e-4")
     ap.add_argument("--max-grad-norm", type=float, help="the DP rows' per-sample clip; default the policy's")
     ap.add_argument(
+        "--freeze-lora-a", action="store_true",
+        help="the silos train only LoRA's B (peft.freeze-lora-a, FFA-LoRA); the public start trains both",
+    )  # fmt: skip
+    ap.add_argument(
+        "--accountant", choices=["rdp", "prv"], default="rdp",
+        help="the DP silos' accountant (their policy's `accountant`); prv: less noise at the same epsilon",
+    )  # fmt: skip
+    ap.add_argument(
         "--keep-optimizer-state", action="store_true",
         help="each silo keeps its AdamW state across rounds, as the recipe does (default: fresh each round)",
     )  # fmt: skip
@@ -203,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             "peft.rank": args.rank or recipe["peft.rank"],
             "peft.alpha": args.rank or recipe["peft.alpha"],
             "peft.target-modules": args.target_modules or recipe["peft.target-modules"],
+            "peft.freeze-lora-a": args.freeze_lora_a,
             "train.batch-size": args.batch_size or recipe["train.batch-size"],
             "train.grad-accum": args.grad_accum or 1,
             "train.lr-max": args.lr_max or recipe["train.lr-max"],
@@ -287,7 +296,13 @@ def main(argv: list[str] | None = None) -> int:
                 "local_steps": PUBLIC_ROUND_STEPS,
             }
         )  # fmt: skip
-        model = bank.with_state(bank.initial_state(rank), rank)
+        # Public training is central and trains A too, whatever the silos freeze.
+        public_bank = (
+            AdapterBank(loaded.model, tok, run.peft.model_copy(update={"freeze_lora_a": False}), args.seed)
+            if run.peft.freeze_lora_a
+            else bank
+        )
+        model = public_bank.with_state(bank.initial_state(rank), rank)
         state = None
         for r in range(rounds):
             res = train_round(
@@ -324,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                         if epsilon == CLIP_ONLY
                         else {"target_epsilon": epsilon, "epsilon_budget": epsilon}
                     )
-                    policy = PrivacyPolicy(delta=1e-5, **noise, **clip)
+                    policy = PrivacyPolicy(delta=1e-5, accountant=args.accountant, **noise, **clip)
                     plan = plan_round(policy, run, len(ex))
                     sigma = plan.noise_multiplier
                     res = train_round_dp(
@@ -354,9 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     # The shape of the training, kept only where it differs from the recipe (older rows lack it).
     shape = (
         "batch_size", "grad_accum", "rank", "target_modules", "lr_max", "lr_min", "max_grad_norm",
-        "keep_optimizer_state",
+        "keep_optimizer_state", "freeze_lora_a",
     )  # fmt: skip
     settings_key.update({k: v for k in shape if (v := getattr(args, k))})
+    if args.accountant != "rdp":
+        settings_key["accountant"] = args.accountant
     if args.public_start:
         settings_key.update(
             {k: getattr(args, k) for k in ("public_start", "public_steps", "public_lr_max", "public_lr_min")}

@@ -69,10 +69,16 @@ def attach_adapter(model: Any, peft: PeftSettings, rank: int | None = None, seed
 
     torch.manual_seed(seed)
     try:
-        return get_peft_model(model, build_peft_config(peft, rank))
+        peft_model = get_peft_model(model, build_peft_config(peft, rank))
     except ValueError as exc:
         # PEFT says "Target modules {...} not found in the base model": add what to do.
         raise UserError(f"peft.target-modules={peft.target_modules!r}: {exc}") from None
+    if peft.freeze_lora_a:
+        # A still travels (its delta is zero), so a frozen-A run keeps the adapter's file layout.
+        for name, param in peft_model.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(False)
+    return peft_model
 
 
 def adapter_state(peft_model: Any) -> OrderedDict[str, np.ndarray]:

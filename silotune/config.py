@@ -81,6 +81,13 @@ class PeftSettings(StrictSection):
     # The digest (silotune.adapters.state_digest) of a published adapter to start from instead of
     # the one derived from train.seed; every silo must list it in its policy (silo_node/app/start_adapter.py).
     start_adapter: str = ""
+    # Train only each LoRA pair's B and keep A as the run started it (FFA-LoRA, Sun et al., ICLR
+    # 2024). Under DP-SGD every trained coordinate gets the same noise, and AdamW moves each by
+    # about the learning rate whether it holds signal or noise: A's gradients are scaled by B (small
+    # from any start), so trained A is mostly noise, fed through B into every output. Frozen, the
+    # noise covers fewer coordinates and the silos' B factors share one A, so averaging B averages
+    # the products B A exactly.
+    freeze_lora_a: bool = False
 
     @field_validator("start_adapter")
     @classmethod
@@ -249,6 +256,13 @@ class RunConfig(StrictSection):
         if self.strategy.name == "flexlora" and self.peft.method not in ("lora", "qlora"):
             raise ValueError(
                 f"strategy.name=flexlora needs peft.method lora or qlora (got {self.peft.method!r})"
+            )
+        if self.peft.freeze_lora_a and self.peft.method == "ia3":
+            raise ValueError("peft.freeze-lora-a=true needs a LoRA method (lora, qlora, dora); ia3 has no A")
+        if self.peft.freeze_lora_a and self.strategy.name == "flexlora":
+            # FlexLoRA re-factors the averaged product B A by SVD, which gives every silo a new A.
+            raise ValueError(
+                "peft.freeze-lora-a=true cannot keep A under strategy.name=flexlora (it re-factors A)"
             )
         if self.central_dp.enabled and self.strategy.name == "flexlora":
             # FlexLoRA sends every silo factors at its own rank: the deltas share no shape, so there
