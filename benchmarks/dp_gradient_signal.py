@@ -15,11 +15,16 @@ clips) and reports, for each clipping norm C:
   the silo's own planner (silo_node/app/privacy.py ``plan_round``) for epsilon 8 at delta 1e-5 over
   the run's steps on 3,000 rows.
 
+Each figure twice, side by side from the same gradients: training A and B, and B alone
+(``peft.freeze-lora-a``: B's per-record gradient is the same whether A is trained, so restricting
+the coordinates is exactly what a frozen-A silo clips and noises).
+
     python benchmarks/dp_gradient_signal.py --quick    # 32 records
     python benchmarks/dp_gradient_signal.py --adapter benchmarks/results/privacy/public-start-*.safetensors
 
-Prints a table, then one JSON line: ``grad_norm_percentiles``, ``per_label`` and ``rows`` (one per
-C and B: ``clipped_share``, ``cosine``, ``label_weight``, ``noise_multiplier``, ``signal_to_noise``).
+Prints a table, then one JSON line: ``trained`` (per "A and B" / "B alone": ``dimensions``,
+``grad_norm_percentiles``, ``per_label``) and ``rows`` (one per trained, C and B:
+``clipped_share``, ``cosine``, ``label_weight``, ``noise_multiplier``, ``signal_to_noise``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -85,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     random.Random(args.seed).shuffle(rows)
     rows = rows[:n_records]
     examples = encode_records(tok, get_template("finance"), rows, 96, run.model.use_chat_template, "eval")
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    # B's coordinates: restricted to them, the same per-record gradients are what DP-SGD clips when
+    # A is frozen (peft.freeze-lora-a), since B's gradient does not depend on A being trained.
+    is_b = np.concatenate([np.full(p.numel(), ".lora_B." in n) for n, p in named])
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     t0 = time.monotonic()
@@ -95,76 +105,84 @@ def main(argv: list[str] | None = None) -> int:
         g = torch.autograd.grad(loss, params)
         grads.append(torch.cat([x.flatten() for x in g]).numpy().copy())
         losses.append(float(loss.detach()))
-    grad = np.stack(grads)
-    norms = np.linalg.norm(grad, axis=1)
+    seconds = time.monotonic() - t0
+    full = np.stack(grads)
     labels = np.array([r["output"] for r in rows])
     names = ("negative", "neutral", "positive")
-    dims = grad.shape[1]
-    mean = grad.mean(0)
-
-    per_label = {
-        c: {
-            "records": int((labels == c).sum()),
-            "mean_loss": round(float(np.mean(np.array(losses)[labels == c])), 3),
-            "median_grad_norm": round(float(np.median(norms[labels == c])), 3),
+    out_rows: list[dict[str, Any]] = []
+    per_trained: dict[str, dict[str, Any]] = {}
+    for trained, grad in (("A and B", full), ("B alone", full[:, is_b])):
+        norms = np.linalg.norm(grad, axis=1)
+        dims = grad.shape[1]
+        mean = grad.mean(0)
+        per_label = {
+            c: {
+                "records": int((labels == c).sum()),
+                "mean_loss": round(float(np.mean(np.array(losses)[labels == c])), 3),
+                "median_grad_norm": round(float(np.median(norms[labels == c])), 3),
+            }
+            for c in names
+            if (labels == c).any()
         }
-        for c in names
-        if (labels == c).any()
-    }
-    unclipped = {c: round(float(norms[labels == c].sum() / norms.sum()), 3) for c in per_label}
-    out_rows = []
-    for clip in (float(x) for x in args.clips.split(",")):
-        factor = np.minimum(1.0, clip / np.maximum(norms, 1e-12))
-        clipped = (grad * factor[:, None]).mean(0)
-        weight = factor * norms
-        cosine = float(mean @ clipped / (np.linalg.norm(mean) * np.linalg.norm(clipped)))
-        for batch in (int(x) for x in args.batches.split(",")):
-            # sigma as a silo's planner sets it for epsilon 8 over the run's steps on 3,000 rows.
-            shaped = run.train.model_copy(update={"batch_size": batch, "local_steps": args.steps})
-            policy = PrivacyPolicy(target_epsilon=8.0, epsilon_budget=8.0, delta=1e-5, max_grad_norm=clip)
-            plan = plan_round(policy, run.model_copy(update={"train": shaped, "num_rounds": 1}), 3000)
-            noise = plan.noise_multiplier * clip / batch * np.sqrt(dims)
-            out_rows.append(
-                {
-                    "clip": clip,
-                    "batch": batch,
-                    "clipped_share": round(float(np.mean(norms > clip)), 3),
-                    "cosine": round(cosine, 3),
-                    "label_weight": {
-                        c: round(float(weight[labels == c].sum() / weight.sum()), 3) for c in per_label
-                    },
-                    "noise_multiplier": round(plan.noise_multiplier, 4),
-                    "signal_to_noise": round(float(np.linalg.norm(clipped) / noise), 4),
-                }
-            )
-    pct = {f"p{q}": round(float(np.percentile(norms, q)), 3) for q in (10, 50, 90)}
-    print(
-        f"{len(examples)} TFNS records, adapter {'from ' + str(args.adapter) if args.adapter else 'seeded'}, "
-        f"d = {dims} coordinates, {time.monotonic() - t0:.0f} s"
-    )
-    print(f"per-record gradient norm: {pct}")
-    for c, v in per_label.items():
+        per_trained[trained] = {
+            "dimensions": dims,
+            "grad_norm_percentiles": {
+                f"p{q}": round(float(np.percentile(norms, q)), 3) for q in (10, 50, 90)
+            },
+            "per_label": per_label,
+            "label_weight_unclipped": {
+                c: round(float(norms[labels == c].sum() / norms.sum()), 3) for c in per_label
+            },
+        }
+        for clip in (float(x) for x in args.clips.split(",")):
+            factor = np.minimum(1.0, clip / np.maximum(norms, 1e-12))
+            clipped = (grad * factor[:, None]).mean(0)
+            weight = factor * norms
+            cosine = float(mean @ clipped / (np.linalg.norm(mean) * np.linalg.norm(clipped)))
+            for batch in (int(x) for x in args.batches.split(",")):
+                # sigma as a silo's planner sets it for epsilon 8 over the run's steps on 3,000 rows.
+                shaped = run.train.model_copy(update={"batch_size": batch, "local_steps": args.steps})
+                policy = PrivacyPolicy(target_epsilon=8.0, epsilon_budget=8.0, delta=1e-5, max_grad_norm=clip)
+                plan = plan_round(policy, run.model_copy(update={"train": shaped, "num_rounds": 1}), 3000)
+                noise = plan.noise_multiplier * clip / batch * np.sqrt(dims)
+                out_rows.append(
+                    {
+                        "trained": trained,
+                        "clip": clip,
+                        "batch": batch,
+                        "clipped_share": round(float(np.mean(norms > clip)), 3),
+                        "cosine": round(cosine, 3),
+                        "label_weight": {
+                            c: round(float(weight[labels == c].sum() / weight.sum()), 3) for c in per_label
+                        },
+                        "noise_multiplier": round(plan.noise_multiplier, 4),
+                        "signal_to_noise": round(float(np.linalg.norm(clipped) / noise), 4),
+                    }
+                )
+    start = f"from {args.adapter}" if args.adapter else "seeded"
+    print(f"{len(examples)} TFNS records, adapter {start}, {seconds:.0f} s")
+    for trained, t in per_trained.items():
         print(
-            f"  {c}: {v['records']} records, mean loss {v['mean_loss']}, median norm {v['median_grad_norm']}"
+            f"trained {trained}: d = {t['dimensions']}, per-record gradient norm {t['grad_norm_percentiles']}"
         )
-    print(f"gradient weight per label, unclipped: {unclipped}")
-    print("| C | B | clipped | cos(clipped, mean) | weight neg / neu / pos | sigma (eps 8) | signal/noise |")
-    print("|---|---|---|---|---|---|---|")
+        for c, v in t["per_label"].items():
+            print(
+                f"  {c}: {v['records']} records, loss {v['mean_loss']}, median norm {v['median_grad_norm']}"
+            )
+        print(f"  gradient weight per label, unclipped: {t['label_weight_unclipped']}")
+    print(
+        "| trained | C | B | clipped | cos(clipped, mean) | weight neg / neu / pos | sigma (eps 8) "
+        "| signal/noise |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in out_rows:
         w = " / ".join(f"{r['label_weight'].get(c, 0):.2f}" for c in names)
         print(
-            f"| {r['clip']:g} | {r['batch']} | {100 * r['clipped_share']:.0f} % | {r['cosine']:.3f} | {w} | "
-            f"{r['noise_multiplier']} | {r['signal_to_noise']:.3f} |"
+            f"| {r['trained']} | {r['clip']:g} | {r['batch']} | {100 * r['clipped_share']:.0f} % | "
+            f"{r['cosine']:.3f} | {w} | {r['noise_multiplier']} | {r['signal_to_noise']:.3f} |"
         )
-    summary = {
-        "records": len(examples),
-        "adapter": str(args.adapter) if args.adapter else "seeded",
-        "dimensions": dims,
-        "grad_norm_percentiles": pct,
-        "per_label": per_label,
-        "label_weight_unclipped": unclipped,
-        "rows": out_rows,
-    }
+    summary = {"records": len(examples), "adapter": str(args.adapter) if args.adapter else "seeded",
+               "trained": per_trained, "rows": out_rows}  # fmt: skip
     print(json.dumps(summary))
     return 0
 
