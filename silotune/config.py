@@ -83,10 +83,10 @@ class PeftSettings(StrictSection):
     start_adapter: str = ""
     # Train only each LoRA pair's B and keep A as the run started it (FFA-LoRA, Sun et al., ICLR
     # 2024). Under DP-SGD every trained coordinate gets the same noise, and AdamW moves each by
-    # about the learning rate whether it holds signal or noise: A's gradients are scaled by B (small
-    # from any start), so trained A is mostly noise, fed through B into every output. Frozen, the
-    # noise covers fewer coordinates and the silos' B factors share one A, so averaging B averages
-    # the products B A exactly.
+    # about the learning rate whether it holds signal or noise; A's gradients are scaled by B, small
+    # early in training (zero from the seeded start), so trained A is mostly noise. Frozen, the
+    # noise covers fewer coordinates (docs/privacy.md measures the gain) and the silos' B factors
+    # share one A, so averaging B averages the products B A exactly.
     freeze_lora_a: bool = False
 
     @field_validator("start_adapter")
