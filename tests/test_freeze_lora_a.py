@@ -149,46 +149,30 @@ def test_a_dp_silos_clientapp_round_sends_back_the_a_it_received(
     tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The resident worker's path: handshake, then a DP round of a frozen-A run through the ClientApp."""
-    import json
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-
-    from silo_node.app import client_app
     from silotune.adapters import from_array_record
     from silotune.wire_codec import decode, decode_uplink, encoding_for, payload_shapes
+    from tests.support.clientapp_silo import ClientAppSilo
 
     monkeypatch.setenv("SILOTUNE_EVENTS_DIR", str(tmp_path / "events"))
-    policy = tmp_path / "policy.toml"
-    policy.write_text("allow-local-paths = true\n[privacy]\nnoise-multiplier = 1.0\nepsilon-budget = 50.0\n")
-    data = tmp_path / "silo.jsonl"
-    rows = [
-        {"text": f"Company {i} shares {'rose' if i % 2 else 'fell'}", "label": "positive"} for i in range(16)
-    ]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    node = {"data-path": str(data), "name": "bank-a", "columns": "input=text,output=label",
-            "state-dir": str(tmp_path / "state"), "policy-file": str(policy)}  # fmt: skip
     cfg = {"model.name": str(tiny_model), "peft.rank": 2, "train.batch-size": 4, "train.local-steps": 2,
            "train.seq-length": 48, "num-rounds": 2, "peft.freeze-lora-a": True}  # fmt: skip
-    ctx = Context(1, 7, node, RecordDict(), cfg)
+    policy = "allow-local-paths = true\n[privacy]\nnoise-multiplier = 1.0\nepsilon-budget = 50.0\n"
+    silo = ClientAppSilo(tmp_path, "bank-a", cfg, policy)
 
     def msg(kind: str, content: RecordDict) -> Message:
-        m = Message(content=content, dst_node_id=7, message_type=kind)
+        m = Message(content=content, dst_node_id=0, message_type=kind)
         m.metadata.__dict__["_message_id"] = "m-1"
         return m
 
-    hello = client_app.handshake(
-        msg(MessageType.QUERY, RecordDict({"config": ConfigRecord({"want-init": True})})), ctx
-    )
-    assert not hello.has_error(), hello.error if hello.has_error() else ""
+    hello = silo.reply(msg(MessageType.QUERY, RecordDict({"config": ConfigRecord({"want-init": True})})))
     enc = encoding_for(parse_run_config(cfg).transport)
-    sent_arrays = from_array_record(hello.content["arrays"])
+    sent_arrays = from_array_record(hello["arrays"])
     sent = decode(sent_arrays, enc, payload_shapes(sent_arrays))
-    train = RecordDict(
-        {"config": ConfigRecord({"server-round": 1, "lr": 1e-2}), "arrays": hello.content["arrays"]}
-    )
-    reply = client_app.train(msg(MessageType.TRAIN, train), ctx)
-    assert not reply.has_error(), reply.error if reply.has_error() else ""
-    got = decode_uplink(from_array_record(reply.content["arrays"]), sent, enc)
+    config = ConfigRecord({"server-round": 1, "lr": 1e-2})
+    reply = silo.reply(msg(MessageType.TRAIN, RecordDict({"config": config, "arrays": hello["arrays"]})))
+    got = decode_uplink(from_array_record(reply["arrays"]), sent, enc)
     mods = lora_modules(got)
     assert mods and all(np.array_equal(got[m + A_SUFFIX], sent[m + A_SUFFIX]) for m in mods)
     assert any(not np.array_equal(got[m + B_SUFFIX], sent[m + B_SUFFIX]) for m in mods)
