@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from silotune.adapters import A_SUFFIX, B_SUFFIX, lora_modules
-from silotune.config import ConfigError, parse_run_config
+from silotune.config import ConfigError, RunConfig, parse_run_config
 
 
-def _run(tiny_model: Path, **extra: object):  # noqa: ANN202 - RunConfig
+def _run(tiny_model: Path, **extra: object) -> RunConfig:
     return parse_run_config(
         {"model.name": str(tiny_model), "train.batch-size": 2, "train.local-steps": 3,
          "train.seq-length": 32, "peft.rank": 4, "peft.dropout": 0.0, "peft.freeze-lora-a": True, **extra}
@@ -34,7 +34,7 @@ def _examples(tok: object, n: int = 6) -> list:
     return [encode_example(tok, get_template("finance"), r, 32, True) for r in rows]
 
 
-def test_the_flat_key_parses_and_defaults_off(tmp_path: Path) -> None:
+def test_the_flat_key_parses_and_defaults_off() -> None:
     assert parse_run_config({}).peft.freeze_lora_a is False
     assert parse_run_config({"peft.freeze-lora-a": True}).peft.freeze_lora_a is True
 
