@@ -19,9 +19,10 @@ measured is the final global adapter, the thing that leaves the silos.
 - **Utility**: accuracy and macro-F1 on TFNS validation items, by generated answer with
   FlowerTune's extraction (as ``silotune eval``), a stated subset of the finance suite.
 
-Accounting: each silo's epsilon is Opacus's RDP accountant over all its rounds at delta 1e-5,
-with the noise calibrated (``target-epsilon``) so that the whole run spends exactly the row's
-epsilon; sampling is Poisson at q = batch / rows, which is what that accountant assumes.
+Accounting: each silo's epsilon is Opacus's RDP accountant (``--accountant prv``: its PRV one)
+over all its rounds at delta 1e-5, with the noise calibrated (``target-epsilon``) so that the whole
+run spends exactly the row's epsilon; sampling is Poisson at q = batch / rows, which is what both
+accountants assume.
 
     python benchmarks/privacy.py --quick   # no DP and epsilon 8; 2 rounds x 4 steps, small sets
     python benchmarks/privacy.py           # no DP, epsilon 8, 3, 1 at the finance recipe's budget
