@@ -225,6 +225,22 @@ def test_bad_handshake_is_rejected_and_the_run_goes_on(tmp_path: Path, mutate: M
     np.testing.assert_allclose(fed.global_state["m.lora_A.weight"], 2.0)
 
 
+def test_a_silo_on_another_base_model_is_refused_for_the_run_like_any_bad_reply(tmp_path: Path) -> None:
+    """A well-formed handshake from a silo whose base model is not the federation's (most silos'):
+    refused for the run, reported as every other bad reply is (one update_rejected, round 0)."""
+    other = lambda c: c["info"].__setitem__(p.MODEL_SHA256, "b" * 64)  # noqa: E731
+    silos = {1: FakeSilo("a"), 2: FakeSilo("b"), 3: EvilSilo("c", "query", other)}
+    fed = _fed(tmp_path, FakeGrid(silos), **{"num-rounds": 2})
+    fed.run()
+    rejected = _kinds(tmp_path, "update_rejected")
+    assert [(e["round"], e["node_id"], e["code"], e["phase"]) for e in rejected] == [
+        (0, 3, p.R_MODEL, "handshake")
+    ]
+    assert "differs from the federation's" in rejected[0]["reason"] and fed.silos[3].refused
+    assert [e["sampled"] for e in _kinds(tmp_path, "round_start")] == [[1, 2], [1, 2]]
+    np.testing.assert_allclose(fed.global_state["m.lora_A.weight"], 3.0)  # 1 + 1 + 1: a and b, twice
+
+
 @pytest.mark.parametrize(
     "mutate,code",
     [

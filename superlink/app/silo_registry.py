@@ -215,16 +215,8 @@ class SiloRegistry:
                     f"base model {silo.model_sha256[:12]} differs from the federation's "
                     f"{self.reference_sha[:12]}"
                 )
-                log(WARNING, "refusing silo %s (node %d): %s", silo.name, nid, silo.refused)
-                self.events.emit(
-                    p.EV_UPDATE_REJECTED,
-                    round=0,
-                    node_id=nid,
-                    silo=silo.name,
-                    phase="handshake",
-                    code=p.R_MODEL,
-                    reason=silo.refused,
-                )
+                # Refused for the run, but reported as every other bad reply is.
+                self.reject(0, nid, ReplyRejected(p.R_MODEL, silo.refused), "handshake")
 
     def _choose_reference(self) -> None:
         """The base model most silos run is the federation's (ties: lowest node id)."""
