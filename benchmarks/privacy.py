@@ -46,7 +46,10 @@ written to ``--out`` (default benchmarks/results/privacy/rows.jsonl) as it ends;
 same settings skips the rows already there, so a stopped run resumes.
 
 Prints a table, then one JSON line: per row ``epsilon``, ``exposure_mean``, ``exposure_max``,
-``mia_auc``, ``accuracy``, ``macro_f1``, ``noise_multiplier``; and ``exposure_chance``.
+``mia_auc``, ``accuracy``, ``macro_f1``, ``noise_multiplier``, ``correct`` (each item right or
+wrong) and ``adapter`` (the row's final adapter, saved beside ``--out``); ``gaps_vs_no_dp``: each
+row's accuracy below the no-DP row's, item by item, with a 95 % paired bootstrap interval; and
+``exposure_chance``.
 """
 
 from __future__ import annotations
@@ -121,6 +124,18 @@ def auc_lower_is_member(member_losses: np.ndarray, other_losses: np.ndarray) -> 
         return float("nan")
     wins = (m[:, None] < o[None, :]).sum() + 0.5 * (m[:, None] == o[None, :]).sum()
     return float(wins / (len(m) * len(o)))
+
+
+def paired_gap(a: str, b: str, seed: int, resamples: int = 4000) -> tuple[float, float, float]:
+    """Accuracy of row ``a`` minus row ``b`` in points, on the same items (per-item "1"/"0"
+    strings), and its 95 % paired bootstrap interval: items are resampled, both rows' answers to
+    an item stay together, so what the items share (how hard each one is) drops out of the gap."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"rows answered {len(a)} and {len(b)} items: not the same items")
+    x = np.array([int(c) for c in a], float) - np.array([int(c) for c in b], float)
+    idx = np.random.default_rng(seed).integers(0, len(x), size=(resamples, len(x)))
+    lo, hi = np.percentile(x[idx].mean(axis=1), [2.5, 97.5])
+    return round(100 * float(x.mean()), 2), round(100 * float(lo), 2), round(100 * float(hi), 2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -419,8 +434,21 @@ def main(argv: list[str] | None = None) -> int:
             # Beside every accuracy: what the adapter answers, and what constant answers score.
             "predicted": {k: round(100 * v, 1) for k, v in res.extra.get("prediction_shares", {}).items()},
             "constant_baselines": res.extra.get("constant_baselines"),
+            # Each item right ("1") or wrong ("0"), in the items' order: rows on the same items are
+            # compared item by item (paired_gap), which a difference of two accuracies is not.
+            "correct": "".join("1" if r["correct"] else "0" for r in res.records),
             "seconds": round(time.monotonic() - t0, 1),
         }
+        # The row's final global adapter, so a later run can score it again (more items, another
+        # suite) without training it again.
+        from safetensors.numpy import save_file
+
+        slug = hashlib.sha256(json.dumps(settings_key, sort_keys=True).encode()).hexdigest()[:12]
+        name = {START: "start", CLIP_ONLY: "clip"}.get(epsilon, f"eps{epsilon:g}")
+        adapter = args.out.parent / f"adapter-{slug}-{name}.safetensors"
+        save_file({k: np.ascontiguousarray(v) for k, v in final.items()}, str(adapter.with_suffix(".tmp")))
+        adapter.with_suffix(".tmp").replace(adapter)
+        row["adapter"] = adapter.name
         results.append(row)
         _log(f"  {json.dumps(row)}")
         with args.out.open("a") as f:  # one line per finished row, so a stopped run resumes
@@ -446,9 +474,21 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['exposure_mean']:.2f} / {r['exposure_max']:.2f} | "
             f"{r['mia_auc']:.3f} | {r['accuracy']:.2f} | {r['macro_f1']:.2f} |"
         )
+    # Each DP row against the no-DP row, item by item (the goal: within 5 points at epsilon 8).
+    base = next((r for r in results if r["epsilon"] is None and "private_training" not in r
+                 and not r.get("clip_only") and r.get("correct")), None)  # fmt: skip
+    gaps = []
+    for r in results:
+        if base is None or r is base or not r.get("correct") or len(r["correct"]) != len(base["correct"]):
+            continue
+        gap, lo, hi = paired_gap(base["correct"], r["correct"], args.seed)
+        label = r["epsilon"] or ("start" if r.get("private_training") is False else "clip")
+        gaps.append({"row": label, "gap": gap, "ci95": [lo, hi]})
+        print(f"no DP minus {label}: {gap:.2f} points (95 % paired bootstrap {lo:.2f} .. {hi:.2f})")
     print(f"total {time.monotonic() - t_start:.0f} s")
     summary = {
         "rows": results,
+        "gaps_vs_no_dp": gaps,
         "exposure_chance": round(chance, 3),
         "exposure_max_possible": round(math.log2(args.candidates + 1), 3),
         "settings": settings_key,
