@@ -100,10 +100,12 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.monotonic()
     grads, losses = [], []
+    device = params[0].device  # the GPU where there is one (load_model's choice)
     for ex in examples:  # one record at a time: its exact gradient, as DP-SGD clips it
-        loss = per_sample_loss(model, collate([ex], pad)).sum()  # the silo's DP loss, one record
+        batch = {k: v.to(device) for k, v in collate([ex], pad).items()}
+        loss = per_sample_loss(model, batch).sum()  # the silo's DP loss, one record
         g = torch.autograd.grad(loss, params)
-        grads.append(torch.cat([x.flatten() for x in g]).numpy().copy())
+        grads.append(torch.cat([x.flatten() for x in g]).float().cpu().numpy().copy())
         losses.append(float(loss.detach()))
     seconds = time.monotonic() - t0
     full = np.stack(grads)

@@ -279,8 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     def losses(model: Any, examples: list[Any], batch: int = 32) -> np.ndarray:
         """Each example's mean loss over its answer tokens (the silo's own per-record loss)."""
         out: list[float] = []
+        device = next(model.parameters()).device  # the GPU where there is one (load_model's choice)
         for i in range(0, len(examples), batch):
-            out += per_sample_loss(model, collate(examples[i : i + batch], pad)).tolist()
+            chunk = {k: v.to(device) for k, v in collate(examples[i : i + batch], pad).items()}
+            out += per_sample_loss(model, chunk).tolist()
         return np.array(out)
 
     def public_start() -> dict[str, np.ndarray]:
