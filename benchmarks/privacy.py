@@ -138,6 +138,15 @@ def paired_gap(a: str, b: str, seed: int, resamples: int = 4000) -> tuple[float,
     return round(100 * float(x.mean()), 2), round(100 * float(lo), 2), round(100 * float(hi), 2)
 
 
+def save_adapter(path: Path, state: dict[str, Any]) -> None:
+    """Write an adapter's tensors atomically (a stopped run never leaves half a file to resume from)."""
+    from safetensors.numpy import save_file
+
+    tmp = path.with_suffix(".tmp")
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp))
+    tmp.replace(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores")
@@ -289,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         """The adapter every row starts from with --public-start: trained centrally, without DP,
         for --public-steps steps of PUBLIC_BATCH on public data, on its own lr schedule.
         Cached beside the results (same settings, same file), so the rows' processes share it."""
-        from safetensors.numpy import load_file, save_file
+        from safetensors.numpy import load_file
 
         # Keyed by what shapes the public training only, so rows of other private shapes (batch,
         # steps, rounds) share one start and differ only in what the silos do from it.
@@ -331,9 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             state = res.optimizer_state
             _log(f"    public start ({len(public)} FPB rows) round {r + 1}/{rounds}: {res.train_loss:.4f}")
         out = {k: np.ascontiguousarray(v) for k, v in adapter_state(model).items()}
-        tmp = path.with_suffix(".tmp")
-        save_file(out, str(tmp))
-        tmp.replace(path)
+        save_adapter(path, out)
         return out
 
     def federate(epsilon: float) -> tuple[dict[str, np.ndarray], float | None]:
@@ -443,13 +450,10 @@ def main(argv: list[str] | None = None) -> int:
         }
         # The row's final global adapter, so a later run can score it again (more items, another
         # suite) without training it again.
-        from safetensors.numpy import save_file
-
         slug = hashlib.sha256(json.dumps(settings_key, sort_keys=True).encode()).hexdigest()[:12]
         name = {START: "start", CLIP_ONLY: "clip"}.get(epsilon, f"eps{epsilon:g}")
         adapter = args.out.parent / f"adapter-{slug}-{name}.safetensors"
-        save_file({k: np.ascontiguousarray(v) for k, v in final.items()}, str(adapter.with_suffix(".tmp")))
-        adapter.with_suffix(".tmp").replace(adapter)
+        save_adapter(adapter, final)
         row["adapter"] = adapter.name
         results.append(row)
         _log(f"  {json.dumps(row)}")
@@ -465,8 +469,11 @@ def main(argv: list[str] | None = None) -> int:
         f"(exposure: chance about {chance:.2f} bits, max {math.log2(args.candidates + 1):.2f}); membership "
         f"AUC on {args.mia_rows}+{args.mia_rows} rows; utility on {len(items)} TFNS items"
     )
-    print("| epsilon | sigma | exposure mean / max (bits) | membership AUC | accuracy % | macro-F1 % |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| epsilon | sigma | exposure mean / max (bits) | membership AUC | accuracy % | macro-F1 % "
+        "| predicted neg / neu / pos % |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         eps = "no DP" if r["epsilon"] is None else f"{r['epsilon']:g}"
         eps = "public start only" if r.get("private_training") is False else eps
@@ -474,8 +481,14 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {eps} | {r['noise_multiplier'] or '-'} | "
             f"{r['exposure_mean']:.2f} / {r['exposure_max']:.2f} | "
-            f"{r['mia_auc']:.3f} | {r['accuracy']:.2f} | {r['macro_f1']:.2f} |"
+            f"{r['mia_auc']:.3f} | {r['accuracy']:.2f} | {r['macro_f1']:.2f} | "
+            + " / ".join(f"{r['predicted'].get(k, 0.0):.1f}" for k in ("negative", "neutral", "positive"))
+            + " |"
         )
+    constants = next((r["constant_baselines"] for r in results if r.get("constant_baselines")), None)
+    if constants:
+        scores = ", ".join(f"{k} {100 * v:.2f}" for k, v in sorted(constants.items()))
+        print(f"constant answers score {scores}")
     # Each DP row against the no-DP row, item by item (the goal: within 5 points at epsilon 8).
     base = next((r for r in results if r["epsilon"] is None and "private_training" not in r
                  and not r.get("clip_only") and r.get("correct")), None)  # fmt: skip
