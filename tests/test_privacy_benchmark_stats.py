@@ -4,6 +4,7 @@ membership attack's AUC and the paired gap to the no-DP row, on inputs whose ans
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import sys
 from pathlib import Path
@@ -55,3 +56,52 @@ def test_paired_gap_is_the_accuracy_difference_with_an_interval_around_it(bench:
 def test_paired_gap_refuses_rows_on_different_items(bench: ModuleType) -> None:
     with pytest.raises(ValueError, match="not the same items"):
         bench.paired_gap("101", "10", seed=1)
+
+
+def test_a_torn_line_in_the_stored_rows_costs_that_row_only(bench: ModuleType, tmp_path: Path) -> None:
+    out = tmp_path / "rows.jsonl"
+    good = {"settings": {"seed": 1}, "row": {"epsilon": 8.0, "accuracy": 70.0}}
+    out.write_text(
+        json.dumps(good)
+        + "\n"
+        + '{"settings": {"seed": 1}, "row": {"eps'
+        + "\n"  # killed mid-write
+        + json.dumps({"settings": 3, "row": {}})
+        + "\n\n"
+        + json.dumps(good)
+        + "\n"
+    )
+    assert bench.read_rows(out) == [good, good]
+    assert bench.read_rows(tmp_path / "absent.jsonl") == []
+
+
+def _rec(lr: float, eps: float | None, correct: str, **extra: object) -> dict[str, object]:
+    settings = {"seed": 11, "eval_limit": len(correct), "rank": 4, "lr_max": lr, "lr_min": lr / 10, **extra}
+    acc = 100 * correct.count("1") / len(correct)
+    row = {"epsilon": eps, "accuracy": acc, "macro_f1": acc, "correct": correct}
+    return {"settings": settings, "row": row}
+
+
+def test_the_goal_compares_dp_and_no_dp_each_at_its_own_best_lr(bench: ModuleType) -> None:
+    n = 1000
+    records = [
+        _rec(1e-2, None, "1" * 677 + "0" * 323),  # no DP collapsed at the high lr
+        _rec(1e-2, 8.0, "1" * 743 + "0" * 257),
+        _rec(3e-3, None, "1" * 780 + "0" * 220),  # the best no-DP row
+        _rec(3e-3, 8.0, "1" * 700 + "0" * 300),
+        _rec(3e-3, 8.0, "1" * 900 + "0" * 100, rank=16),  # another shape: not compared
+        {"settings": _rec(3e-3, None, "1" * n)["settings"],
+         "row": {"epsilon": None, "private_training": False, "accuracy": 100.0, "macro_f1": 1.0,
+                 "correct": "1" * n}},  # the public start alone: not a no-DP row
+    ]  # fmt: skip
+    shape = {"seed": 11, "eval_limit": n, "rank": 4, "lr_max": 3e-3, "lr_min": 3e-4}
+    grid = bench.lr_grid(records, shape, 11)
+    assert len(grid["cells"]) == 4
+    (best,) = grid["best_vs_best"]
+    # Best no DP 78.0 (lr 3e-3) against best DP 74.3 (lr 1e-2): 3.7 points, the interval around it.
+    assert best["no_dp_lr"][0] == 3e-3 and best["dp_lr"][0] == 1e-2
+    assert best["gap"] == 3.7 and best["ci95"][0] < 3.7 < best["ci95"][1]
+    same = {g["lr"][0]: g["gap"] for g in grid["same_lr"]}
+    assert same == {1e-2: -6.6, 3e-3: 8.0}
+    # Without a no-DP row of this shape there is nothing to compare against.
+    assert bench.lr_grid(records[1:2], records[1]["settings"], 11)["best_vs_best"] == []
