@@ -32,8 +32,8 @@ Prints readable tables (accuracy / macro-F1, and the round in which the attacker
 its reply rejected, or its anomaly scores beyond ``strategy.anomaly-threshold`` or
 ``strategy.anomaly-min-cosine``), then a last line with one JSON object:
 ``worst_gap_to_clean_points`` (the best defence's worst accuracy gap to the clean run over the
-scenarios, in points), the best defence's name, ``attacker_flagged_within_rounds``, and
-every scenario's figures.
+scenarios, in points), the best defence's name, ``attacker_flagged_within_rounds``, the constant
+answers' scores, and every scenario's figures (with the shares of each label it predicted).
 """
 
 from __future__ import annotations
@@ -260,14 +260,28 @@ def main(argv: list[str] | None = None) -> int:
         model = bank.with_state(state, run.peft.rank)
         model.eval()
         res = run_choice(bench, items, model, loaded.tokenizer, settings)
-        return {"accuracy": 100 * float(res.value), "macro_f1": 100 * float(res.extra.get("macro_f1", 0.0))}
+        constants.update(res.extra.get("constant_baselines") or {})
+        return {
+            "accuracy": 100 * float(res.value),
+            "macro_f1": 100 * float(res.extra.get("macro_f1", 0.0)),
+            # What the adapter answers: an accuracy near a constant answer's is that answer.
+            "predicted": {k: round(100 * v, 1) for k, v in res.extra.get("prediction_shares", {}).items()},
+        }
+
+    def shares(r: dict[str, Any]) -> str:
+        return "/".join(f"{r['predicted'].get(k, 0.0):.0f}" for k in ("negative", "neutral", "positive"))
+
+    constants: dict[str, float] = {}
 
     _log(
         f"5 silos x {args.rows_per_silo} rows, {args.rounds} rounds x {args.local_steps} steps, "
         f"{len(items)} eval items"
     )
     clean = evaluate(federate("fedavg", None)[0])
-    _log(f"clean 5-silo FedAvg: accuracy {clean['accuracy']:.2f}  macro-F1 {clean['macro_f1']:.2f}")
+    _log(
+        f"clean 5-silo FedAvg: accuracy {clean['accuracy']:.2f}  macro-F1 {clean['macro_f1']:.2f}  "
+        f"neg/neu/pos % {shares(clean)}"
+    )
     table: dict[str, dict[str, dict[str, float]]] = {}
     for scenario in scenarios:
         table[scenario] = {}
@@ -279,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                 r["flagged_round"] = flagged
             _log(
                 f"  {scenario:9s} {config:13s} acc {r['accuracy']:6.2f}  F1 {r['macro_f1']:6.2f}  "
-                f"attacker flagged in round {flagged}  ({time.monotonic() - t0:.0f} s)"
+                f"neg/neu/pos % {shares(r)}  attacker flagged in round {flagged}  "
+                f"({time.monotonic() - t0:.0f} s)"
             )
 
     print(f"\nPoisoned silo (1 of 5), accuracy / macro-F1 on {len(items)} TFNS items; clean run "
@@ -290,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{table[scenario][c]['accuracy']:>8.2f}/{table[scenario][c]['macro_f1']:<7.2f}" for c in configs
         )
         print(f"{scenario:10s}{cells}")
+    if constants:
+        scores = ", ".join(f"{k} {100 * v:.2f}" for k, v in sorted(constants.items()))
+        print(f"constant answers score {scores}")
     worst = {
         c: max((clean["accuracy"] - table[s][c]["accuracy"] for s in scenarios), default=0.0) for c in configs
     }
@@ -317,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         "attacker_flagged_within_rounds": flagged_within,
         "worst_gap_by_config": {c: round(v, 2) for c, v in worst.items()},
         "clean": clean,
+        "constant_baselines": constants,
         "scenarios": table,
         "settings": {
             "quick": args.quick,
