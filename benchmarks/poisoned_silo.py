@@ -256,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
             glob = dict(strategy.aggregate(glob, updates))
         return glob, flagged
 
-    def evaluate(state: dict[str, np.ndarray]) -> dict[str, float]:
+    constants: dict[str, float] = {}  # what each constant answer scores on the items (evaluate fills it)
+
+    def evaluate(state: dict[str, np.ndarray]) -> dict[str, Any]:
         model = bank.with_state(state, run.peft.rank)
         model.eval()
         res = run_choice(bench, items, model, loaded.tokenizer, settings)
@@ -270,8 +272,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def shares(r: dict[str, Any]) -> str:
         return "/".join(f"{r['predicted'].get(k, 0.0):.0f}" for k in ("negative", "neutral", "positive"))
-
-    constants: dict[str, float] = {}
 
     _log(
         f"5 silos x {args.rows_per_silo} rows, {args.rounds} rounds x {args.local_steps} steps, "

@@ -154,6 +154,8 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
             rec = json.loads(line)
             if not isinstance(rec.get("settings"), dict) or not isinstance(rec.get("row"), dict):
                 raise ValueError("no settings and row objects")
+            if "epsilon" not in rec["row"]:  # every finished row names it (None: no DP)
+                raise ValueError("its row has no epsilon")
         except (ValueError, AttributeError) as e:
             _log(f"  {path}:{n}: not a finished row ({e}); skipped, that row will be measured again")
             continue
@@ -188,6 +190,7 @@ def lr_grid(records: list[dict[str, Any]], settings: dict[str, Any], seed: int) 
                 "epsilon": c["epsilon"],
                 "accuracy": c["row"]["accuracy"],
                 "macro_f1": c["row"]["macro_f1"],
+                "predicted": c["row"].get("predicted", {}),
             }
             for c in cells
         ],
@@ -210,6 +213,11 @@ def lr_grid(records: list[dict[str, Any]], settings: dict[str, Any], seed: int) 
                 gap, lo, hi = paired_gap(base["row"]["correct"], c["row"]["correct"], seed)
                 out["same_lr"].append({"epsilon": eps, "lr": c["lr"], "gap": gap, "ci95": [lo, hi]})
     return out
+
+
+def shares(predicted: dict[str, float]) -> str:
+    """The predicted-label shares (%) as printed beside every accuracy: "neg / neu / pos"."""
+    return " / ".join(f"{predicted.get(k, 0.0):.1f}" for k in ("negative", "neutral", "positive"))
 
 
 def save_adapter(path: Path, state: dict[str, Any]) -> None:
@@ -554,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {eps} | {r['noise_multiplier'] or '-'} | "
             f"{r['exposure_mean']:.2f} / {r['exposure_max']:.2f} | "
             f"{r['mia_auc']:.3f} | {r['accuracy']:.2f} | {r['macro_f1']:.2f} | "
-            + " / ".join(f"{r['predicted'].get(k, 0.0):.1f}" for k in ("negative", "neutral", "positive"))
+            + shares(r["predicted"])
             + " |"
         )
     constants = next((r["constant_baselines"] for r in results if r.get("constant_baselines")), None)
@@ -580,10 +588,11 @@ def main(argv: list[str] | None = None) -> int:
         return " -> ".join("recipe's" if v is None else f"{v:g}" for v in pair)
 
     if len({tuple(c["lr"]) for c in grid["cells"]}) > 1:
-        print("this shape at every stored learning rate (accuracy / macro-F1):")
+        print("this shape at every stored learning rate (accuracy / macro-F1, predicted neg / neu / pos %):")
         for c in grid["cells"]:
             eps = "no DP" if c["epsilon"] is None else f"epsilon {c['epsilon']:g}"
-            print(f"  lr {lr(c['lr'])}, {eps}: {c['accuracy']:.2f} / {c['macro_f1']:.2f}")
+            acc = f"{c['accuracy']:.2f} / {c['macro_f1']:.2f}"
+            print(f"  lr {lr(c['lr'])}, {eps}: {acc} ({shares(c['predicted'])})")
         for g in grid["same_lr"]:
             print(f"  at lr {lr(g['lr'])}: no DP minus epsilon {g['epsilon']:g}: {g['gap']:.2f} "
                   f"({g['ci95'][0]:.2f} .. {g['ci95'][1]:.2f})")  # fmt: skip

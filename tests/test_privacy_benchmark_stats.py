@@ -70,9 +70,12 @@ def test_a_torn_line_in_the_stored_rows_costs_that_row_only(bench: ModuleType, t
         + "\n\n"
         + json.dumps(good)
         + "\n"
+        + json.dumps({"settings": {"seed": 1}, "row": {"accuracy": 70.0}})  # no epsilon
+        + "\n"
     )
     assert bench.read_rows(out) == [good, good]
     assert bench.read_rows(tmp_path / "absent.jsonl") == []
+    assert bench.shares({"neutral": 82.0, "negative": 9.1}) == "9.1 / 82.0 / 0.0"
 
 
 def _rec(lr: float, eps: float | None, correct: str, **extra: object) -> dict[str, object]:
@@ -96,7 +99,7 @@ def test_the_goal_compares_dp_and_no_dp_each_at_its_own_best_lr(bench: ModuleTyp
     ]  # fmt: skip
     shape = {"seed": 11, "eval_limit": n, "rank": 4, "lr_max": 3e-3, "lr_min": 3e-4}
     grid = bench.lr_grid(records, shape, 11)
-    assert len(grid["cells"]) == 4
+    assert len(grid["cells"]) == 4 and all(c["predicted"] == {} for c in grid["cells"])
     (best,) = grid["best_vs_best"]
     # Best no DP 78.0 (lr 3e-3) against best DP 74.3 (lr 1e-2): 3.7 points, the interval around it.
     assert best["no_dp_lr"][0] == 3e-3 and best["dp_lr"][0] == 1e-2
